@@ -1,0 +1,1 @@
+"""FlatQuant Studio engine: FlatQuant W4A4 calibration, folding, evaluation and real-quant conversion."""

@@ -1,0 +1,48 @@
+"""Device selection: npu when torch_npu imports and a device exists, else cuda, else cpu."""
+from __future__ import annotations
+
+import importlib
+
+import torch
+
+from .errors import FlatQuantError
+
+SUPPORTED_DEVICES = ("auto", "cpu", "cuda", "npu")
+
+
+def npu_available() -> bool:
+    try:
+        importlib.import_module("torch_npu")  # registers torch.npu
+    except Exception:  # ImportError, or a broken CANN install
+        return False
+    npu = getattr(torch, "npu", None)
+    return bool(npu is not None and npu.is_available())
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    name = (name or "auto").lower()
+    if name not in SUPPORTED_DEVICES:
+        raise FlatQuantError(f"--device must be one of {', '.join(SUPPORTED_DEVICES)}, got {name!r}.")
+    if name == "auto":
+        if npu_available():
+            return torch.device("npu")
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        return torch.device("cpu")
+    if name == "npu" and not npu_available():
+        raise FlatQuantError("--device npu needs torch_npu and an Ascend device; neither was found. Use --device auto.")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise FlatQuantError("--device cuda was asked for but no CUDA device is visible. Use --device auto or cpu.")
+    return torch.device(name)
+
+
+def compute_dtype(device: torch.device) -> torch.dtype:
+    """Matmul dtype for calibration and evaluation: bf16 everywhere it is fast (this includes AVX-512 BF16 CPUs)."""
+    return torch.bfloat16
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    elif device.type == "npu":
+        torch.npu.synchronize()

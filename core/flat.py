@@ -1,0 +1,348 @@
+"""FlatQuant modules swapped into a Llama/Qwen3 decoder layer, and the folding (reparameterization) that turns the
+calibrated transforms into deployable weights.
+
+Per decoder layer:
+  input_layernorm          -> FlatNormTransform (norm, then the q/k/v transform P_qkv; its diag folds into the norm)
+  q/k/v_proj               -> FlatQuantLinear (weight W·P_qkv⁻ᵀ, per-token int4 activations, per-channel int4 weights)
+  o_proj                   -> FlatQuantLinear with its own online transform (only with use_o_quant; fake quant)
+  post_attention_layernorm -> FlatNormTransform (P_upgate)
+  gate/up_proj             -> FlatQuantLinear
+  down_proj                -> FlatQuantLinear with its own online transform P_down (its diag folds into up_proj)
+  kv-cache                 -> per-head transforms + fake quant of k (after RoPE) and v (use_kcache/vcache_quant)
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import FlatQuantConfig
+from .models import decoder_layers
+from .quantizer import ActQuantizer, WeightQuantizer, fake_quant_asym, fake_quant_sym
+from .transforms import KroneckerTransform, kronecker_matmul
+
+QKV = ("q_proj", "k_proj", "v_proj")
+UP_GATE = ("gate_proj", "up_proj")
+
+
+class FlatQuantLinear(nn.Module):
+    """A linear layer whose input arrives transformed by P (by the norm before it, or by ``in_trans`` here) and whose
+    weight is W·P⁻ᵀ, both fake-quantized. ``weight_trans`` is the transform to undo (not owned unless it is in_trans)."""
+
+    def __init__(self, linear: nn.Linear, w_bits: int, a_bits: int, lwc: bool,
+                 act_quantizer: Optional[ActQuantizer] = None, in_trans: Optional[KroneckerTransform] = None,
+                 weight_trans: Optional[KroneckerTransform] = None, real_quant_eligible: bool = True):
+        super().__init__()
+        self.linear = linear
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight_quantizer = WeightQuantizer(linear.out_features, w_bits, lwc)
+        self.act_quantizer = act_quantizer if act_quantizer is not None else ActQuantizer(a_bits, lac=False)
+        self.in_trans = in_trans
+        self.__dict__["weight_trans"] = weight_trans  # shared with the norm: not registered twice
+        self.real_quant_eligible = real_quant_eligible and w_bits < 16 and self.act_quantizer.bits < 16
+        self.quant_enabled = True
+        self.folded = False
+
+    def effective_weight(self) -> torch.Tensor:
+        w = self.linear.weight
+        if not self.folded and self.weight_trans is not None:
+            w = self.weight_trans.transform_weight(w)
+        return w
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.in_trans is not None:
+            x = self.in_trans(x)
+        w = self.effective_weight()
+        if self.quant_enabled:
+            x = self.act_quantizer(x)
+            w = self.weight_quantizer(w)
+        return F.linear(x, w.to(x.dtype), None if self.linear.bias is None else self.linear.bias.to(x.dtype))
+
+    @torch.no_grad()
+    def fold(self) -> None:
+        """Store W·P⁻ᵀ (computed in float64) as the weight; the online transform, if any, keeps only its matrices."""
+        if self.folded:
+            return
+        if self.weight_trans is not None:
+            w64 = self.linear.weight.double()
+            self.weight_trans.double()
+            w64 = self.weight_trans.transform_weight(w64)
+            self.weight_trans.float()
+            self.linear.weight.data = w64.to(self.linear.weight.dtype)
+        self.__dict__["weight_trans"] = None
+        self.folded = True
+
+    @torch.no_grad()
+    def export_state(self) -> dict:
+        """Everything a real-quant kernel needs, in the folded form (see the real-quant backends)."""
+        if not self.folded:
+            raise RuntimeError("export_state() needs a folded model: call fold_model(model) first.")
+        w_clip = self.weight_quantizer.clip_ratio()
+        a_clip = self.act_quantizer.clip_ratio()
+        left = right = None
+        if self.in_trans is not None:
+            left, right, _, _ = self.in_trans.matrices()
+        return {
+            "weight": self.linear.weight.detach().float().clone(),
+            "bias": None if self.linear.bias is None else self.linear.bias.detach().float().clone(),
+            "w_bits": self.weight_quantizer.bits,
+            "w_clip": None if w_clip is None else w_clip.detach().float().clone(),
+            "a_bits": self.act_quantizer.bits,
+            "a_clip": None if a_clip is None else float(a_clip),
+            "trans_left": None if left is None else left.detach().float().clone(),
+            "trans_right": None if right is None else right.detach().float().clone(),
+            "real_quant_eligible": self.real_quant_eligible,
+        }
+
+    def extra_repr(self) -> str:
+        return (f"in={self.in_features}, out={self.out_features}, w_bits={self.weight_quantizer.bits}, "
+                f"a_bits={self.act_quantizer.bits}, folded={self.folded}")
+
+
+class FlatNormTransform(nn.Module):
+    """RMSNorm followed by the group's transform. Folding multiplies the diag scale into the norm's weight."""
+
+    def __init__(self, norm: nn.Module, trans: KroneckerTransform):
+        super().__init__()
+        self.norm = norm
+        self.trans = trans
+
+    @property
+    def weight(self) -> torch.Tensor:  # some callers introspect norm.weight
+        return self.norm.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.trans(self.norm(x))
+
+    @torch.no_grad()
+    def fold(self) -> None:
+        if self.trans.diag is not None and self.trans.use_diag:
+            self.norm.weight.data = (self.norm.weight.double() * self.trans.diag.double()).to(self.norm.weight.dtype)
+            self.trans.use_diag = False
+
+
+class KVCacheQuantizer(nn.Module):
+    """Fake-quantizes k (after RoPE, in a learnable head_dim basis) and v per token and head. Attached to the
+    attention module and applied by the 'flatquant' attention function registered below."""
+
+    def __init__(self, head_dim: int, k_bits: int, k_sym: bool, v_bits: int, v_sym: bool, seed: int):
+        super().__init__()
+        self.k_bits, self.k_sym, self.v_bits, self.v_sym = k_bits, k_sym, v_bits, v_sym
+        self.k_trans = KroneckerTransform(head_dim, add_diag=False, seed=seed) if k_bits < 16 else None
+        self.v_trans = KroneckerTransform(head_dim, add_diag=False, seed=seed + 1) if v_bits < 16 else None
+        self.quant_enabled = True
+
+    @staticmethod
+    def _fq(x: torch.Tensor, bits: int, sym: bool) -> torch.Tensor:
+        return fake_quant_sym(x, bits) if sym else fake_quant_asym(x, bits)
+
+    def forward(self, query, key, value):
+        if self.k_trans is not None:
+            # q·kᵀ == (q·P⁻ᵀ)·(k·P)ᵀ: transform both, quantize only k.
+            _, _, l_it, r_it = self.k_trans.matrices()
+            query = kronecker_matmul(query, l_it.to(query.dtype), r_it.to(query.dtype))
+            key = self.k_trans(key)
+            if self.quant_enabled:
+                key = self._fq(key, self.k_bits, self.k_sym)
+        if self.v_trans is not None:
+            l, r, l_it, r_it = self.v_trans.matrices()
+            v = kronecker_matmul(value, l.to(value.dtype), r.to(value.dtype))
+            if self.quant_enabled:
+                v = self._fq(v, self.v_bits, self.v_sym)
+            # undo P (P⁻¹ = (P⁻ᵀ)ᵀ) so the attention output is in the original basis
+            value = kronecker_matmul(v, l_it.t().to(v.dtype), r_it.t().to(v.dtype))
+        return query, key, value
+
+
+_ATTN_KEY = "flatquant"
+
+
+def _register_attention() -> None:
+    """An attention function that applies the module's KVCacheQuantizer, then defers to SDPA."""
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+
+    if _ATTN_KEY in AttentionInterface._global_mapping:
+        return
+
+    def flatquant_attention(module, query, key, value, attention_mask, **kwargs):
+        kvq = getattr(module, "kv_quantizer", None)
+        if kvq is not None:
+            query, key, value = kvq(query, key, value)
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+    AttentionInterface.register(_ATTN_KEY, flatquant_attention)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(_ATTN_KEY, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
+
+
+# --- building, folding and (de)serializing ---------------------------------------------------------------------
+
+
+@dataclass
+class ActivationStats:
+    """Per-channel absmax of the inputs of each transform group, for the SmoothQuant-style diag init."""
+
+    qkv: Optional[torch.Tensor] = None
+    up_gate: Optional[torch.Tensor] = None
+    down: Optional[torch.Tensor] = None
+    extra: dict = field(default_factory=dict)
+
+
+def smooth_init(weights: list[torch.Tensor], act_absmax: torch.Tensor, alpha: float) -> torch.Tensor:
+    """d = max|W|^(1-α) / max|X|^α per input channel: x·d flattens activation outliers into the weights."""
+    w_max = torch.cat([w.detach().float() for w in weights], dim=0).abs().amax(dim=0)
+    return (w_max.clamp(min=1e-5).pow(1 - alpha) / act_absmax.float().clamp(min=1e-5).pow(alpha)).clamp(min=1e-5)
+
+
+def _flat_linear(linear: nn.Linear, name: str, cfg: FlatQuantConfig, act_q: ActQuantizer, trans, in_trans=None,
+                 skipped: bool = False, eligible: bool = True, lwc: Optional[bool] = None) -> FlatQuantLinear:
+    if skipped:  # stays full precision but must still undo the transform its input went through
+        return FlatQuantLinear(linear, 16, 16, False, ActQuantizer(16, False), in_trans, trans, False)
+    return FlatQuantLinear(linear, cfg.w_bits, cfg.a_bits, cfg.lwc if lwc is None else lwc, act_q, in_trans, trans,
+                           eligible)
+
+
+def wrap_layer(layer: nn.Module, index: int, cfg: FlatQuantConfig, stats: Optional[ActivationStats] = None,
+               use_transforms: bool = True, prefix: str = "model.layers") -> None:
+    """Swap FlatQuant modules into one decoder layer in place. use_transforms=False gives the RTN baseline
+    (no transforms, no learnable clipping) on the same code path."""
+    attn, mlp = layer.self_attn, layer.mlp
+    base = f"{prefix}.{index}"
+    seed = 1000 * index
+    lwc = cfg.lwc and use_transforms
+    lac = cfg.lac and use_transforms
+    add_diag = cfg.add_diag and use_transforms
+    hidden = layer.input_layernorm.weight.shape[0]
+
+    def make_trans(dim, offset, diag=add_diag):
+        return KroneckerTransform(dim, add_diag=diag, seed=seed + offset) if use_transforms else None
+
+    # attention input group: q/k/v share one transform applied after input_layernorm
+    names = {n: f"{base}.self_attn.{n}" for n in QKV}
+    skipped = {n: cfg.is_skipped(names[n]) for n in QKV}
+    if not all(skipped.values()):
+        trans = make_trans(hidden, 1)
+        if trans is not None:
+            if stats is not None and stats.qkv is not None and trans.diag is not None:
+                trans.diag.data = smooth_init([getattr(attn, n).weight for n in QKV], stats.qkv, cfg.diag_alpha)
+            layer.input_layernorm = FlatNormTransform(layer.input_layernorm, trans)
+        act_q = ActQuantizer(cfg.a_bits, lac)
+        for n in QKV:
+            setattr(attn, n, _flat_linear(getattr(attn, n), names[n], cfg, act_q, trans, skipped=skipped[n], lwc=lwc))
+
+    o_name = f"{base}.self_attn.o_proj"
+    if cfg.use_o_quant and not cfg.is_skipped(o_name):
+        o_trans = make_trans(attn.o_proj.in_features, 2, diag=False)
+        attn.o_proj = _flat_linear(attn.o_proj, o_name, cfg, ActQuantizer(cfg.a_bits, lac), o_trans, in_trans=o_trans,
+                                   eligible=False, lwc=lwc)
+
+    if cfg.use_kcache_quant or cfg.use_vcache_quant:
+        _register_attention()
+        head_dim = attn.head_dim
+        attn.kv_quantizer = KVCacheQuantizer(head_dim, cfg.k_bits if cfg.use_kcache_quant else 16, cfg.k_sym,
+                                             cfg.v_bits if cfg.use_vcache_quant else 16, cfg.v_sym, seed + 3)
+        attn.config._attn_implementation = _ATTN_KEY
+
+    # MLP input group: gate/up share one transform applied after post_attention_layernorm
+    names = {n: f"{base}.mlp.{n}" for n in UP_GATE}
+    skipped = {n: cfg.is_skipped(names[n]) for n in UP_GATE}
+    if not all(skipped.values()):
+        trans = make_trans(hidden, 5)
+        if trans is not None:
+            if stats is not None and stats.up_gate is not None and trans.diag is not None:
+                trans.diag.data = smooth_init([getattr(mlp, n).weight for n in UP_GATE], stats.up_gate, cfg.diag_alpha)
+            layer.post_attention_layernorm = FlatNormTransform(layer.post_attention_layernorm, trans)
+        act_q = ActQuantizer(cfg.a_bits, lac)
+        for n in UP_GATE:
+            setattr(mlp, n, _flat_linear(getattr(mlp, n), names[n], cfg, act_q, trans, skipped=skipped[n], lwc=lwc))
+
+    down_name = f"{base}.mlp.down_proj"
+    if cfg.use_down_quant and not cfg.is_skipped(down_name):
+        d_trans = make_trans(mlp.down_proj.in_features, 7)
+        if d_trans is not None and stats is not None and stats.down is not None and d_trans.diag is not None:
+            d_trans.diag.data = smooth_init([mlp.down_proj.weight], stats.down, cfg.diag_alpha)
+        mlp.down_proj = _flat_linear(mlp.down_proj, down_name, cfg, ActQuantizer(cfg.a_bits, lac), d_trans,
+                                     in_trans=d_trans, lwc=lwc)
+
+
+def iter_transforms(module: nn.Module):
+    for m in module.modules():
+        if isinstance(m, KroneckerTransform):
+            yield m
+
+
+@torch.no_grad()
+def fold_layer(layer: nn.Module) -> None:
+    """Reparameterize one calibrated layer: freeze transforms, fold P⁻ᵀ into weights and diag scales into the
+    preceding RMSNorm (q/k/v, gate/up) or into up_proj's rows (down_proj). Output is unchanged up to rounding."""
+    for t in iter_transforms(layer):
+        t.freeze()
+    for m in list(layer.modules()):
+        if isinstance(m, FlatQuantLinear):
+            m.fold()
+    for norm in (layer.input_layernorm, layer.post_attention_layernorm):
+        if isinstance(norm, FlatNormTransform):
+            norm.fold()
+    down = layer.mlp.down_proj
+    if isinstance(down, FlatQuantLinear) and down.in_trans is not None and down.in_trans.use_diag:
+        d = down.in_trans.diag.double()
+        up = layer.mlp.up_proj
+        up_linear = up.linear if isinstance(up, FlatQuantLinear) else up
+        # act(gate)·(up·d) == (act(gate)·up)·d: the scale moves into up_proj's output rows.
+        up_linear.weight.data = (up_linear.weight.double() * d[:, None]).to(up_linear.weight.dtype)
+        if up_linear.bias is not None:
+            up_linear.bias.data = (up_linear.bias.double() * d).to(up_linear.bias.dtype)
+        down.in_trans.use_diag = False
+
+
+def fold_model(model: nn.Module) -> None:
+    for layer in decoder_layers(model):
+        fold_layer(layer)
+
+
+def is_wrapped(layer: nn.Module) -> bool:
+    return any(isinstance(m, (FlatQuantLinear, FlatNormTransform)) for m in layer.modules())
+
+
+def set_quant_enabled(model: nn.Module, enabled: bool) -> None:
+    """Turn fake quantization on/off everywhere (transforms stay): off gives the float transformed model."""
+    for m in model.modules():
+        if isinstance(m, (FlatQuantLinear, KVCacheQuantizer)):
+            m.quant_enabled = enabled
+
+
+def apply_flat_structure(model: nn.Module, cfg: FlatQuantConfig, num_layers: Optional[int] = None,
+                         use_transforms: bool = True) -> None:
+    """Wrap the first num_layers (all by default) decoder layers without calibration (random-orthogonal transforms,
+    unit diag). Used to rebuild the structure before loading saved matrices, and for the RTN baseline."""
+    layers = decoder_layers(model)
+    for i, layer in enumerate(layers):
+        if num_layers is not None and i >= num_layers:
+            break
+        wrap_layer(layer, i, cfg, None, use_transforms=use_transforms)
+
+
+def flat_state(layer: nn.Module) -> dict[str, torch.Tensor]:
+    """The calibrated tensors of one (frozen, not yet folded) layer: transforms, diag scales, clip factors."""
+    keep = ("trans.", "quantizer.", "kv_quantizer.")
+    return {k: v.detach().cpu().clone() for k, v in layer.state_dict().items()
+            if any(s in k for s in keep) or ".trans." in k}
+
+
+def load_flat_state(layer: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Inverse of flat_state on a freshly wrapped layer: freeze its transforms to get buffers, then copy."""
+    for t in iter_transforms(layer):
+        t.freeze()
+    own = layer.state_dict()
+    expected = set(flat_state(layer))
+    missing, unexpected = expected - set(state), set(state) - expected
+    if missing or unexpected:
+        raise KeyError(f"missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}")
+    for k, v in state.items():
+        if own[k].shape != v.shape:
+            raise KeyError(f"{k}: shape {tuple(v.shape)} does not match the model's {tuple(own[k].shape)}")
+    layer.load_state_dict(state, strict=False)

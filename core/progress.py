@@ -1,0 +1,67 @@
+"""Progress events and cancellation shared by the CLI (tqdm) and the GUI (live charts)."""
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import asdict, dataclass
+from typing import Callable, Optional
+
+from .errors import JobCancelled
+
+
+@dataclass
+class ProgressEvent:
+    stage: str  # load | data | capture | calibrate | layer_done | fold | ppl | eval | convert | latency | done
+    message: str = ""
+    layer: Optional[int] = None  # 0-based index of the decoder layer being calibrated
+    num_layers: Optional[int] = None
+    epoch: Optional[int] = None  # 0-based
+    epochs: Optional[int] = None
+    step: Optional[int] = None  # 0-based step inside the epoch
+    steps: Optional[int] = None  # steps per epoch
+    loss: Optional[float] = None
+    elapsed_s: float = 0.0
+    eta_s: Optional[float] = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+ProgressCallback = Callable[[ProgressEvent], None]
+
+
+class CancelToken:
+    """Set from any thread; long loops call ``check()`` once per step and stop with JobCancelled."""
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+
+    def cancel(self) -> None:
+        self._event.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._event.is_set()
+
+    def check(self) -> None:
+        if self._event.is_set():
+            raise JobCancelled("Job cancelled by the user; files saved before the cancel are kept.")
+
+
+class Reporter:
+    """Stamps elapsed time on events and forwards them to an optional callback."""
+
+    def __init__(self, callback: Optional[ProgressCallback] = None, cancel: Optional[CancelToken] = None):
+        self.callback = callback
+        self.cancel = cancel or CancelToken()
+        self.start = time.monotonic()
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.start
+
+    def emit(self, stage: str, message: str = "", **fields) -> None:
+        if self.callback is not None:
+            self.callback(ProgressEvent(stage=stage, message=message, elapsed_s=self.elapsed(), **fields))
+
+    def check(self) -> None:
+        self.cancel.check()
