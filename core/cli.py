@@ -1,0 +1,41 @@
+"""`python -m core <command>`: quantize, evaluate, export. User errors print one line and exit 2."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from typing import Optional, Sequence
+
+from .commands import COMMANDS
+from .errors import FlatQuantError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m core", description="FlatQuant Studio: W4A4 post-training "
+                                     "quantization for LLaMA and Qwen3 models.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name in COMMANDS:
+        try:
+            module = importlib.import_module(f".commands.{name}", __package__)
+        except ModuleNotFoundError as exc:
+            if exc.name and exc.name.endswith(f"commands.{name}"):
+                continue  # a command whose module is not installed in this checkout
+            raise
+        module.register(sub)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except FlatQuantError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted; finished layers are kept in the resume checkpoint of --output_dir.", file=sys.stderr)
+        return 130
+    except MemoryError:
+        print("error: out of memory; lower --nsamples, --seqlen or --cali_bsz.", file=sys.stderr)
+        return 2

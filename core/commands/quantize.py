@@ -1,0 +1,117 @@
+"""`python -m core quantize`: calibrate FlatQuant W4A4 (or load matrices), report PPL vs original and RTN."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from tqdm import tqdm
+
+from ..progress import ProgressEvent
+
+
+def _bool_flag(parser, name: str, help_on: str) -> None:
+    parser.add_argument(f"--{name}", dest=name, action="store_true", default=None, help=help_on)
+    parser.add_argument(f"--no_{name}", dest=name, action="store_false", help=argparse.SUPPRESS)
+
+
+def register(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("quantize", help="calibrate FlatQuant W4A4 and report perplexity",
+                              description="Calibrate FlatQuant W4A4 on a model (or load saved matrices), write "
+                                          "OUTPUT_DIR/flat_matrices.pth, report.json and quantize.log.")
+    p.add_argument("--model_path", default=None, help="local model folder, or 'smollm2' (default) for the embedded "
+                                                      "SmolLM2-135M-Instruct")
+    p.add_argument("--load_matrix", action="store_true", help="load --flat_matrix_path instead of calibrating")
+    p.add_argument("--flat_matrix_path", default=None, help="flat_matrices.pth to load")
+    p.add_argument("--config", dest="config_file", default=None, help="JSON/YAML config shaped like "
+                                                                      "INT4_FLAT_QUANT_CFG")
+    p.add_argument("--skip_layers", default=None, help="comma-separated names or name parts kept in full precision "
+                                                       "(substring match), e.g. lm_head,layers.0.mlp.down_proj")
+    p.add_argument("--no_down_quant", dest="use_down_quant", action="store_false", default=None,
+                   help="keep down_proj in full precision (for models sensitive to it)")
+    _bool_flag(p, "use_o_quant", "fake-quantize o_proj inputs (off by default)")
+    _bool_flag(p, "use_kcache_quant", "fake-quantize the k cache (k_bits, default 4)")
+    _bool_flag(p, "use_vcache_quant", "fake-quantize the v cache (v_bits, default 4)")
+    p.add_argument("--calib_data", default=None, help="calibration text: WikiText-2 raw file/folder, .txt, a datasets "
+                                                      "folder, or name[:config] in the local HF cache (default: "
+                                                      "Python's bundled documentation text)")
+    p.add_argument("--nsamples", type=int, default=128)
+    p.add_argument("--seqlen", type=int, default=2048)
+    p.add_argument("--epochs", type=int, default=None, help="default: the config's (15)")
+    p.add_argument("--cali_bsz", type=int, default=None, help="default: the config's (4)")
+    p.add_argument("--flat_lr", type=float, default=None, help="default: the config's (5e-3)")
+    p.add_argument("--max_layers", type=int, default=None, help="calibrate only the first N decoder layers")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | npu")
+    p.add_argument("--ppl_seqlen", type=int, default=512)
+    p.add_argument("--no_ppl", dest="skip_ppl", action="store_true", help="skip the perplexity comparison")
+    p.add_argument("--no_resume", dest="resume", action="store_false", help="ignore a resume checkpoint")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--output_dir", default=None, help="default: ./outputs/<model name>")
+    from ..evaluate import add_eval_args
+
+    add_eval_args(p)  # --eval [sections], --tasks, --tasks_data_dir, --limit, --ppl_data, ...
+    p.set_defaults(func=run)
+    return p
+
+
+class _TqdmProgress:
+    """Calibration steps as one tqdm bar; other stages as log lines."""
+
+    def __init__(self):
+        self.bar = None
+
+    def __call__(self, e: ProgressEvent) -> None:
+        if e.stage == "calibrate":
+            total = (e.num_layers or 1) * (e.epochs or 1) * (e.steps or 1)
+            if self.bar is None:
+                self.bar = tqdm(total=total, desc="calibrate", unit="step", file=sys.stderr, dynamic_ncols=True)
+            self.bar.set_postfix_str(f"layer {e.layer + 1}/{e.num_layers} ep {e.epoch + 1} loss {e.loss:.4g}")
+            self.bar.update(1)
+        elif e.stage == "ppl" and e.step is not None:
+            return
+        else:
+            (self.bar.write if self.bar else print)(f"[{e.elapsed_s:7.1f}s] {e.stage}: {e.message}",
+                                                    file=sys.stderr)
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..pipeline import QuantizeOptions, run_quantize
+
+    name = "smollm2" if args.model_path in (None, "smollm2") else args.model_path.rstrip("/").split("/")[-1]
+    output_dir = args.output_dir or f"outputs/{name}"
+    opts = QuantizeOptions(
+        model_path=args.model_path, config_file=args.config_file, skip_layers=args.skip_layers,
+        use_down_quant=args.use_down_quant, use_o_quant=args.use_o_quant, use_kcache_quant=args.use_kcache_quant,
+        use_vcache_quant=args.use_vcache_quant, load_matrix=args.load_matrix, flat_matrix_path=args.flat_matrix_path,
+        calib_data=args.calib_data, nsamples=args.nsamples, seqlen=args.seqlen, epochs=args.epochs,
+        cali_bsz=args.cali_bsz, flat_lr=args.flat_lr, device=args.device, ppl_data=args.ppl_data,
+        ppl_seqlen=args.ppl_seqlen, ppl_max_windows=args.ppl_max_windows, skip_ppl=args.skip_ppl,
+        skip_rtn=args.no_rtn, output_dir=output_dir, max_layers=args.max_layers, seed=args.seed, resume=args.resume)
+    progress = _TqdmProgress()
+    try:
+        result = run_quantize(opts, on_event=progress)
+    finally:
+        progress.close()
+    report = result.report
+    ppl = report.get("ppl")
+    if ppl:
+        print(f"PPL score (original): {ppl['original']:.4f}")
+        if ppl.get("rtn") is not None:
+            print(f"PPL score (RTN W4A4): {ppl['rtn']:.4f}")
+        print(f"PPL score: {ppl['quantized']:.4f}")
+    from ..evaluate import eval_options_from_args, evaluate_pair, summary_lines
+
+    eval_opts = eval_options_from_args(args, output_dir=output_dir, quant_config=report.get("config"))
+    if eval_opts.sections:
+        from ..progress import Reporter
+
+        results = evaluate_pair(result.original.model, result.quantized, result.tokenizer, eval_opts,
+                                Reporter(progress))
+        for line in summary_lines(results):
+            print(line)
+    print(f"Saved {result.matrix_path} and {result.output_dir / 'report.json'}")
+    print("All done!")
+    return 0
