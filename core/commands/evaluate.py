@@ -1,0 +1,79 @@
+"""`python -m core evaluate`: perplexity, lm-eval accuracy, latency and generation for a model, or for a model and
+its FlatQuant version rebuilt from a saved matrix file (--flat_matrix_path)."""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from ..evaluate import SECTIONS, add_eval_args, eval_options_from_args, evaluate_pair, summary_lines
+from ..progress import ProgressEvent, Reporter
+
+
+def register(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "evaluate", help="evaluate a model (and its FlatQuant version) on perplexity, lm-eval tasks, latency, generation",
+        description="Evaluate a model; with --flat_matrix_path also its FlatQuant W4A4 version, side by side. "
+                    "Results go to OUTPUT_DIR/report.json.")
+    p.add_argument("--model_path", default=None, help="local model folder (default: the embedded SmolLM2-135M)")
+    p.add_argument("--flat_matrix_path", default=None,
+                   help="flat_matrices.pth from `quantize`: rebuild the quantized model and compare it to the original")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | npu")
+    p.add_argument("--output_dir", default=None, help="where report.json goes (default: outputs/eval_<time>)")
+    add_eval_args(p, default_sections=SECTIONS)
+    p.set_defaults(func=run)
+    return p
+
+
+def _printer(event: ProgressEvent) -> None:
+    # Perplexity emits one event per batch of windows: print every 10th to keep the log readable.
+    if event.stage == "ppl" and event.step is not None and event.step % 10:
+        return
+    print(f"[{event.elapsed_s:7.1f}s] {event.stage}: {event.message}", file=sys.stderr, flush=True)
+
+
+def run(args: argparse.Namespace) -> int:
+    output_dir = args.output_dir or str(Path("outputs") / time.strftime("eval_%Y%m%d-%H%M%S"))
+    reporter = Reporter(_printer)
+    quant_config = None
+    if args.flat_matrix_path:
+        from ..pipeline import QuantizeOptions, run_quantize
+
+        reporter.emit("load", f"rebuilding the quantized model from {args.flat_matrix_path}")
+        # skip_ppl: this command measures perplexity itself, at every --ppl_seqlens value.
+        result = run_quantize(QuantizeOptions(model_path=args.model_path, load_matrix=True,
+                                              flat_matrix_path=args.flat_matrix_path, device=args.device,
+                                              output_dir=output_dir, skip_ppl=True),
+                              on_event=reporter.callback, cancel=reporter.cancel)
+        original, quantized, tokenizer = result.original.model, result.quantized, result.tokenizer
+        quant_config = result.config.to_amct_dict()
+    else:
+        from ..device import resolve_device
+        from ..models import load_model, model_identity
+        from ..report import update_report
+
+        reporter.emit("load", f"loading {args.model_path or 'the embedded default model'}")
+        lm = load_model(args.model_path, device=resolve_device(args.device))
+        original, quantized, tokenizer = lm.model, None, lm.tokenizer
+        update_report(output_dir, {"model": {"name": lm.name, "path": lm.path, **model_identity(lm.model)}})
+    options = eval_options_from_args(args, output_dir=output_dir, quant_config=quant_config)
+    results = evaluate_pair(original, quantized, tokenizer, options, reporter)
+    for line in summary_lines(results):
+        print(line)
+    print(f"report: {Path(output_dir) / 'report.json'}")
+    if quantized is None:
+        print("(original model only: pass --flat_matrix_path to compare with its quantized version)")
+    return 0
+
+
+def main(argv=None) -> int:  # `python -m core.commands.evaluate ...` works before/without core/cli.py
+    parser = argparse.ArgumentParser(prog="python -m core")
+    sub = parser.add_subparsers(dest="command", required=True)
+    register(sub)
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

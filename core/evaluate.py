@@ -1,0 +1,299 @@
+"""Evaluation of an original/quantized pair: perplexity, lm-eval accuracy, latency and side-by-side generation.
+
+Used by ``python -m core evaluate``, by ``python -m core quantize --eval ...`` and by the GUI. Each finished section
+is merged into ``output_dir/report.json`` at once (a cancelled or failed run keeps what it finished). Schema:
+
+  ppl:        {unit, data, max_windows, seqlens: [512, 2048], dtype, original: {"512": p, ...}, quantized: {...},
+               rtn: {...}}
+  accuracy:   {unit: "percent", limit, tasks, metric: {task: "acc_norm"|"acc"}, original: <section>,
+               quantized: <section>, delta: {task: quantized - original}}  (<section> from core.accuracy)
+  latency:    {units, prompt_tokens, decode_tokens, repeats, original: {...}, quantized: {...}[, quantized_real],
+               speedup: {...}}
+  generation: {prompt, model_input, chat_template_applied, ..., original: {text, ...}, quantized: {text, ...}}
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+import torch
+from torch import nn
+
+from .accuracy import DEFAULT_TASKS, AccuracyOptions, evaluate_accuracy, format_acc_line
+from .errors import ConfigError
+from .generation import GenerationOptions, compare_generation
+from .latency import latency_input_ids, measure_interleaved
+from .progress import Reporter
+from .report import update_report
+
+SECTIONS = ("ppl", "acc", "latency", "gen")
+LATENCY_MODELS = ("original", "quantized", "quantized_real")
+_SECTION_KEYS = {"ppl": "ppl", "acc": "accuracy", "latency": "latency", "gen": "generation"}
+# Real English for the latency prompt (its content does not change timings; real tokens keep it representative).
+_LATENCY_TEXT = ("Quantization maps the weights and activations of a neural network to low-bit integers, so that "
+                 "matrix multiplications run on integer units and the model takes less memory. ")
+
+
+@dataclass
+class EvalOptions:
+    sections: Sequence[str] = SECTIONS
+    output_dir: Optional[str] = None
+    # perplexity
+    ppl_data: Optional[str] = None  # None = WikiText-2 test from the shared data folder, else the embedded text
+    ppl_seqlens: Sequence[int] = (512, 2048)  # 512 = the sample, 2048 = the paper
+    ppl_max_windows: Optional[int] = None  # None = the whole text
+    ppl_batch_size: int = 4
+    ppl_rtn: bool = True  # also the round-to-nearest baseline (same quantizers, no transforms, no clipping)
+    quant_config: Optional[dict] = None  # AMCT-style dict for the RTN baseline; None = INT4_FLAT_QUANT_CFG
+    # accuracy
+    tasks: Sequence[str] = DEFAULT_TASKS
+    tasks_data_dir: Optional[str] = None
+    limit: Optional[int] = None
+    eval_batch_size: int = 8
+    # latency
+    latency_seqlen: int = 128
+    decode_tokens: int = 64
+    latency_repeats: int = 3
+    latency_real_quant: bool = True  # also time the real-quant (int4) conversion when core.realquant is available
+    # generation
+    prompt: Optional[str] = None
+    max_new_tokens: int = 64
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        unknown = [s for s in self.sections if s not in SECTIONS]
+        if unknown:
+            raise ConfigError(f"Unknown --eval section(s) {unknown}; choose from {', '.join(SECTIONS)}.")
+        if any(int(s) < 2 for s in self.ppl_seqlens):
+            raise ConfigError("--ppl_seqlens values must be >= 2.")
+        if self.limit is not None and self.limit < 1:
+            raise ConfigError("--limit must be a positive number of documents per task.")
+
+
+def build_rtn_model(original: nn.Module, quant_config: Optional[dict] = None) -> nn.Module:
+    """A deep copy of ``original`` with round-to-nearest W/A quantization on the FlatQuant code path."""
+    from .config import parse_config
+    from .pipeline import rtn_model
+
+    return rtn_model(original, parse_config(quant_config), None).eval().requires_grad_(False)
+
+
+def _save(options: EvalOptions, key: str, section: dict) -> None:
+    if options.output_dir:
+        update_report(options.output_dir, {key: section})
+
+
+def _models(original: nn.Module, quantized: Optional[nn.Module]) -> dict[str, nn.Module]:
+    return {"original": original} if quantized is None else {"original": original, "quantized": quantized}
+
+
+def evaluate_ppl(models: dict[str, nn.Module], tokenizer, options: EvalOptions, reporter: Reporter) -> dict:
+    from .data import load_text, wikitext_test_path
+    from .perplexity import perplexity_from_ids
+    from .data import tokenize
+
+    source = options.ppl_data if options.ppl_data else wikitext_test_path()
+    text, label = load_text(None if source is None else str(source), split="test")
+    ids = tokenize(tokenizer, text)
+    dtype = torch.bfloat16
+    section = {"unit": "perplexity (exp of the mean next-token NLL over non-overlapping windows; lower is better)",
+               "data": label, "tokens": int(ids.numel()), "max_windows": options.ppl_max_windows,
+               "seqlens": [int(s) for s in options.ppl_seqlens], "dtype": str(dtype).replace("torch.", "")}
+    for name, model in models.items():
+        max_pos = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+        section[name] = {}
+        for seqlen in options.ppl_seqlens:
+            if max_pos is not None and seqlen > max_pos:
+                section[name][str(seqlen)] = None  # longer than the model's context: not defined
+                continue
+            reporter.emit("ppl", f"perplexity of the {name} model at seqlen {seqlen}")
+            section[name][str(seqlen)] = perplexity_from_ids(
+                model, ids, seqlen=int(seqlen), batch_size=options.ppl_batch_size, max_windows=options.ppl_max_windows,
+                reporter=reporter, dtype=dtype, label=name)
+    return section
+
+
+def evaluate_acc(models: dict[str, nn.Module], tokenizer, options: EvalOptions, reporter: Reporter) -> dict:
+    acc_opts = AccuracyOptions(tasks=tuple(options.tasks), tasks_data_dir=options.tasks_data_dir, limit=options.limit,
+                               batch_size=options.eval_batch_size)
+    section: dict = {"unit": "percent", "limit": options.limit, "tasks": list(acc_opts.tasks),
+                     "tasks_data_dir": options.tasks_data_dir}
+    for name, model in models.items():
+        section[name] = evaluate_accuracy(model, tokenizer, acc_opts, reporter, label=name)
+        section["metric"] = section[name]["metric"]
+        section.setdefault("acc", {})[name] = section[name]["acc"]
+    if "quantized" in section:
+        o, q = section["original"]["acc"], section["quantized"]["acc"]
+        section["delta"] = {k: round(q[k] - o[k], 2) for k in o if k in q}
+    return section
+
+
+def evaluate_latency(models: dict[str, nn.Module], tokenizer, options: EvalOptions, reporter: Reporter) -> dict:
+    timed = dict(models)
+    if options.latency_real_quant and "quantized" in models:
+        real = _real_quant_copy(models["quantized"])
+        if real is not None:
+            timed["quantized_real"] = real
+    reporter.emit("latency", f"timing {', '.join(timed)} interleaved ({options.latency_repeats} repeats)")
+    ids = latency_input_ids(tokenizer, options.latency_seqlen, text=_LATENCY_TEXT)
+    results = measure_interleaved(timed, ids, decode_tokens=options.decode_tokens, repeats=options.latency_repeats)
+    section = {"units": {"prefill_ms": "ms for one forward of 1 x prompt_tokens", "decode_ms_per_token": "ms",
+                         "tokens_per_s": "decode tokens per second", "peak_memory_mb": "MiB (process RSS on cpu, "
+                         "max_memory_allocated on cuda/npu)", "weights_mb": "MiB of parameters and buffers"},
+               "prompt_tokens": options.latency_seqlen, "decode_tokens": options.decode_tokens,
+               "repeats": options.latency_repeats, **results}
+    base = results["original"]
+    section["speedup"] = {
+        name: {"prefill": base["prefill_ms"] / r["prefill_ms"],
+               "decode": (base["decode_ms_per_token"] / r["decode_ms_per_token"]) if r["decode_ms_per_token"] else None,
+               "weights_ratio": r["weights_mb"] / base["weights_mb"]}
+        for name, r in results.items() if name != "original"}
+    return section
+
+
+def _real_quant_copy(quantized: nn.Module) -> Optional[nn.Module]:
+    """The int4 real-quant version of the fake-quant model, when the real-quant package is installed in core."""
+    try:
+        from .realquant.convert import convert_model
+    except ImportError:
+        return None
+    return convert_model(copy.deepcopy(quantized), backend="auto")
+
+
+def evaluate_pair(original: nn.Module, quantized: Optional[nn.Module], tokenizer, options: EvalOptions | None = None,
+                  reporter: Reporter | None = None, rtn: Optional[nn.Module] = None) -> dict:
+    """Run the requested sections on both models (``quantized=None``: the original only) and return
+    {ppl, accuracy, latency, generation} (only those asked for); each is also written to the report as it ends."""
+    options = options or EvalOptions()
+    reporter = reporter or Reporter()
+    models = _models(original, quantized)
+    out: dict = {}
+    for sec in SECTIONS:  # fixed order: cheap and most-looked-at first
+        if sec not in options.sections:
+            continue
+        reporter.check()
+        key = _SECTION_KEYS[sec]
+        if sec == "ppl":
+            ppl_models = dict(models)
+            if quantized is not None and options.ppl_rtn:
+                ppl_models["rtn"] = rtn if rtn is not None else build_rtn_model(original, options.quant_config)
+            out[key] = evaluate_ppl(ppl_models, tokenizer, options, reporter)
+        elif sec == "acc":
+            out[key] = evaluate_acc(models, tokenizer, options, reporter)
+        elif sec == "latency":
+            out[key] = evaluate_latency(models, tokenizer, options, reporter)
+        elif sec == "gen":
+            out[key] = compare_generation(original, quantized, tokenizer, GenerationOptions(
+                prompt=options.prompt, max_new_tokens=options.max_new_tokens), reporter)
+        _save(options, key, out[key])
+    reporter.emit("eval", "evaluation done")
+    return out
+
+
+def summary_lines(results: dict) -> list[str]:
+    """Human-readable lines for the CLI: the sample's ACC lines, perplexities and latency."""
+    lines = []
+    acc = results.get("accuracy")
+    if acc:
+        for name in ("original", "quantized"):
+            if name in acc:
+                lines.append(f"[{name}]")
+                lines.append(format_acc_line(acc[name]["acc"]))
+    ppl = results.get("ppl")
+    if ppl:
+        for name in ("original", "quantized", "rtn"):
+            if name in ppl:
+                vals = ", ".join(f"seqlen {s}: {v:.3f}" if v is not None else f"seqlen {s}: n/a"
+                                 for s, v in ppl[name].items())
+                lines.append(f"PPL {name} ({ppl['data']}): {vals}")
+    lat = results.get("latency")
+    if lat:
+        for name in LATENCY_MODELS:
+            r = lat.get(name)
+            if r is not None:
+                lines.append(f"Latency {name}: prefill {r['prefill_ms']:.1f} ms ({lat['prompt_tokens']} tokens), "
+                             f"decode {r['decode_ms_per_token']:.1f} ms/token ({r['tokens_per_s']:.1f} tokens/s), "
+                             f"peak {r['peak_memory_mb']:.0f} MiB, weights {r['weights_mb']:.0f} MiB")
+    gen = results.get("generation")
+    if gen:
+        for name in ("original", "quantized"):
+            if name in gen:
+                lines.append(f"Generation {name} ({gen[name]['tokens_per_s']:.1f} tokens/s): {gen[name]['text']!r}")
+    return lines
+
+
+# --- argparse -----------------------------------------------------------------------------------------------------
+
+
+def _add(parser: argparse.ArgumentParser, flag: str, **kwargs) -> None:
+    # The quantize command may already own a flag (e.g. --ppl_data): then it is shared, not added twice.
+    if flag not in parser._option_string_actions:
+        parser.add_argument(flag, **kwargs)
+
+
+def _task_list(value: str) -> list[str]:
+    return [t for t in value.replace(" ", ",").split(",") if t]
+
+
+def _flatten_tasks(value) -> tuple[str, ...]:
+    if not value:
+        return DEFAULT_TASKS
+    out: list[str] = []
+    for item in value:
+        out.extend(_task_list(item) if isinstance(item, str) else item)
+    return tuple(out)
+
+
+def add_eval_args(parser: argparse.ArgumentParser, default_sections: Sequence[str] = ()) -> argparse.ArgumentParser:
+    """The evaluation options shared by `evaluate` and `quantize`. ``--eval`` alone runs every section."""
+    group = parser.add_argument_group("evaluation")
+    # default None = "not given" (then default_sections); "--eval" with no value = [] = every section.
+    _add(group, "--eval", nargs="*", choices=SECTIONS, default=None, metavar="SECTION",
+         help=f"evaluations to run: {' '.join(SECTIONS)} (no value: all; default: "
+              f"{' '.join(default_sections) or 'none'})")
+    parser.set_defaults(eval_default_sections=list(default_sections))
+    _add(group, "--tasks", type=_task_list, nargs="+", default=[list(DEFAULT_TASKS)],
+         help="lm-eval task names, comma- or space-separated (default: " + ",".join(DEFAULT_TASKS) + ")")
+    _add(group, "--tasks_data_dir", default=None,
+         help="folder of local HF-schema task files (e.g. ../shared/data/eval) for offline lm-eval")
+    _add(group, "--limit", type=int, default=None, help="lm-eval: first N documents per task")
+    _add(group, "--eval_batch_size", type=int, default=8, help="lm-eval batch size")
+    _add(group, "--ppl_data", default=None, help="perplexity text: WikiText-2 raw file/folder or any text file")
+    _add(group, "--ppl_seqlens", type=int, nargs="+", default=[512, 2048], help="perplexity window lengths")
+    _add(group, "--ppl_max_windows", type=int, default=None, help="perplexity: at most N windows per seqlen")
+    _add(group, "--no_rtn", action="store_true", help="skip the round-to-nearest perplexity baseline")
+    _add(group, "--latency_seqlen", type=int, default=128, help="prompt tokens for the prefill timing")
+    _add(group, "--decode_tokens", type=int, default=64, help="decode steps for the decode timing")
+    _add(group, "--latency_repeats", type=int, default=3, help="timed rounds (median kept)")
+    _add(group, "--prompt", default=None, help="generation prompt (default: the sample's AMCT prompt)")
+    _add(group, "--max_new_tokens", type=int, default=64, help="generation length")
+    return parser
+
+
+def eval_options_from_args(args: argparse.Namespace, output_dir: Optional[str] = None,
+                           quant_config: Optional[dict] = None) -> EvalOptions:
+    sections = getattr(args, "eval", None)
+    if sections is None:
+        sections = getattr(args, "eval_default_sections", [])
+    elif len(sections) == 0:
+        sections = list(SECTIONS)
+    return EvalOptions(
+        sections=tuple(sections),
+        output_dir=output_dir if output_dir is not None else getattr(args, "output_dir", None),
+        ppl_data=getattr(args, "ppl_data", None),
+        ppl_seqlens=tuple(getattr(args, "ppl_seqlens", (512, 2048))),
+        ppl_max_windows=getattr(args, "ppl_max_windows", None),
+        ppl_rtn=not getattr(args, "no_rtn", False),
+        quant_config=quant_config,
+        tasks=_flatten_tasks(getattr(args, "tasks", None)),
+        tasks_data_dir=getattr(args, "tasks_data_dir", None),
+        limit=getattr(args, "limit", None),
+        eval_batch_size=getattr(args, "eval_batch_size", 8),
+        latency_seqlen=getattr(args, "latency_seqlen", 128),
+        decode_tokens=getattr(args, "decode_tokens", 64),
+        latency_repeats=getattr(args, "latency_repeats", 3),
+        prompt=getattr(args, "prompt", None),
+        max_new_tokens=getattr(args, "max_new_tokens", 64),
+    )
