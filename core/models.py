@@ -184,8 +184,9 @@ def model_identity(model: nn.Module) -> dict:
 
 
 def build_random_qwen3(hidden_size: int = 256, intermediate_size: int = 768, layers: int = 2, heads: int = 4,
-                       kv_heads: int = 2, head_dim: int = 64, vocab_size: int = 1024, seed: int = 0) -> nn.Module:
-    """A small Qwen3ForCausalLM with random weights: for structure, equivalence and speed tests (no quality)."""
+                       kv_heads: int = 2, head_dim: int = 64, vocab_size: int = 49152, seed: int = 0) -> nn.Module:
+    """A small Qwen3ForCausalLM with random weights: for structure, equivalence and speed tests (no quality).
+    The vocabulary matches SmolLM2's tokenizer, which the tests borrow for it."""
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
     torch.manual_seed(seed)

@@ -116,8 +116,11 @@ class KroneckerTransform(nn.Module):
             return
         self._cached = None
         self.double()
-        l, r, l_it, r_it = self.matrices()
+        l, r, _, _ = self.matrices()
         self.float()
+        l, r = l.float(), r.float()
+        # Invert the stored (fp32) matrices in float64, so P⁻ᵀ undoes exactly the P that runs online.
+        l_it, r_it = torch.linalg.inv(l.double()).t(), torch.linalg.inv(r.double()).t()
         for name, t in (("m_left", l), ("m_right", r), ("m_left_inv_t", l_it), ("m_right_inv_t", r_it)):
             self.register_buffer(name, t.float().contiguous())
         del self.left, self.right

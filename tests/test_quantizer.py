@@ -1,0 +1,48 @@
+import torch
+
+from core.quantizer import ActQuantizer, WeightQuantizer, fake_quant_asym, fake_quant_sym, qmax, quantize_sym, sym_scale
+
+
+def test_int4_per_token_grid_and_error_bound():
+    x = torch.randn(16, 64) * torch.linspace(0.1, 10, 16)[:, None]
+    y = fake_quant_sym(x, 4, dim=-1)
+    scale = x.abs().amax(-1, keepdim=True) / 7
+    codes = y / scale
+    assert torch.allclose(codes, codes.round(), atol=1e-4)  # on the int grid
+    assert codes.abs().max() <= 7 + 1e-4  # symmetric: absmax maps to ±7
+    assert ((y - x).abs() <= scale / 2 + 1e-6).all()  # round-to-nearest error bound
+
+
+def test_codes_clamp_to_signed_range_with_clipping():
+    x = torch.tensor([[-10.0, -1.0, 0.0, 1.0, 10.0]])
+    scale = sym_scale(torch.tensor([[5.0]]), 4)
+    q = quantize_sym(x, scale, 4)
+    assert q.min() == -8 and q.max() == qmax(4) == 7
+
+
+def test_weight_quantizer_is_per_output_channel_with_clip():
+    w = torch.randn(8, 32)
+    w[3] *= 100  # one loud channel must not change the others' scales
+    wq = WeightQuantizer(8, 4, lwc=True)
+    ratio = torch.sigmoid(torch.tensor(4.0))
+    out = wq(w)
+    for row in (0, 3):
+        scale = w[row].abs().max() * ratio / 7
+        assert torch.allclose(out[row] / scale, (out[row] / scale).round(), atol=1e-4)
+    assert (out[0] - w[0]).abs().max() < w[0].abs().max() * 0.2
+
+
+def test_ste_gradient_reaches_input_and_clip():
+    x = torch.randn(4, 16, requires_grad=True)
+    aq = ActQuantizer(4, lac=True)
+    aq(x).sum().backward()
+    not_max = x.abs() < x.abs().amax(-1, keepdim=True)  # the row max also feeds the scale
+    assert torch.allclose(x.grad[not_max], torch.ones_like(x.grad[not_max]))  # straight-through rounding
+    assert aq.clip.grad is not None and aq.clip.grad != 0
+
+
+def test_16_bits_is_identity_and_asym_roundtrip():
+    x = torch.randn(3, 10)
+    assert fake_quant_sym(x, 16) is x
+    y = fake_quant_asym(x + 5, 8)
+    assert (y - (x + 5)).abs().max() < ((x + 5).max() - (x + 5).min()) / 255

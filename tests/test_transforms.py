@@ -1,0 +1,60 @@
+import pytest
+import torch
+
+from core.transforms import KroneckerTransform, OrthogonalFactor, kron_factors, kronecker_matmul
+
+
+@pytest.mark.parametrize("n,expected", [(4096, (64, 64)), (11008, (86, 128)), (576, (24, 24)), (1536, (32, 48)),
+                                        (768, (24, 32)), (13, (1, 13))])
+def test_kron_factors_near_square(n, expected):
+    assert kron_factors(n) == expected
+
+
+def test_kronecker_matmul_equals_dense_kron():
+    left, right = torch.randn(6, 6, dtype=torch.float64), torch.randn(8, 8, dtype=torch.float64)
+    x = torch.randn(5, 3, 48, dtype=torch.float64)
+    dense = x @ torch.kron(left, right)
+    assert torch.allclose(kronecker_matmul(x, left, right), dense, atol=1e-10)
+
+
+def _perturb(t: KroneckerTransform, scale=0.3):
+    with torch.no_grad():
+        for name, p in t.named_parameters():
+            p.add_(scale * torch.randn_like(p)) if "skew" in name else p.mul_(torch.exp(scale * torch.randn_like(p)))
+
+
+def test_orthogonal_factor_stays_orthogonal():
+    f = OrthogonalFactor(12, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        f.skew.normal_()
+    q = f().double()
+    assert torch.allclose(q @ q.t(), torch.eye(12, dtype=torch.float64), atol=1e-5)
+
+
+@pytest.mark.parametrize("dim", [576, 1536, 64])
+def test_transform_is_exactly_invertible(dim):
+    """linear(x·diag·P, W·diag⁻¹·P⁻ᵀ) == linear(x, W) for a perturbed (non-orthogonal, non-unit-diag) transform."""
+    t = KroneckerTransform(dim, add_diag=True, seed=3).double()
+    _perturb(t)
+    x, w = torch.randn(7, dim, dtype=torch.float64), torch.randn(11, dim, dtype=torch.float64)
+    ref = x @ w.t()
+    got = t(x) @ t.transform_weight(w).t()
+    # U, V start from fp32-rounded orthogonal bases, so UᵀU = I only to ~1e-7
+    assert ((got - ref).norm() / ref.norm()) < 1e-5
+    # P⁻ᵀ is really the inverse transpose of P
+    l, r, l_it, r_it = t.matrices()
+    assert torch.allclose(l.t() @ l_it, torch.eye(l.shape[0], dtype=torch.float64), atol=1e-5)
+    assert torch.allclose(r.t() @ r_it, torch.eye(r.shape[0], dtype=torch.float64), atol=1e-5)
+    t.freeze()  # frozen: the inverse is computed from the stored matrices themselves
+    l, r, l_it, r_it = (m.double() for m in t.matrices())
+    assert torch.allclose(l.t() @ l_it, torch.eye(l.shape[0], dtype=torch.float64), atol=1e-6)
+
+
+def test_freeze_keeps_the_function():
+    t = KroneckerTransform(96, add_diag=True, seed=1)
+    _perturb(t)
+    x = torch.randn(4, 96)
+    before = t(x)
+    t.freeze()
+    assert t.frozen and not any(p.requires_grad and "skew" in n for n, p in t.named_parameters())
+    assert torch.allclose(t(x), before, rtol=1e-5, atol=1e-5)
