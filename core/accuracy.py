@@ -37,7 +37,6 @@ _KNOWN_STOCK_YAML = {
     "lambada_openai": "lambada/lambada_openai.yaml",
     "piqa": "piqa/piqa.yaml",
     "winogrande": "winogrande/default.yaml",
-    "openbookqa": "openbookqa/openbookqa.yaml",
 }
 # Local file names tried for a task, in order ({t} = task name); the builder is the datasets loader for the suffix.
 _FILE_PATTERNS = ("{t}.jsonl", "{t}.json", "{t}_sample.jsonl", "{t}_sample.json", "{t}.parquet", "{t}.csv")

@@ -3,8 +3,8 @@
 Used by ``python -m core evaluate``, by ``python -m core quantize --eval ...`` and by the GUI. Each finished section
 is merged into ``output_dir/report.json`` at once (a cancelled or failed run keeps what it finished). Schema:
 
-  ppl:        {unit, data, max_windows, seqlens: [512, 2048], dtype, original: {"512": p, ...}, quantized: {...},
-               rtn: {...}}
+  ppl:        {unit, dataset, tokens, max_windows, dtype, seqlen: 512, original: p, quantized: p, rtn: p (at seqlen),
+               seqlens: [512, 2048], by_seqlen: {"512": {original, quantized, rtn}, "2048": {...}}}
   accuracy:   {unit: "percent", limit, tasks, metric: {task: "acc_norm"|"acc"}, original: <section>,
                quantized: <section>, delta: {task: quantized - original}}  (<section> from core.accuracy)
   latency:    {units, prompt_tokens, decode_tokens, repeats, original: {...}, quantized: {...}[, quantized_real],
@@ -72,12 +72,27 @@ class EvalOptions:
             raise ConfigError("--limit must be a positive number of documents per task.")
 
 
-def build_rtn_model(original: nn.Module, quant_config: Optional[dict] = None) -> nn.Module:
-    """A deep copy of ``original`` with round-to-nearest W/A quantization on the FlatQuant code path."""
+def build_rtn_model(original: nn.Module, quant_config: Optional[dict] = None,
+                    num_layers: Optional[int] = None) -> nn.Module:
+    """A deep copy of ``original`` with round-to-nearest W/A quantization on the FlatQuant code path (the first
+    ``num_layers`` decoder layers; all by default)."""
     from .config import parse_config
     from .pipeline import rtn_model
 
-    return rtn_model(original, parse_config(quant_config), None).eval().requires_grad_(False)
+    return rtn_model(original, parse_config(quant_config), num_layers).eval().requires_grad_(False)
+
+
+def wrapped_layer_count(model: nn.Module) -> Optional[int]:
+    """How many leading decoder layers carry FlatQuant modules (None: all), so the RTN baseline covers the same ones
+    as a quick --max_layers run."""
+    from .flat import is_wrapped
+    from .models import decoder_layers
+
+    layers = decoder_layers(model)
+    n = 0
+    while n < len(layers) and is_wrapped(layers[n]):
+        n += 1
+    return None if n == len(layers) else n
 
 
 def _save(options: EvalOptions, key: str, section: dict) -> None:
@@ -90,29 +105,32 @@ def _models(original: nn.Module, quantized: Optional[nn.Module]) -> dict[str, nn
 
 
 def evaluate_ppl(models: dict[str, nn.Module], tokenizer, options: EvalOptions, reporter: Reporter) -> dict:
-    from .data import load_text, wikitext_test_path
+    """Perplexity of every model at every seqlen. The top-level original/quantized/rtn floats (at the first seqlen)
+    keep the shape of the quantize pipeline's own "ppl" section; ``by_seqlen`` holds all of them."""
+    from .pipeline import ppl_token_ids
     from .perplexity import perplexity_from_ids
-    from .data import tokenize
 
-    source = options.ppl_data if options.ppl_data else wikitext_test_path()
-    text, label = load_text(None if source is None else str(source), split="test")
-    ids = tokenize(tokenizer, text)
+    ids, label = ppl_token_ids(tokenizer, options.ppl_data)
     dtype = torch.bfloat16
-    section = {"unit": "perplexity (exp of the mean next-token NLL over non-overlapping windows; lower is better)",
-               "data": label, "tokens": int(ids.numel()), "max_windows": options.ppl_max_windows,
-               "seqlens": [int(s) for s in options.ppl_seqlens], "dtype": str(dtype).replace("torch.", "")}
+    seqlens = [int(s) for s in options.ppl_seqlens]
+    by_seqlen: dict[str, dict] = {str(s): {} for s in seqlens}
     for name, model in models.items():
         max_pos = getattr(getattr(model, "config", None), "max_position_embeddings", None)
-        section[name] = {}
-        for seqlen in options.ppl_seqlens:
+        for seqlen in seqlens:
             if max_pos is not None and seqlen > max_pos:
-                section[name][str(seqlen)] = None  # longer than the model's context: not defined
+                by_seqlen[str(seqlen)][name] = None  # longer than the model's context: not defined
                 continue
             reporter.emit("ppl", f"perplexity of the {name} model at seqlen {seqlen}")
-            section[name][str(seqlen)] = perplexity_from_ids(
-                model, ids, seqlen=int(seqlen), batch_size=options.ppl_batch_size, max_windows=options.ppl_max_windows,
-                reporter=reporter, dtype=dtype, label=name)
-    return section
+            value = perplexity_from_ids(model, ids, seqlen=seqlen, batch_size=options.ppl_batch_size,
+                                        max_windows=options.ppl_max_windows, reporter=reporter, dtype=dtype,
+                                        label=name)
+            by_seqlen[str(seqlen)][name] = value
+            reporter.emit("ppl", f"PPL {name} @ {seqlen}: {value:.3f}")
+    return {"unit": "perplexity (exp of the mean next-token NLL over non-overlapping windows; lower is better)",
+            "dataset": label, "tokens": int(ids.numel()), "max_windows": options.ppl_max_windows,
+            "dtype": str(dtype).replace("torch.", ""), "seqlen": seqlens[0],
+            **{name: by_seqlen[str(seqlens[0])].get(name) for name in models},
+            "seqlens": seqlens, "by_seqlen": by_seqlen}
 
 
 def evaluate_acc(models: dict[str, nn.Module], tokenizer, options: EvalOptions, reporter: Reporter) -> dict:
@@ -178,7 +196,8 @@ def evaluate_pair(original: nn.Module, quantized: Optional[nn.Module], tokenizer
         if sec == "ppl":
             ppl_models = dict(models)
             if quantized is not None and options.ppl_rtn:
-                ppl_models["rtn"] = rtn if rtn is not None else build_rtn_model(original, options.quant_config)
+                ppl_models["rtn"] = rtn if rtn is not None else build_rtn_model(
+                    original, options.quant_config, wrapped_layer_count(quantized))
             out[key] = evaluate_ppl(ppl_models, tokenizer, options, reporter)
         elif sec == "acc":
             out[key] = evaluate_acc(models, tokenizer, options, reporter)
@@ -205,9 +224,9 @@ def summary_lines(results: dict) -> list[str]:
     if ppl:
         for name in ("original", "quantized", "rtn"):
             if name in ppl:
-                vals = ", ".join(f"seqlen {s}: {v:.3f}" if v is not None else f"seqlen {s}: n/a"
-                                 for s, v in ppl[name].items())
-                lines.append(f"PPL {name} ({ppl['data']}): {vals}")
+                vals = ", ".join(f"seqlen {s}: {row[name]:.3f}" if row.get(name) is not None else f"seqlen {s}: n/a"
+                                 for s, row in ppl["by_seqlen"].items())
+                lines.append(f"PPL {name} ({ppl['dataset']}): {vals}")
     lat = results.get("latency")
     if lat:
         for name in LATENCY_MODELS:
