@@ -1,0 +1,1 @@
+"""FlatQuant Studio's Gradio GUI: UI only, every computation is a call into core/."""

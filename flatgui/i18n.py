@@ -1,0 +1,136 @@
+"""English and Chinese UI strings. ``t(key, lang)`` falls back to English, then to the key itself."""
+from __future__ import annotations
+
+LANGS = {"en": "English", "zh": "中文"}
+DEFAULT_LANG = "en"
+
+STRINGS: dict[str, dict[str, str]] = {
+    # header
+    "title": {"en": "# FlatQuant Studio\nW4A4 post-training quantization with learned affine transforms (FlatQuant). "
+                    "Everything runs locally.",
+              "zh": "# FlatQuant Studio\n基于可学习仿射变换（FlatQuant）的 W4A4 训练后量化。全部在本地运行。"},
+    "language": {"en": "Language", "zh": "语言"},
+    "tab_model": {"en": "Model & config", "zh": "模型与配置"},
+    "tab_calibrate": {"en": "Calibrate", "zh": "校准"},
+    "tab_compare": {"en": "Compare", "zh": "对比"},
+    "tab_artifacts": {"en": "Artifacts", "zh": "产物下载"},
+    # model & config
+    "model_path": {"en": "Model path", "zh": "模型路径"},
+    "model_path_info": {"en": "A local Hugging Face folder (LlamaForCausalLM or Qwen3ForCausalLM), or 'smollm2' "
+                                  "for the embedded SmolLM2-135M-Instruct.",
+                        "zh": "本地 Hugging Face 模型目录（LlamaForCausalLM 或 Qwen3ForCausalLM），"
+                              "或填 'smollm2' 使用内置的 SmolLM2-135M-Instruct。"},
+    "rescan": {"en": "Rescan local models", "zh": "重新扫描本地模型"},
+    "device": {"en": "Device", "zh": "设备"},
+    "device_info": {"en": "auto = Ascend NPU if torch_npu is installed, else CUDA, else CPU.",
+                    "zh": "auto：有 torch_npu 时用昇腾 NPU，否则 CUDA，否则 CPU。"},
+    "skip_layers": {"en": "skip_layers", "zh": "跳过的层 (skip_layers)"},
+    "skip_layers_info": {
+        "en": "Comma-separated. A linear layer stays in full precision when an entry equals its name or appears "
+              "anywhere inside it (substring rule): 'lm_head' skips the output head, 'down_proj' skips every MLP "
+              "down projection, 'layers.0.' skips all of layer 0. Each entry needs a letter or digit.",
+        "zh": "逗号分隔。某个线性层的名字等于某一项、或包含某一项（子串规则）时，该层保持全精度："
+              "'lm_head' 跳过输出头，'down_proj' 跳过所有 MLP 的 down 投影，'layers.0.' 跳过第 0 层全部。"
+              "每一项至少要有一个字母或数字。"},
+    "w_bits": {"en": "Weight bits", "zh": "权重位数"},
+    "a_bits": {"en": "Activation bits", "zh": "激活位数"},
+    "use_down_quant": {"en": "Quantize down_proj (use_down_quant)", "zh": "量化 down_proj (use_down_quant)"},
+    "o_proj_quant": {"en": "Fake-quantize o_proj input (use_o_quant)", "zh": "伪量化 o_proj 输入 (use_o_quant)"},
+    "kv_quant": {"en": "Fake-quantize the KV cache", "zh": "伪量化 KV cache"},
+    "kv_bits": {"en": "KV-cache bits", "zh": "KV cache 位数"},
+    "epochs": {"en": "Epochs per layer", "zh": "每层训练轮数 (epochs)"},
+    "nsamples": {"en": "Calibration samples", "zh": "校准样本数 (nsamples)"},
+    "seqlen": {"en": "Sequence length", "zh": "序列长度 (seqlen)"},
+    "flat_lr": {"en": "Learning rate (flat_lr)", "zh": "学习率 (flat_lr)"},
+    "cali_bsz": {"en": "Calibration batch size", "zh": "校准批大小 (cali_bsz)"},
+    "calib_data": {"en": "Calibration data path", "zh": "校准数据路径"},
+    "calib_data_info": {"en": "Empty = the default corpus. A .txt/.raw file or a wikitext folder.",
+                        "zh": "留空使用默认语料。可填 .txt/.raw 文件或 wikitext 目录。"},
+    "quick_limits": {"en": "Quick-run limits", "zh": "快速运行限制"},
+    "max_layers": {"en": "Calibrate only the first N layers (0 = all)", "zh": "只校准前 N 层（0 = 全部）"},
+    "ppl_windows": {"en": "PPL windows to evaluate (0 = skip PPL)", "zh": "困惑度评估窗口数（0 = 不评估）"},
+    "save_settings": {"en": "Save settings (JSON)", "zh": "保存设置 (JSON)"},
+    "load_settings": {"en": "Load settings (JSON)", "zh": "加载设置 (JSON)"},
+    "settings_file": {"en": "Settings file", "zh": "设置文件"},
+    "cli_preview": {"en": "Equivalent command line", "zh": "等价的命令行"},
+    # calibrate
+    "start": {"en": "Start calibration", "zh": "开始校准"},
+    "cancel": {"en": "Cancel", "zh": "取消"},
+    "load_matrices_title": {"en": "Load calibrated matrices instead of calibrating",
+                            "zh": "加载已校准的矩阵（跳过校准）"},
+    "matrix_upload": {"en": "flat_matrices.pth (upload)", "zh": "flat_matrices.pth（上传）"},
+    "matrix_path": {"en": "…or a path on this machine", "zh": "……或本机上的路径"},
+    "load_matrices": {"en": "Load matrices", "zh": "加载矩阵"},
+    "loss_chart": {"en": "Calibration loss", "zh": "校准损失"},
+    "log": {"en": "Log", "zh": "日志"},
+    "idle": {"en": "No job yet. Press **Start calibration**.", "zh": "暂无任务。请点击 **开始校准**。"},
+    "status_running": {"en": "Running", "zh": "运行中"},
+    "status_done": {"en": "Finished", "zh": "已完成"},
+    "status_failed": {"en": "Failed", "zh": "失败"},
+    "status_cancelled": {"en": "Cancelled", "zh": "已取消"},
+    "layer_of": {"en": "layer {i} of {n}", "zh": "第 {i} / {n} 层"},
+    "epoch_of": {"en": "epoch {i} of {n}", "zh": "第 {i} / {n} 轮"},
+    "elapsed": {"en": "elapsed", "zh": "已用时"},
+    "eta": {"en": "ETA", "zh": "预计剩余"},
+    "loss": {"en": "loss", "zh": "损失"},
+    "started": {"en": "Started job {id}. Progress appears below.", "zh": "任务 {id} 已启动，进度见下方。"},
+    "cancel_sent": {"en": "Cancel requested; the job stops after the current step.",
+                    "zh": "已请求取消，任务将在当前步骤后停止。"},
+    "nothing_to_cancel": {"en": "No job is running.", "zh": "当前没有运行中的任务。"},
+    "no_matrix": {"en": "Upload a flat_matrices.pth or type its path first.",
+                  "zh": "请先上传 flat_matrices.pth 或填写其路径。"},
+    # compare
+    "prompt": {"en": "Prompt", "zh": "提示词"},
+    "default_prompt": {"en": "The capital of France is", "zh": "The capital of France is"},
+    "max_new_tokens": {"en": "New tokens", "zh": "生成 token 数"},
+    "generate": {"en": "Generate with both models", "zh": "用两个模型生成"},
+    "original": {"en": "Original", "zh": "原始模型"},
+    "quantized": {"en": "FlatQuant (fake quant)", "zh": "FlatQuant（伪量化）"},
+    "rtn": {"en": "RTN baseline", "zh": "RTN 基线"},
+    "quantized_real": {"en": "FlatQuant (real int4)", "zh": "FlatQuant（真实 int4）"},
+    "need_models": {"en": "No models in memory yet: run a calibration or load matrices first.",
+                    "zh": "内存中还没有模型：请先校准或加载矩阵。"},
+    "evaluate": {"en": "Run evaluation", "zh": "运行评估"},
+    "eval_ppl": {"en": "Perplexity", "zh": "困惑度"},
+    "eval_tasks": {"en": "Six-task accuracy", "zh": "六项任务准确率"},
+    "eval_latency": {"en": "Latency", "zh": "延迟"},
+    "eval_limit": {"en": "Examples per task", "zh": "每项任务样本数"},
+    "ppl_chart": {"en": "Perplexity (lower is better)", "zh": "困惑度（越低越好）"},
+    "acc_chart": {"en": "Accuracy (higher is better)", "zh": "准确率（越高越好）"},
+    "latency_chart": {"en": "Latency and memory", "zh": "延迟与内存"},
+    "chart_empty_eval": {"en": "No numbers yet for this run: press Run evaluation.",
+                         "zh": "该运行还没有数据：请点击“运行评估”。"},
+    "chart_empty_loss": {"en": "The loss of each layer appears here while calibration runs.",
+                         "zh": "校准运行时，这里会显示每一层的损失。"},
+    "loss_per_layer": {"en": "final loss per layer", "zh": "每层最终损失"},
+    "loss_per_step": {"en": "current layer, every step", "zh": "当前层的每一步"},
+    "axis_layer": {"en": "layer", "zh": "层"},
+    "axis_step": {"en": "step", "zh": "步"},
+    "runs_table": {"en": "Runs (newest first)", "zh": "历次运行（最新在前）"},
+    "run_select": {"en": "Run", "zh": "运行"},
+    "refresh": {"en": "Refresh", "zh": "刷新"},
+    # artifacts
+    "artifacts_help": {"en": "Files are served only from the selected run's output folder.",
+                       "zh": "只提供所选运行输出目录中的文件。"},
+    "dl_matrices": {"en": "Download flat_matrices.pth", "zh": "下载 flat_matrices.pth"},
+    "dl_report": {"en": "Download report.json", "zh": "下载 report.json"},
+    "dl_checkpoint": {"en": "Download quantized checkpoint (.zip)", "zh": "下载量化检查点 (.zip)"},
+    "export": {"en": "Export quantized checkpoint", "zh": "导出量化检查点"},
+    "run_files": {"en": "All files of this run", "zh": "本次运行的全部文件"},
+    "report": {"en": "report.json", "zh": "report.json"},
+    "no_runs": {"en": "No runs yet.", "zh": "还没有运行记录。"},
+}
+
+
+def t(key: str, lang: str = DEFAULT_LANG, **fmt) -> str:
+    entry = STRINGS.get(key)
+    text = key if entry is None else entry.get(lang) or entry.get(DEFAULT_LANG, key)
+    return text.format(**fmt) if fmt else text
+
+
+def lang_code(value: str | None) -> str:
+    """The language radio shows names ('English', '中文'); handlers work with codes."""
+    for code, name in LANGS.items():
+        if value in (code, name):
+            return code
+    return DEFAULT_LANG

@@ -1,0 +1,118 @@
+"""The device jobs the GUI can start. Each is a thin call into core, run by the JobRunner in its thread."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+from core.errors import FlatQuantError
+from core.progress import Reporter
+
+from .context import AppContext
+from .runner import Job
+from .runs import CHECKPOINT_DIR
+from .settings import GuiSettings
+
+GUI_SETTINGS_FILE = "gui_settings.json"
+
+
+def check_matrix_file(path: str) -> None:
+    """Refuse a missing, corrupt or foreign-format matrix file before a job starts (weights_only load, cheap)."""
+    from core.matrices import read_matrices
+
+    read_matrices(path)
+
+
+def start_quantize(ctx: AppContext, settings: GuiSettings, matrix_path: Optional[str] = None) -> Job:
+    """Calibrate (or load matrices) into a new run folder; the models stay in ctx.runner.workspace."""
+
+    def target(job: Job) -> dict:
+        from core.pipeline import QuantizeOptions, run_quantize
+
+        ctx.runner.release_models()
+        run_dir = ctx.store.new_run()
+        job.output_dir = str(run_dir)
+        (run_dir / GUI_SETTINGS_FILE).write_text(settings.to_json())
+        options = QuantizeOptions(**settings.quantize_kwargs(str(run_dir), matrix_path))
+        result = run_quantize(options, on_event=ctx.runner.callback(job), cancel=job.cancel)
+        ctx.runner.workspace = {
+            "original": result.original, "quantized": result.quantized, "rtn": result.rtn,
+            "tokenizer": result.tokenizer, "config": result.config, "run_id": run_dir.name,
+            "output_dir": str(run_dir),
+        }
+        return {"run_id": run_dir.name, "output_dir": str(run_dir), "matrix_path": str(result.matrix_path)}
+
+    title = "load matrices" if matrix_path else f"calibrate {settings.model_path}"
+    return ctx.runner.start("load_matrices" if matrix_path else "calibrate", target, title)
+
+
+def _workspace(ctx: AppContext) -> dict:
+    ws = ctx.runner.workspace
+    if not ws.get("quantized"):
+        raise FlatQuantError("No models in memory yet: run a calibration or load matrices first.")
+    return ws
+
+
+def generate(ctx: AppContext, prompt: str, max_new_tokens: int) -> dict:
+    """Both models on one prompt (a short job, waited for); the section also goes into the run's report."""
+    ws = _workspace(ctx)
+
+    def target(job: Job) -> dict:
+        from core.generation import GenerationOptions, compare_generation
+        from core.report import update_report
+
+        job.output_dir = ws["output_dir"]
+        section = compare_generation(ws["original"].model, ws["quantized"], ws["tokenizer"],
+                                     GenerationOptions(prompt=prompt or None, max_new_tokens=int(max_new_tokens)),
+                                     Reporter(ctx.runner.callback(job), job.cancel))
+        update_report(ws["output_dir"], {"generation": section})
+        return section
+
+    return ctx.runner.run_sync("generate", target, "generate")
+
+
+def start_evaluate(ctx: AppContext, sections: list[str], ppl_seqlen: int, ppl_windows: Optional[int],
+                   limit: Optional[int]) -> Job:
+    """PPL / lm-eval accuracy / latency on the models in memory; each section lands in report.json as it ends."""
+    ws = _workspace(ctx)
+    if not sections:
+        raise FlatQuantError("Pick at least one of Perplexity, Six-task accuracy or Latency.")
+
+    def target(job: Job) -> dict:
+        from core.data import shared_data_dir
+        from core.evaluate import EvalOptions, evaluate_pair
+
+        job.output_dir = ws["output_dir"]
+        data = shared_data_dir()
+        tasks_dir = data / "eval" if data is not None and (data / "eval").is_dir() else None
+        options = EvalOptions(sections=tuple(sections), output_dir=ws["output_dir"], ppl_seqlens=(int(ppl_seqlen),),
+                              ppl_max_windows=ppl_windows or None, limit=limit or None,
+                              tasks_data_dir=str(tasks_dir) if tasks_dir else None,
+                              quant_config=ws["config"].to_amct_dict() if ws.get("config") is not None else None)
+        evaluate_pair(ws["original"].model, ws["quantized"], ws["tokenizer"], options,
+                      Reporter(ctx.runner.callback(job), job.cancel), rtn=ws.get("rtn"))
+        return {"run_id": ws["run_id"], "output_dir": ws["output_dir"], "sections": list(sections)}
+
+    return ctx.runner.start("evaluate", target, "evaluate " + ", ".join(sections))
+
+
+def start_export(ctx: AppContext) -> Job:
+    """Write the real-quant (packed int4) checkpoint of the quantized model into <run>/checkpoint/ and zip it."""
+    ws = _workspace(ctx)
+
+    def target(job: Job) -> dict:
+        import copy
+
+        from core.realquant.convert import export_checkpoint
+
+        job.output_dir = ws["output_dir"]
+        reporter = Reporter(ctx.runner.callback(job), job.cancel)
+        out = Path(ws["output_dir"]) / CHECKPOINT_DIR
+        reporter.emit("convert", f"exporting the packed int4 checkpoint to {out}")
+        # Export works on a copy: the fake-quant model stays as it is for the Compare tab.
+        export_checkpoint(copy.deepcopy(ws["quantized"]), ws["tokenizer"], str(out), ws["config"])
+        job.cancel.check()
+        zipped = ctx.store.zip_checkpoint(ws["run_id"])
+        reporter.emit("done", f"checkpoint written to {out} and zipped to {zipped}")
+        return {"run_id": ws["run_id"], "output_dir": ws["output_dir"], "checkpoint": zipped}
+
+    return ctx.runner.start("export", target, "export checkpoint")

@@ -1,0 +1,99 @@
+"""Artifacts tab: download flat_matrices.pth, report.json and the quantized checkpoint of one run.
+
+Only RunStore.artifact() turns a run id into a file path, and it only returns known names inside that run's
+folder; launch() gets allowed_paths=[runs root] and nothing else.
+"""
+from __future__ import annotations
+
+import functools
+
+import gradio as gr
+
+from core.errors import FlatQuantError
+
+from .. import jobs
+from ..context import AppContext
+from ..i18n import lang_code, t
+from ..runner import BusyError
+from ..runs import CHECKPOINT_ZIP, MATRIX_NAME, REPORT_NAME
+
+
+def _button(path):
+    return gr.update(value=path, interactive=path is not None)
+
+
+def show_run(ctx: AppContext, run_id):
+    """(matrices button, report button, checkpoint button, all files, report json) for one run."""
+    store = ctx.store
+    m, r, c = (store.artifact(run_id, n) for n in (MATRIX_NAME, REPORT_NAME, CHECKPOINT_ZIP))
+    return _button(m), _button(r), _button(c), store.files(run_id) or None, store.report(run_id) or None
+
+
+def refresh(ctx: AppContext, run_id):
+    runs = ctx.store.list_runs()
+    if run_id not in runs:
+        run_id = runs[0] if runs else None
+    return (gr.update(choices=runs, value=run_id), *show_run(ctx, run_id))
+
+
+def get_artifact(ctx: AppContext, run_id: str, name: str):
+    """API: one artifact of one run, or a readable error (unknown run, unknown name, not written yet)."""
+    path = ctx.store.artifact(run_id, name)
+    if path is None:
+        raise gr.Error(f"No {name!r} in run {run_id!r}; known files: {', '.join(ctx.store.files(run_id)) or 'none'}.")
+    return path
+
+
+def start_export(ctx: AppContext, lang_value):
+    lang = lang_code(lang_value)
+    try:
+        job = jobs.start_export(ctx)
+    except (FlatQuantError, BusyError) as exc:
+        gr.Warning(str(exc))
+        return f"❌ {exc}"
+    return "✅ " + t("started", lang, id=job.id)
+
+
+def build(ctx: AppContext) -> None:
+    mgr = ctx.mgr
+    runs = ctx.store.list_runs()
+    first = runs[0] if runs else None
+    m, r, c, files, report = show_run(ctx, first)
+    with gr.Tab(t("tab_artifacts"), id="artifacts") as tab:
+        mgr.add("tab_artifacts", tab, label="tab_artifacts")
+        mgr.add("artifacts_help", gr.Markdown(t("artifacts_help")), value="artifacts_help")
+        with gr.Row():
+            mgr.add("artifact_run", gr.Dropdown(choices=runs, value=first, label=t("run_select"), allow_custom_value=True, scale=3,
+                                                elem_id="artifact_run"), label="run_select")
+            mgr.add("artifact_refresh", gr.Button(t("refresh"), scale=1, size="sm", elem_id="artifact_refresh"),
+                    value="refresh")
+        with gr.Row():
+            mgr.add("dl_matrices", gr.DownloadButton(t("dl_matrices"), value=m["value"], interactive=m["interactive"],
+                                                     variant="primary", elem_id="dl_matrices"), label="dl_matrices")
+            mgr.add("dl_report", gr.DownloadButton(t("dl_report"), value=r["value"], interactive=r["interactive"],
+                                                   elem_id="dl_report"), label="dl_report")
+            mgr.add("dl_checkpoint", gr.DownloadButton(t("dl_checkpoint"), value=c["value"],
+                                                       interactive=c["interactive"], elem_id="dl_checkpoint"),
+                    label="dl_checkpoint")
+        with gr.Row():
+            mgr.add("export", gr.Button(t("export"), elem_id="export_btn"), value="export")
+            mgr.add("export_msg", gr.Markdown(elem_id="export_msg"))
+        mgr.add("run_files", gr.File(value=files, file_count="multiple", interactive=False, label=t("run_files"),
+                                     elem_id="run_files"), label="run_files")
+        mgr.add("report_json", gr.JSON(value=report, label=t("report"), elem_id="report_json"), label="report")
+
+
+def wire(ctx: AppContext) -> None:
+    mgr, bind = ctx.mgr, functools.partial
+    outs = [mgr["dl_matrices"], mgr["dl_report"], mgr["dl_checkpoint"], mgr["run_files"], mgr["report_json"]]
+    mgr["artifact_run"].input(bind(show_run, ctx), inputs=mgr["artifact_run"], outputs=outs,
+                              api_visibility="private", concurrency_limit=None)
+    mgr["artifact_refresh"].click(bind(refresh, ctx), inputs=mgr["artifact_run"], outputs=[mgr["artifact_run"]] + outs,
+                                  api_name="artifacts_refresh", concurrency_limit=None)
+    mgr["export"].click(bind(start_export, ctx), inputs=mgr["language"], outputs=mgr["export_msg"],
+                        api_name="start_export", concurrency_limit=None)
+    # API only (scripts, tests): one named artifact of one run, through the same RunStore gate.
+    artifact_file = gr.File(visible=False)
+    run_box, name_box, fetch = gr.Textbox(visible=False), gr.Textbox(visible=False), gr.Button(visible=False)
+    fetch.click(bind(get_artifact, ctx), inputs=[run_box, name_box], outputs=artifact_file,
+                api_name="get_artifact", concurrency_limit=None)

@@ -1,0 +1,56 @@
+"""Start `python app.py` on a free 127.0.0.1 port for the GUI tests (gradio_client and the browser test)."""
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def running_app(runs_root: str | os.PathLike, log_path: str | os.PathLike, extra_args: tuple = (),
+                poll: float = 0.5, timeout: float = 180.0):
+    """Yield the app's URL; the server process is stopped (by its pid) when the block ends."""
+    port = free_port()
+    env = dict(os.environ, GRADIO_ANALYTICS_ENABLED="False", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
+               OMP_WAIT_POLICY="PASSIVE", PYTHONUNBUFFERED="1")
+    cmd = [sys.executable, str(REPO / "app.py"), "--port", str(port), "--runs_root", str(runs_root),
+           "--poll", str(poll), *extra_args]
+    log = open(log_path, "w")
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"app.py exited with {proc.returncode}:\n{Path(log_path).read_text()[-3000:]}")
+            try:
+                with urllib.request.urlopen(url + "gradio_api/info", timeout=2) as resp:
+                    if resp.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"app.py did not answer within {timeout} s:\n{Path(log_path).read_text()[-3000:]}")
+            time.sleep(0.5)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+        log.close()
