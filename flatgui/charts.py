@@ -70,18 +70,21 @@ def _grouped(title: str, categories: list[str], series: dict[str, list], lang: s
 
 
 def ppl_table(report: dict) -> dict[str, dict[str, Optional[float]]]:
-    """{category: {series: ppl}} from either report['ppl'] schema: the quantize job's
-    {dataset, seqlen, original: x, quantized: y, rtn: z} or the evaluate job's {seqlens, original: {"512": x}}."""
+    """{"seqlen N": {series: ppl}} from report['ppl']: {seqlen, original, quantized, rtn} (the quantize job and
+    core.evaluate), plus by_seqlen {"N": {original, ...}} when core.evaluate ran several window lengths."""
     ppl = report.get("ppl") or {}
     out: dict[str, dict] = {}
-    for key, _, _ in SERIES:
-        v = ppl.get(key)
-        if isinstance(v, (int, float)):
-            out.setdefault(f"seqlen {ppl.get('seqlen', '?')}", {})[key] = float(v)
-        elif isinstance(v, dict):
-            for seqlen, x in v.items():
-                if isinstance(x, (int, float)):
-                    out.setdefault(f"seqlen {seqlen}", {})[key] = float(x)
+    by = ppl.get("by_seqlen")
+    if isinstance(by, dict) and by:
+        for seqlen, row in by.items():
+            if isinstance(row, dict):
+                vals = {k: float(v) for k, v in row.items() if isinstance(v, (int, float))}
+                if vals:
+                    out[f"seqlen {seqlen}"] = vals
+        return out
+    vals = {key: float(ppl[key]) for key, _, _ in SERIES if isinstance(ppl.get(key), (int, float))}
+    if vals:
+        out[f"seqlen {ppl.get('seqlen', '?')}"] = vals
     return out
 
 

@@ -17,9 +17,16 @@ GUI_SETTINGS_FILE = "gui_settings.json"
 
 def check_matrix_file(path: str) -> None:
     """Refuse a missing, corrupt or foreign-format matrix file before a job starts (weights_only load, cheap)."""
+    from core.errors import MatrixFileError
     from core.matrices import read_matrices
 
-    read_matrices(path)
+    try:
+        read_matrices(path)
+    except FlatQuantError:
+        raise
+    except Exception as exc:  # torch's unpickler raises assorted errors on garbage bytes
+        raise MatrixFileError(f"Matrix file {Path(path).name!r} is corrupt or not a FlatQuant Studio matrix file "
+                              f"({type(exc).__name__}); upload the flat_matrices.pth a calibration wrote.") from exc
 
 
 def start_quantize(ctx: AppContext, settings: GuiSettings, matrix_path: Optional[str] = None) -> Job:

@@ -48,6 +48,7 @@ class Job:
     step_events: collections.deque = field(default_factory=lambda: collections.deque(maxlen=MAX_STEP_EVENTS))
     log: collections.deque = field(default_factory=lambda: collections.deque(maxlen=MAX_LOG_LINES))
     last_event: Optional[dict] = None
+    step_count: int = 0  # step events received (the deque keeps only the latest)
     seq: int = 0  # bumped on every change; pages re-render only when it moves
     thread: Optional[threading.Thread] = field(default=None, repr=False)
 
@@ -180,6 +181,7 @@ class JobRunner:
         with self._lock:
             if ev.get("stage") in STEP_STAGES:
                 job.step_events.append(ev)
+                job.step_count += 1
             else:
                 job.events.append(ev)
             job.last_event = ev
@@ -201,7 +203,8 @@ class JobRunner:
         with self._lock:
             job = self._job
             if job is None:
-                return {"id": None, "status": "idle", "seq": 0, "events": [], "step_events": [], "log": []}
+                return {"id": None, "status": "idle", "seq": 0, "events": [], "step_events": [], "step_count": 0,
+                        "log": []}
             end = job.finished or time.time()
             return {
                 "id": job.id,
@@ -216,6 +219,7 @@ class JobRunner:
                 "last_event": dict(job.last_event) if job.last_event else None,
                 "events": [dict(e) for e in job.events],
                 "step_events": [dict(e) for e in job.step_events],
+                "step_count": job.step_count,
                 "log": list(job.log),
                 "result": job.result if isinstance(job.result, (dict, str, type(None))) else None,
             }

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import json
 import shlex
+from pathlib import Path
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Optional
 
 from core.config import default_config_dict, normalize_skip_layers, parse_config
-from core.errors import ConfigError, ModelLoadError
-from core.models import DEFAULT_MODEL
+from core.errors import ConfigError, DataError, ModelLoadError
+from core.models import DEFAULT_MODEL, read_architecture, resolve_model_path
 
 BITS_CHOICES = (4, 8, 16)
 DEVICE_CHOICES = ("auto", "cpu", "cuda", "npu")
@@ -114,6 +115,12 @@ class GuiSettings:
         """Fail fast with core's own message (same checks the engine runs) before any job starts."""
         if not self.model_path:
             raise ModelLoadError("Model path is empty: type a local model folder or pick 'smollm2'.")
+        if self.model_path != DEFAULT_MODEL:  # cheap checks (folder, config.json, architecture); no weights read
+            read_architecture(resolve_model_path(self.model_path))
+        if (self.calib_data and self.calib_data.startswith((".", "/", "~"))
+                and not Path(self.calib_data).expanduser().exists()):  # other values may name a cached dataset
+            raise DataError(f"Calibration data path {self.calib_data!r} does not exist; leave it empty for the "
+                            "default text.")
         if self.device not in DEVICE_CHOICES:
             raise ConfigError(f"Device must be one of {', '.join(DEVICE_CHOICES)}, got {self.device!r}.")
         for name, low in (("nsamples", 1), ("seqlen", 8), ("epochs", 0), ("cali_bsz", 1), ("max_layers", 0),

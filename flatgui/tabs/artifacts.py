@@ -6,15 +6,15 @@ folder; launch() gets allowed_paths=[runs root] and nothing else.
 from __future__ import annotations
 
 import functools
+import json
 
 import gradio as gr
 
-from core.errors import FlatQuantError
 
 from .. import jobs
 from ..context import AppContext
 from ..i18n import lang_code, t
-from ..runner import BusyError
+from .common import fail
 from ..runs import CHECKPOINT_ZIP, MATRIX_NAME, REPORT_NAME
 
 
@@ -26,7 +26,10 @@ def show_run(ctx: AppContext, run_id):
     """(matrices button, report button, checkpoint button, all files, report json) for one run."""
     store = ctx.store
     m, r, c = (store.artifact(run_id, n) for n in (MATRIX_NAME, REPORT_NAME, CHECKPOINT_ZIP))
-    return _button(m), _button(r), _button(c), store.files(run_id) or None, store.report(run_id) or None
+    report = store.report(run_id)
+    # Shown as text: a JSON component would make API clients take the report's {"path": ...} entries for files.
+    text = json.dumps(report, indent=2, ensure_ascii=False) if report else ""
+    return _button(m), _button(r), _button(c), store.files(run_id) or None, text
 
 
 def refresh(ctx: AppContext, run_id):
@@ -48,9 +51,8 @@ def start_export(ctx: AppContext, lang_value):
     lang = lang_code(lang_value)
     try:
         job = jobs.start_export(ctx)
-    except (FlatQuantError, BusyError) as exc:
-        gr.Warning(str(exc))
-        return f"❌ {exc}"
+    except Exception as exc:  # a message for the page; the server keeps serving
+        return fail(exc)
     return "✅ " + t("started", lang, id=job.id)
 
 
@@ -80,7 +82,8 @@ def build(ctx: AppContext) -> None:
             mgr.add("export_msg", gr.Markdown(elem_id="export_msg"))
         mgr.add("run_files", gr.File(value=files, file_count="multiple", interactive=False, label=t("run_files"),
                                      elem_id="run_files"), label="run_files")
-        mgr.add("report_json", gr.JSON(value=report, label=t("report"), elem_id="report_json"), label="report")
+        mgr.add("report_json", gr.Code(value=report, language="json", label=t("report"), interactive=False,
+                                       max_lines=30, elem_id="report_json"), label="report")
 
 
 def wire(ctx: AppContext) -> None:

@@ -17,7 +17,7 @@ from .. import jobs
 from ..charts import loss_figure
 from ..context import AppContext
 from ..i18n import lang_code, t
-from ..runner import BusyError
+from .common import fail
 from ..settings import GuiSettings
 
 
@@ -94,9 +94,8 @@ def start_calibration(ctx: AppContext, *args):
         s = GuiSettings.from_values(*values)
         s.validate()
         job = jobs.start_quantize(ctx, s)
-    except (FlatQuantError, BusyError) as exc:
-        gr.Warning(str(exc))
-        return f"❌ {exc}"
+    except Exception as exc:  # a message for the page; the server keeps serving
+        return fail(exc)
     return _started(job, lang)
 
 
@@ -111,9 +110,8 @@ def start_load_matrices(ctx: AppContext, *args):
         s.validate()
         jobs.check_matrix_file(os.path.expanduser(path))
         job = jobs.start_quantize(ctx, s, matrix_path=os.path.expanduser(path))
-    except (FlatQuantError, BusyError) as exc:
-        gr.Warning(str(exc))
-        return f"❌ {exc}"
+    except Exception as exc:  # a message for the page; the server keeps serving
+        return fail(exc)
     return _started(job, lang)
 
 

@@ -5,13 +5,12 @@ import functools
 
 import gradio as gr
 
-from core.errors import FlatQuantError
 
 from .. import jobs
 from ..charts import accuracy_figure, accuracy_table, latency_figure, ppl_figure, ppl_table
 from ..context import AppContext
 from ..i18n import lang_code, t
-from ..runner import BusyError
+from .common import fail
 
 RUN_COLUMNS = ["run", "model", "W/A", "skip_layers", "layers", "epochs", "nsamples", "calib s",
                "PPL original", "PPL FlatQuant", "PPL RTN", "acc avg original", "acc avg FlatQuant",
@@ -72,9 +71,8 @@ def _side(stats: dict) -> str:
 def generate(ctx: AppContext, prompt, max_new_tokens, lang_value):
     try:
         section = jobs.generate(ctx, prompt, max_new_tokens)
-    except (FlatQuantError, BusyError) as exc:
-        gr.Warning(str(exc))
-        return f"❌ {exc}", "", "", ""
+    except Exception as exc:  # a message for the page; the server keeps serving
+        return fail(exc), "", "", ""
     o, q = section.get("original") or {}, section.get("quantized") or {}
     return o.get("text", ""), _side(o), q.get("text", ""), _side(q)
 
@@ -85,9 +83,8 @@ def start_evaluate(ctx: AppContext, sections, ppl_seqlen, ppl_windows, limit, la
     try:
         job = jobs.start_evaluate(ctx, [keys[s] for s in sections or []], int(ppl_seqlen or 256),
                                   int(ppl_windows or 0), int(limit or 0))
-    except (FlatQuantError, BusyError) as exc:
-        gr.Warning(str(exc))
-        return f"❌ {exc}"
+    except Exception as exc:  # a message for the page; the server keeps serving
+        return fail(exc)
     return "✅ " + t("started", lang, id=job.id)
 
 

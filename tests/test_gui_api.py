@@ -1,0 +1,166 @@
+"""The GUI through its HTTP API (gradio_client) against a real `python app.py` on a free 127.0.0.1 port.
+
+Every endpoint used here is the one a button in the page calls, with the same inputs.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+gradio_client = pytest.importorskip("gradio_client")
+from gradio_client import Client, handle_file  # noqa: E402
+
+from flatgui.settings import GuiSettings  # noqa: E402
+from gui_server import running_app  # noqa: E402
+
+LANG = "English"
+# A few samples, one epoch, two layers: the whole job takes seconds on a CPU.
+QUICK = dict(nsamples=4, seqlen=64, epochs=1, max_layers=2, ppl_windows=2)
+
+
+@pytest.fixture(scope="module")
+def app(tmp_path_factory):
+    root = tmp_path_factory.mktemp("gui_api")
+    with running_app(root / "runs", root / "app.log") as url:
+        yield url, root / "runs"
+
+
+@pytest.fixture(scope="module")
+def client(app):
+    return Client(app[0], verbose=False, download_files=str(app[1].parent / "downloads"))
+
+
+def value(out):
+    """gradio_client hands gr.update(...) outputs back as dicts; the value is what the page shows."""
+    return out["value"] if isinstance(out, dict) and out.get("__type__") == "update" else out
+
+
+def start(client, **changes) -> str:
+    s = GuiSettings(**{**QUICK, **changes})
+    return client.predict(*s.values(), LANG, api_name="/start_calibration")
+
+
+def status(client) -> dict:
+    return client.predict(api_name="/job_status")
+
+
+def wait_finished(client, timeout: float = 240.0) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        st = status(client)
+        if st["status"] != "running":
+            return st
+        time.sleep(0.5)
+    raise AssertionError(f"job still running after {timeout} s: {st}")
+
+
+def wait_for(client, predicate, timeout: float = 120.0) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        st = status(client)
+        if predicate(st):
+            return st
+        assert st["status"] in ("running", "idle"), st
+        time.sleep(0.2)
+    raise AssertionError(f"condition not reached in {timeout} s: {st}")
+
+
+def test_short_calibration_then_compare_and_download(client, smollm2):
+    from core.flat import is_wrapped
+    from core.matrices import load_matrices
+    from core.models import decoder_layers
+
+    msg = start(client)
+    assert msg.startswith("✅") and "Started job" in msg
+    st = wait_finished(client)
+    assert st["status"] == "done", st["error"]
+    stages = [e["stage"] for e in st["events"]]
+    assert stages[0] == "load" and "done" in stages
+    done = [e for e in st["events"] if e["stage"] == "layer_done"]
+    assert [e["layer"] for e in done] == [0, 1] and all(e["loss"] > 0 for e in done)
+    assert st["step_count"] >= 2  # per-step progress events reached the runner
+    run_id = Path(st["output_dir"]).name
+
+    # Artifacts: the run is listed and its files download through the API.
+    out = client.predict(run_id, api_name="/artifacts_refresh")
+    print(out)
+    run_sel, matrices, report, ckpt, files, report_json = map(value, out)
+    assert run_sel == run_id and ckpt is None
+    assert Path(matrices).name == "flat_matrices.pth" and Path(report).name == "report.json"
+    assert json.loads(report_json)["calibration"]["nsamples"] == QUICK["nsamples"]
+    fetched = client.predict(run_id, "flat_matrices.pth", api_name="/get_artifact")
+    assert Path(fetched).read_bytes() == Path(matrices).read_bytes()
+    with pytest.raises(Exception, match="No 'secret.txt'"):
+        client.predict(run_id, "secret.txt", api_name="/get_artifact")
+
+    # The downloaded file loads in core and wraps exactly the calibrated layers.
+    model = copy.deepcopy(smollm2.model)
+    cfg = load_matrices(matrices, model)
+    assert cfg.skip_layers == ["lm_head"] and cfg.epochs == 1
+    assert [is_wrapped(layer) for layer in decoder_layers(model)[:3]] == [True, True, False]
+
+    # Compare: both models answer the same prompt, with tokens/s.
+    orig, orig_stats, quant, quant_stats = client.predict("Name three colors.", 8, LANG, api_name="/generate")
+    assert orig and quant and not orig.startswith("❌")
+    assert "tokens/s" in orig_stats and "tokens/s" in quant_stats
+
+    # Compare: the run shows up in the table with its perplexities and the PPL chart has both models.
+    sel, table, ppl_plot, acc_plot, lat_plot = map(value, client.predict(run_id, LANG, api_name="/compare_refresh"))
+    row = dict(zip(table["headers"], table["data"][0]))
+    assert sel == run_id and row["run"] == run_id and row["PPL original"] > 1 and row["PPL FlatQuant"] > 1
+    assert ppl_plot is not None
+
+    # Load matrices instead of calibrating, from an upload of the downloaded file.
+    msg = client.predict(*GuiSettings(**QUICK).values(), handle_file(matrices), "", LANG, api_name="/load_matrices")
+    assert msg.startswith("✅"), msg
+    st = wait_finished(client)
+    assert st["status"] == "done", st["error"]
+    assert not any(e["stage"] == "layer_done" for e in st["events"])  # nothing was calibrated
+    new_run = Path(st["output_dir"]).name
+    _, _, report, _, _, report_json = map(value, client.predict(new_run, api_name="/artifacts_refresh"))
+    assert json.loads(report_json)["calibration"]["loaded_from"].endswith("flat_matrices.pth")
+
+
+def test_bad_inputs_give_messages_and_server_keeps_serving(client, tmp_path):
+    assert "does not exist" in start(client, model_path="/no/such/model")
+    assert "no letter or digit" in start(client, skip_layers="--")
+    bad = tmp_path / "flat_matrices.pth"
+    bad.write_bytes(b"this is not a torch file")
+    msg = client.predict(*GuiSettings(**QUICK).values(), handle_file(str(bad)), "", LANG, api_name="/load_matrices")
+    assert msg.startswith("❌") and "corrupt" in msg
+    msg = client.predict(*GuiSettings(**QUICK).values(), None, "", LANG, api_name="/load_matrices")
+    assert msg.startswith("❌") and "flat_matrices.pth" in msg
+    assert status(client)["status"] in ("idle", "done")  # still serving, nothing started
+
+
+def test_second_job_is_busy_and_cancel_stops_the_first(client):
+    # Long enough to be running when the second request and the cancel arrive.
+    assert start(client, nsamples=8, seqlen=128, epochs=3, max_layers=0, ppl_windows=0).startswith("✅")
+    busy = start(client)
+    assert busy.startswith("❌ Busy") and "Cancel" in busy
+    wait_for(client, lambda s: s["status"] == "running" and (s["last_event"] or {}).get("stage") == "calibrate")
+    assert "Cancel requested" in client.predict(LANG, api_name="/cancel")
+    t0 = time.monotonic()
+    st = wait_finished(client, timeout=60)
+    assert st["status"] == "cancelled" and "cancelled" in st["error"]
+    assert time.monotonic() - t0 < 30
+    assert "No job is running" in client.predict(LANG, api_name="/cancel")
+    assert start(client).startswith("✅")  # the runner is free again
+    assert wait_finished(client)["status"] == "done"
+
+
+def test_settings_save_and_load_round_trip(client, tmp_path):
+    s = GuiSettings(skip_layers="lm_head,down_proj", epochs=2, kv_quant=True)
+    path = client.predict(*s.values(), api_name="/save_settings")
+    *values, check = client.predict(handle_file(path), api_name="/load_settings")
+    assert GuiSettings.from_values(*values) == s and check.startswith("✅")
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"nsampels": 3}')
+    *values, check = client.predict(handle_file(str(bad)), api_name="/load_settings")
+    assert check.startswith("❌") and "Unknown setting" in check
+    cli, ok = client.predict(*s.values(), api_name="/check_settings")
+    assert ok == "✅" and "--skip_layers down_proj,lm_head" in cli

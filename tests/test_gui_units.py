@@ -1,0 +1,287 @@
+"""GUI pieces that need no server: runner, settings, run store, charts, i18n, component manager."""
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import pytest
+
+from core.errors import ConfigError, DataError, FlatQuantError, ModelLoadError
+from core.progress import Reporter
+from flatgui import charts
+from flatgui.i18n import LANGS, STRINGS, lang_code, t
+from flatgui.runner import BusyError, JobRunner, format_event, readable_error
+from flatgui.runs import ARTIFACT_NAMES, CHECKPOINT_ZIP, MATRIX_NAME, REPORT_NAME, RunStore
+from flatgui.settings import GuiSettings
+
+# --- runner --------------------------------------------------------------------------------------------------------
+
+
+def _stepping_job(runner: JobRunner, steps: int, gate: threading.Event | None = None):
+    """A device-free job that reports like core does and honours its cancel token."""
+
+    def target(job):
+        rep = Reporter(runner.callback(job), job.cancel)
+        for i in range(steps):
+            if gate is not None:
+                gate.wait(5)
+            rep.check()
+            rep.emit("calibrate", f"step {i}", layer=0, num_layers=1, epoch=0, epochs=1, step=i, steps=steps,
+                     loss=1.0 / (i + 1))
+            time.sleep(0.01)
+        rep.emit("layer_done", "done", layer=0, num_layers=1, loss=1.0 / steps)
+        return {"steps": steps}
+
+    return target
+
+
+@pytest.fixture()
+def runner():
+    r = JobRunner()
+    yield r
+    r.cancel()
+    r.wait(10)
+
+
+def test_runner_buffers_events_and_finishes(runner):
+    job = runner.start("calibrate", _stepping_job(runner, 5), "five steps")
+    runner.wait(10)
+    snap = runner.snapshot()
+    assert snap["status"] == "done" and snap["id"] == job.id
+    assert [e["step"] for e in snap["step_events"]] == [0, 1, 2, 3, 4]
+    assert [e["stage"] for e in snap["events"]] == ["layer_done"]
+    assert snap["result"] == {"steps": 5}
+    assert any("step 4" in line for line in snap["log"])
+    # a reconnecting page reads the same buffer again
+    assert runner.snapshot()["step_events"] == snap["step_events"]
+
+
+def test_second_job_is_refused_while_one_runs(runner):
+    gate = threading.Event()
+    runner.start("calibrate", _stepping_job(runner, 3, gate), "gated")
+    with pytest.raises(BusyError, match="Busy: a calibrate job"):
+        runner.start("generate", _stepping_job(runner, 1), "second")
+    gate.set()
+    runner.wait(10)
+    assert runner.snapshot()["status"] == "done"
+    runner.start("generate", _stepping_job(runner, 1), "after")  # free again
+    runner.wait(10)
+
+
+def test_cancel_stops_the_job(runner):
+    gate = threading.Event()
+    runner.start("calibrate", _stepping_job(runner, 1000, gate), "long")
+    assert runner.cancel()
+    gate.set()
+    runner.wait(10)
+    snap = runner.snapshot()
+    assert snap["status"] == "cancelled"
+    assert "cancelled" in snap["error"]
+    assert not runner.cancel()  # nothing left to cancel
+
+
+def test_errors_become_readable_messages_and_runner_survives(runner):
+    def bad_input(job):
+        raise ConfigError("skip_layers entry '--' has no letter or digit")
+
+    def crash(job):
+        raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    runner.start("calibrate", bad_input)
+    runner.wait(10)
+    assert runner.snapshot()["error"] == "skip_layers entry '--' has no letter or digit"
+    runner.start("calibrate", crash)
+    runner.wait(10)
+    snap = runner.snapshot()
+    assert snap["status"] == "failed" and snap["error"].startswith("Out of memory")
+    with pytest.raises(FlatQuantError, match="letter or digit"):
+        runner.run_sync("generate", bad_input)
+    assert readable_error(ValueError("x\ny")) == "Unexpected error ValueError: x (details in the server log)."
+
+
+def test_format_event_prefers_core_message():
+    ev = {"stage": "calibrate", "elapsed_s": 1.5, "layer": 2, "num_layers": 30, "loss": 0.5, "message": "hello"}
+    assert format_event(ev).endswith("hello")
+    ev["message"] = ""
+    assert "layer 3/30" in format_event(ev) and "loss 5.0000e-01" in format_event(ev)
+
+
+# --- settings ------------------------------------------------------------------------------------------------------
+
+
+def test_settings_defaults_are_a_small_budget_and_valid():
+    s = GuiSettings()
+    s.validate()
+    assert s.model_path == "smollm2" and s.nsamples <= 32 and s.seqlen <= 512 and s.epochs <= 2
+    cfg = s.config_dict()
+    assert cfg["skip_layers"] == ["lm_head"] and cfg["algorithm"]["flatquant"]["epochs"] == s.epochs
+
+
+def test_settings_from_ui_values_coerce_and_round_trip():
+    names = GuiSettings.field_names()
+    values = GuiSettings().values()
+    values[names.index("epochs")] = 2.0  # gr.Number may hand over floats
+    values[names.index("skip_layers")] = " lm_head , down_proj "
+    s = GuiSettings.from_values(*values)
+    assert s.epochs == 2 and isinstance(s.epochs, int)
+    assert s.config_dict()["skip_layers"] == ["down_proj", "lm_head"]
+    assert GuiSettings.from_json(s.to_json()) == s
+    with pytest.raises(ConfigError, match="Unknown setting"):
+        GuiSettings.from_json(json.dumps({"nsampels": 3}))
+    with pytest.raises(ConfigError, match="not valid JSON"):
+        GuiSettings.from_json("{nope")
+    with pytest.raises(ConfigError, match="epochs"):
+        GuiSettings.from_dict({"epochs": 1.5})
+
+
+@pytest.mark.parametrize("change, error, match", [
+    ({"skip_layers": "--"}, ConfigError, "no letter or digit"),
+    ({"model_path": "/nonexistent/model"}, ModelLoadError, "does not exist"),
+    ({"model_path": ""}, ModelLoadError, "empty"),
+    ({"nsamples": 0}, ConfigError, "nsamples"),
+    ({"w_bits": 3}, ConfigError, "w_bits"),
+    ({"calib_data": "/nonexistent/text.txt"}, DataError, "does not exist"),
+])
+def test_settings_validation_messages(change, error, match):
+    s = GuiSettings(**change)
+    with pytest.raises(error, match=match):
+        s.validate()
+
+
+def test_settings_reject_folder_without_supported_model(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["GPT2LMHeadModel"]}))
+    with pytest.raises(FlatQuantError, match="not supported"):
+        GuiSettings(model_path=str(tmp_path)).validate()
+
+
+def test_settings_map_to_quantize_options_and_cli():
+    from core.pipeline import QuantizeOptions
+
+    s = GuiSettings(skip_layers="lm_head,layers.0.", kv_quant=True, o_proj_quant=True, max_layers=3, ppl_windows=0)
+    opts = QuantizeOptions(**s.quantize_kwargs("out", None))
+    cfg = opts.resolved_config()
+    assert cfg.use_kcache_quant and cfg.k_bits == 4 and cfg.use_o_quant
+    assert cfg.skip_layers == ["layers.0.", "lm_head"] and opts.max_layers == 3 and opts.skip_ppl
+    cli = s.cli_command("out")
+    assert cli.startswith("python -m core quantize --model_path smollm2")
+    assert "--skip_layers layers.0.,lm_head" in cli and "--max_layers 3" in cli and "--output_dir out" in cli
+    opts = QuantizeOptions(**s.quantize_kwargs("out", "/x/flat_matrices.pth"))
+    assert opts.load_matrix and opts.flat_matrix_path == "/x/flat_matrices.pth"
+
+
+# --- run store -----------------------------------------------------------------------------------------------------
+
+
+def test_run_store_serves_only_known_files_inside_runs(tmp_path):
+    store = RunStore(tmp_path / "runs")
+    run = store.new_run()
+    (run / MATRIX_NAME).write_bytes(b"x")
+    (run / REPORT_NAME).write_text("{}")
+    (run / "secret.txt").write_text("no")
+    (tmp_path / "outside.json").write_text("{}")
+    assert store.list_runs() == [run.name]
+    assert store.artifact(run.name, MATRIX_NAME) == str((run / MATRIX_NAME).resolve())
+    assert store.artifact(run.name, "secret.txt") is None
+    assert store.artifact("..", REPORT_NAME) is None
+    assert store.artifact(f"{run.name}/..", REPORT_NAME) is None
+    assert store.artifact(run.name, "../outside.json") is None
+    assert store.artifact(run.name, CHECKPOINT_ZIP) is None  # not exported yet
+    assert set(store.files(run.name)) == {str((run / n).resolve()) for n in (MATRIX_NAME, REPORT_NAME)}
+    assert set(ARTIFACT_NAMES) == {MATRIX_NAME, REPORT_NAME, CHECKPOINT_ZIP}
+    second = store.new_run()  # same second: a suffix keeps both
+    assert second != run and store.list_runs()[0] in (second.name, run.name)
+
+
+def test_zip_checkpoint(tmp_path):
+    import zipfile
+
+    store = RunStore(tmp_path)
+    run = store.new_run()
+    (run / "checkpoint").mkdir()
+    (run / "checkpoint" / "config.json").write_text("{}")
+    path = store.zip_checkpoint(run.name)
+    assert path == store.artifact(run.name, CHECKPOINT_ZIP)
+    assert zipfile.ZipFile(path).namelist() == ["checkpoint/", "checkpoint/config.json"]
+
+
+# --- charts --------------------------------------------------------------------------------------------------------
+
+REPORT = {  # the shapes core.pipeline and core.evaluate write
+    "ppl": {"seqlen": 512, "original": 20.5, "quantized": 22.0, "rtn": 80.0, "seqlens": [512, 2048],
+            "by_seqlen": {"512": {"original": 20.5, "quantized": 22.0, "rtn": 80.0},
+                          "2048": {"original": 18.0, "quantized": 19.5, "rtn": None}}},
+    "accuracy": {"acc": {"original": {"arc_easy": 60.0, "piqa": 70.0, "acc_avg": 65.0},
+                         "quantized": {"arc_easy": 58.0, "piqa": 69.0, "acc_avg": 63.5}}},
+    "latency": {"original": {"prefill_ms": 40.0, "decode_ms_per_token": 12.0, "tokens_per_s": 83.3,
+                             "peak_memory_mb": 900.0, "weights_mb": 513.0},
+                "quantized": {"prefill_ms": 90.0, "decode_ms_per_token": 30.0, "tokens_per_s": 33.3,
+                              "peak_memory_mb": 1400.0, "weights_mb": 520.0}},
+}
+
+
+def _bars(fig):
+    return {tr.name: list(tr.y) for tr in fig.data}
+
+
+def test_ppl_chart_groups_by_seqlen_and_model():
+    assert charts.ppl_table(REPORT)["seqlen 2048"] == {"original": 18.0, "quantized": 19.5}
+    fig = charts.ppl_figure(REPORT)
+    assert list(fig.data[0].x) == ["seqlen 512", "seqlen 2048"]
+    assert _bars(fig)[t("original")] == [20.5, 18.0] and _bars(fig)[t("rtn")] == [80.0, None]
+    assert fig.data[0].text[0] == "20.50"
+    # the quantize pipeline's own shape (no by_seqlen)
+    flat = {"ppl": {"seqlen": 256, "original": 30.0, "quantized": 31.0}}
+    assert charts.ppl_table(flat) == {"seqlen 256": {"original": 30.0, "quantized": 31.0}}
+
+
+def test_accuracy_and_latency_charts():
+    fig = charts.accuracy_figure(REPORT)
+    assert list(fig.data[0].x) == ["arc_easy", "piqa", "acc_avg"]
+    assert _bars(fig)[t("quantized")] == [58.0, 69.0, 63.5]
+    fig = charts.latency_figure(REPORT)
+    assert len(fig.data) == 2 * len(charts.LATENCY_METRICS)
+    assert [tr.y[0] for tr in fig.data[:2]] == [40.0, 90.0]
+
+
+def test_empty_report_gives_placeholder_figures():
+    for build in (charts.ppl_figure, charts.accuracy_figure, charts.latency_figure):
+        fig = build({}, "zh")
+        assert not fig.data and fig.layout.annotations[0].text == t("chart_empty_eval", "zh")
+
+
+def test_loss_chart_grows_with_layers():
+    events = [{"stage": "layer_done", "layer": i, "loss": 1.0 / (i + 1)} for i in range(3)]
+    steps = [{"stage": "calibrate", "layer": 3, "epoch": e, "steps": 2, "step": s, "loss": 0.1}
+             for e in range(2) for s in range(2)]
+    fig = charts.loss_figure(events, steps)
+    assert list(fig.data[0].x) == [0, 1, 2] and list(fig.data[1].x) == [1, 2, 3, 4]
+    assert not charts.loss_figure([], []).data
+
+
+# --- i18n and manager ----------------------------------------------------------------------------------------------
+
+
+def test_every_string_has_english_and_chinese():
+    missing = [k for k, v in STRINGS.items() if set(v) != set(LANGS)]
+    assert not missing
+    assert lang_code("中文") == "zh" and lang_code("English") == "en" and lang_code(None) == "en"
+    assert t("layer_of", "zh", i=1, n=2) == "第 1 / 2 层"
+
+
+def test_app_builds_and_relabels_every_registered_component(tmp_path):
+    from flatgui.app import build_app
+
+    demo, ctx = build_app(str(tmp_path / "runs"))
+    mgr = ctx.mgr
+    assert [c.label for c in mgr.settings_components()][:3] == [t("model_path"), t("device"), t("skip_layers")]
+    updates = mgr.relabel("zh")
+    assert len(updates) == len(mgr.translated_components())
+    by_name = dict(zip(mgr.translatable(), updates))
+    assert by_name["skip_layers"]["label"] == STRINGS["skip_layers"]["zh"]
+    assert by_name["start"]["value"] == STRINGS["start"]["zh"]
+    assert by_name["tab_compare"]["label"] == STRINGS["tab_compare"]["zh"]
+    assert by_name["eval_sections"]["choices"][0] == (STRINGS["eval_ppl"]["zh"], "ppl")
+    api = {d.api_name for d in demo.fns.values() if d.api_name}
+    assert {"start_calibration", "cancel", "load_matrices", "job_status", "generate", "start_evaluate",
+            "artifacts_refresh", "get_artifact", "save_settings", "load_settings"} <= api
