@@ -25,10 +25,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _check_raw_skip_layers(argv: Sequence[str]) -> None:
+    # argparse silently drops a value of '--' (`--skip_layers=--`), so validate the raw text first.
+    from .config import normalize_skip_layers
+
+    for arg in argv:
+        if arg.startswith("--skip_layers="):
+            normalize_skip_layers(arg.split("=", 1)[1], "--skip_layers")
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
-    args = parser.parse_args(argv)
     try:
+        _check_raw_skip_layers(argv)
+        args = parser.parse_args(argv)
         return int(args.func(args) or 0)
     except FlatQuantError as exc:
         print(f"error: {exc}", file=sys.stderr)
