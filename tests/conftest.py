@@ -11,10 +11,6 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 
-def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: long-running test, excluded from the default suite")
-
-
 @pytest.fixture(scope="session")
 def smollm2():
     """LoadedModel for SmolLM2-135M-Instruct (fp32, cpu). Shared: deepcopy the model before changing it."""
