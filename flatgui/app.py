@@ -56,6 +56,8 @@ def build_app(runs_root: str = "runs", runner: Optional[JobRunner] = None, poll_
         # the last finished job it saw. (States must sit outside gr.Tabs: inside, the frontend duplicates a tab.)
         mgr.add("finished_job", gr.State(""))
         mgr.add("seen", gr.State(""))
+        # The job status sits above the tabs: a calibration or evaluation is visible from every tab.
+        mgr.add("progress", gr.HTML(calibrate.progress_html(ctx.runner.snapshot(), DEFAULT_LANG), elem_id="progress"))
         with gr.Tabs():
             for tab in TABS:
                 tab.build(ctx)

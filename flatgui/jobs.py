@@ -13,6 +13,8 @@ from .runs import CHECKPOINT_DIR
 from .settings import GuiSettings
 
 GUI_SETTINGS_FILE = "gui_settings.json"
+# The GUI's latency budget: enough rounds for a stable median on a CPU, short enough to wait for in a page.
+GUI_LATENCY = dict(latency_seqlen=128, decode_tokens=32, latency_repeats=3)
 
 
 def check_matrix_file(path: str) -> None:
@@ -94,7 +96,8 @@ def start_evaluate(ctx: AppContext, sections: list[str], ppl_seqlen: int, ppl_wi
         options = EvalOptions(sections=tuple(sections), output_dir=ws["output_dir"], ppl_seqlens=(int(ppl_seqlen),),
                               ppl_max_windows=ppl_windows or None, limit=limit or None,
                               tasks_data_dir=str(tasks_dir) if tasks_dir else None,
-                              quant_config=ws["config"].to_amct_dict() if ws.get("config") is not None else None)
+                              quant_config=ws["config"].to_amct_dict() if ws.get("config") is not None else None,
+                              **GUI_LATENCY)
         evaluate_pair(ws["original"].model, ws["quantized"], ws["tokenizer"], options,
                       Reporter(ctx.runner.callback(job), job.cancel), rtn=ws.get("rtn"))
         return {"run_id": ws["run_id"], "output_dir": ws["output_dir"], "sections": list(sections)}

@@ -75,7 +75,7 @@ def test_short_calibration_then_compare_and_download(client, smollm2):
     from core.models import decoder_layers
 
     msg = start(client)
-    assert msg.startswith("✅") and "Started job" in msg
+    assert msg.startswith("✔") and "Started job" in msg
     st = wait_finished(client)
     assert st["status"] == "done", st["error"]
     stages = [e["stage"] for e in st["events"]]
@@ -105,18 +105,18 @@ def test_short_calibration_then_compare_and_download(client, smollm2):
 
     # Compare: both models answer the same prompt, with tokens/s.
     orig, orig_stats, quant, quant_stats = client.predict("Name three colors.", 8, LANG, api_name="/generate")
-    assert orig and quant and not orig.startswith("❌")
+    assert orig and quant and not orig.startswith("✖")
     assert "tokens/s" in orig_stats and "tokens/s" in quant_stats
 
     # Compare: the run shows up in the table with its perplexities and the PPL chart has both models.
     sel, table, ppl_plot, acc_plot, lat_plot = map(value, client.predict(run_id, LANG, api_name="/compare_refresh"))
     row = dict(zip(table["headers"], table["data"][0]))
-    assert sel == run_id and row["run"] == run_id and row["PPL original"] > 1 and row["PPL FlatQuant"] > 1
+    assert sel == run_id and row["run"] == run_id and row["PPL orig"] > 1 and row["PPL FQ"] > 1
     assert ppl_plot is not None
 
     # Load matrices instead of calibrating, from an upload of the downloaded file.
     msg = client.predict(*GuiSettings(**QUICK).values(), handle_file(matrices), "", LANG, api_name="/load_matrices")
-    assert msg.startswith("✅"), msg
+    assert msg.startswith("✔"), msg
     st = wait_finished(client)
     assert st["status"] == "done", st["error"]
     assert not any(e["stage"] == "layer_done" for e in st["events"])  # nothing was calibrated
@@ -131,17 +131,17 @@ def test_bad_inputs_give_messages_and_server_keeps_serving(client, tmp_path):
     bad = tmp_path / "flat_matrices.pth"
     bad.write_bytes(b"this is not a torch file")
     msg = client.predict(*GuiSettings(**QUICK).values(), handle_file(str(bad)), "", LANG, api_name="/load_matrices")
-    assert msg.startswith("❌") and "corrupt" in msg
+    assert msg.startswith("✖") and "corrupt" in msg
     msg = client.predict(*GuiSettings(**QUICK).values(), None, "", LANG, api_name="/load_matrices")
-    assert msg.startswith("❌") and "flat_matrices.pth" in msg
+    assert msg.startswith("✖") and "flat_matrices.pth" in msg
     assert status(client)["status"] in ("idle", "done")  # still serving, nothing started
 
 
 def test_second_job_is_busy_and_cancel_stops_the_first(client):
     # Long enough to be running when the second request and the cancel arrive.
-    assert start(client, nsamples=8, seqlen=128, epochs=3, max_layers=0, ppl_windows=0).startswith("✅")
+    assert start(client, nsamples=8, seqlen=128, epochs=3, max_layers=0, ppl_windows=0).startswith("✔")
     busy = start(client)
-    assert busy.startswith("❌ Busy") and "Cancel" in busy
+    assert busy.startswith("✖ Busy") and "Cancel" in busy
     wait_for(client, lambda s: s["status"] == "running" and (s["last_event"] or {}).get("stage") == "calibrate")
     assert "Cancel requested" in client.predict(LANG, api_name="/cancel")
     t0 = time.monotonic()
@@ -149,7 +149,7 @@ def test_second_job_is_busy_and_cancel_stops_the_first(client):
     assert st["status"] == "cancelled" and "cancelled" in st["error"]
     assert time.monotonic() - t0 < 30
     assert "No job is running" in client.predict(LANG, api_name="/cancel")
-    assert start(client).startswith("✅")  # the runner is free again
+    assert start(client).startswith("✔")  # the runner is free again
     assert wait_finished(client)["status"] == "done"
 
 
@@ -157,10 +157,10 @@ def test_settings_save_and_load_round_trip(client, tmp_path):
     s = GuiSettings(skip_layers="lm_head,down_proj", epochs=2, kv_quant=True)
     path = client.predict(*s.values(), api_name="/save_settings")
     *values, check = client.predict(handle_file(path), api_name="/load_settings")
-    assert GuiSettings.from_values(*values) == s and check.startswith("✅")
+    assert GuiSettings.from_values(*values) == s and check.startswith("✔")
     bad = tmp_path / "bad.json"
     bad.write_text('{"nsampels": 3}')
     *values, check = client.predict(handle_file(str(bad)), api_name="/load_settings")
-    assert check.startswith("❌") and "Unknown setting" in check
+    assert check.startswith("✖") and "Unknown setting" in check
     cli, ok = client.predict(*s.values(), api_name="/check_settings")
-    assert ok == "✅" and "--skip_layers down_proj,lm_head" in cli
+    assert ok == "✔" and "--skip_layers down_proj,lm_head" in cli

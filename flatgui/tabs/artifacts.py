@@ -14,7 +14,7 @@ import gradio as gr
 from .. import jobs
 from ..context import AppContext
 from ..i18n import lang_code, t
-from .common import fail
+from .common import OK, fail
 from ..runs import CHECKPOINT_ZIP, MATRIX_NAME, REPORT_NAME
 
 
@@ -53,7 +53,7 @@ def start_export(ctx: AppContext, lang_value):
         job = jobs.start_export(ctx)
     except Exception as exc:  # a message for the page; the server keeps serving
         return fail(exc)
-    return "✅ " + t("started", lang, id=job.id)
+    return OK + t("started_elsewhere", lang, id=job.id)
 
 
 def build(ctx: AppContext) -> None:

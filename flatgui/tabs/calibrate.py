@@ -17,7 +17,7 @@ from .. import jobs
 from ..charts import loss_figure
 from ..context import AppContext
 from ..i18n import lang_code, t
-from .common import fail
+from .common import OK, fail
 from ..settings import GuiSettings
 
 
@@ -54,7 +54,7 @@ def progress_html(snap: dict, lang: str) -> str:
     line = " · ".join(parts)
     stage = html.escape(str(ev.get("stage") or ""))
     msg = html.escape(str(ev.get("message") or ""))
-    err = f'<div class="fq-error">❌ {html.escape(snap["error"])}</div>' if snap.get("error") else ""
+    err = f'<div class="fq-error">✖ {html.escape(snap["error"])}</div>' if snap.get("error") else ""
     bar = ""
     if frac is not None:
         bar = (f'<div class="fq-bar"><div class="fq-bar-fill" style="width:{100 * frac:.1f}%"></div></div>')
@@ -84,7 +84,7 @@ def job_status(ctx: AppContext) -> dict:
 
 
 def _started(job, lang) -> str:
-    return "✅ " + t("started", lang, id=job.id)
+    return OK + t("started", lang, id=job.id)
 
 
 def start_calibration(ctx: AppContext, *args):
@@ -117,7 +117,7 @@ def start_load_matrices(ctx: AppContext, *args):
 
 def cancel_job(ctx: AppContext, lang_value):
     lang = lang_code(lang_value)
-    return ("⏹ " + t("cancel_sent", lang)) if ctx.runner.cancel() else t("nothing_to_cancel", lang)
+    return ("■ " + t("cancel_sent", lang)) if ctx.runner.cancel() else t("nothing_to_cancel", lang)
 
 
 def build(ctx: AppContext) -> None:
@@ -128,7 +128,6 @@ def build(ctx: AppContext) -> None:
             mgr.add("start", gr.Button(t("start"), variant="primary", elem_id="start_btn"), value="start")
             mgr.add("cancel", gr.Button(t("cancel"), variant="stop", elem_id="cancel_btn"), value="cancel")
         mgr.add("action_msg", gr.Markdown("", elem_id="action_msg"))
-        mgr.add("progress", gr.HTML(progress_html(ctx.runner.snapshot(), "en"), elem_id="progress"))
         mgr.add("loss_plot", gr.Plot(label=t("loss_chart"), elem_id="loss_plot"), label="loss_chart")
         mgr.add("log", gr.Textbox(label=t("log"), lines=10, max_lines=10, autoscroll=True, interactive=False,
                                   elem_id="job_log"), label="log")

@@ -10,6 +10,9 @@ from core.errors import FlatQuantError
 from ..runner import BusyError, readable_error
 
 log = logging.getLogger("flatgui")
+# Marks that render with the fonts every browser has (DejaVu); colour emoji need an extra font on Linux.
+OK = "✔ "
+ERR = "✖"
 
 
 def fail(exc: BaseException) -> str:
@@ -20,4 +23,4 @@ def fail(exc: BaseException) -> str:
         log.exception("handler failed")
         text = readable_error(exc)
     gr.Warning(text)
-    return f"❌ {text}"
+    return f"{ERR} {text}"

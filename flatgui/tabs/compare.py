@@ -10,11 +10,10 @@ from .. import jobs
 from ..charts import accuracy_figure, accuracy_table, latency_figure, ppl_figure, ppl_table
 from ..context import AppContext
 from ..i18n import lang_code, t
-from .common import fail
+from .common import OK, fail
 
 RUN_COLUMNS = ["run", "model", "W/A", "skip_layers", "layers", "epochs", "nsamples", "calib s",
-               "PPL original", "PPL FlatQuant", "PPL RTN", "acc avg original", "acc avg FlatQuant",
-               "tok/s original", "tok/s FlatQuant"]
+               "PPL orig", "PPL FQ", "PPL RTN", "acc orig", "acc FQ", "tok/s orig", "tok/s FQ"]
 
 
 def _num(v, digits=2):
@@ -85,7 +84,7 @@ def start_evaluate(ctx: AppContext, sections, ppl_seqlen, ppl_windows, limit, la
                                   int(ppl_windows or 0), int(limit or 0))
     except Exception as exc:  # a message for the page; the server keeps serving
         return fail(exc)
-    return "✅ " + t("started", lang, id=job.id)
+    return OK + t("started_elsewhere", lang, id=job.id)
 
 
 def build(ctx: AppContext) -> None:
@@ -127,7 +126,7 @@ def build(ctx: AppContext) -> None:
             mgr.add("acc_plot", gr.Plot(label=t("acc_chart"), elem_id="acc_plot"), label="acc_chart")
         mgr.add("latency_plot", gr.Plot(label=t("latency_chart"), elem_id="latency_plot"), label="latency_chart")
         mgr.add("runs_table", gr.Dataframe(headers=RUN_COLUMNS, value=runs_table(ctx), label=t("runs_table"),
-                                           interactive=False, wrap=True, elem_id="runs_table"), label="runs_table")
+                                           interactive=False, wrap=False, elem_id="runs_table"), label="runs_table")
 
 
 def wire(ctx: AppContext) -> None:

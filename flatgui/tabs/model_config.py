@@ -12,6 +12,7 @@ from core.models import find_local_models
 
 from ..context import AppContext
 from ..i18n import t
+from .common import ERR, OK
 from ..settings import BITS_CHOICES, DEVICE_CHOICES, GuiSettings
 
 
@@ -27,13 +28,13 @@ def check_settings(*values) -> tuple[str, str]:
     try:
         s = GuiSettings.from_values(*values)
     except FlatQuantError as exc:
-        return "", f"❌ {exc}"
+        return "", f"{ERR} {exc}"
     cli = s.cli_command()
     try:
         s.validate()
     except FlatQuantError as exc:
-        return cli, f"❌ {exc}"
-    return cli, "✅"
+        return cli, f"{ERR} {exc}"
+    return cli, OK.strip()
 
 
 def save_settings(*values) -> str:
@@ -52,8 +53,8 @@ def load_settings(path) -> list:
         s = GuiSettings.from_json(Path(path).read_text(errors="replace"))
     except (OSError, FlatQuantError) as exc:
         gr.Warning(str(exc))
-        return [gr.skip()] * len(GuiSettings.field_names()) + [f"❌ {exc}"]
-    return s.values() + ["✅ " + os.path.basename(path)]
+        return [gr.skip()] * len(GuiSettings.field_names()) + [f"{ERR} {exc}"]
+    return s.values() + [OK + os.path.basename(path)]
 
 
 def build(ctx: AppContext) -> None:
@@ -101,7 +102,7 @@ def build(ctx: AppContext) -> None:
                                                 elem_id="max_layers"), label="max_layers")
                 mgr.add("ppl_windows", gr.Number(value=s.ppl_windows, precision=0, minimum=0,
                                                  label=t("ppl_windows"), elem_id="ppl_windows"), label="ppl_windows")
-        mgr.add("settings_check", gr.Markdown("✅", elem_id="settings_check"))
+        mgr.add("settings_check", gr.Markdown(OK.strip(), elem_id="settings_check"))
         mgr.add("cli_preview", gr.Code(value=s.cli_command(), language="shell", label=t("cli_preview"), lines=2,
                                        interactive=False, elem_id="cli_preview"), label="cli_preview")
         with gr.Row():
