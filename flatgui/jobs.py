@@ -112,7 +112,7 @@ def start_export(ctx: AppContext) -> Job:
     def target(job: Job) -> dict:
         import copy
 
-        from core.realquant.convert import export_checkpoint
+        from core.realquant import export_checkpoint
 
         job.output_dir = ws["output_dir"]
         reporter = Reporter(ctx.runner.callback(job), job.cancel)

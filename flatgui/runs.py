@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import time
+import zipfile
 from pathlib import Path
 from typing import Optional
 
@@ -71,11 +71,16 @@ class RunStore:
         return [p for p in (self.artifact(run_id, n) for n in ARTIFACT_NAMES) if p]
 
     def zip_checkpoint(self, run_id: str) -> Optional[str]:
-        """Zip <run>/checkpoint/ into <run>/quantized_checkpoint.zip so it downloads as one file."""
+        """Zip <run>/checkpoint/ into <run>/quantized_checkpoint.zip so it downloads as one file. Stored, not
+        deflated: safetensors of packed int4 and float weights barely compress, and deflate takes minutes."""
         folder = self.run_dir(run_id)
         if folder is None or not (folder / CHECKPOINT_DIR).is_dir():
             return None
-        base = folder / CHECKPOINT_ZIP[: -len(".zip")]
-        tmp = shutil.make_archive(str(base) + ".partial", "zip", root_dir=folder, base_dir=CHECKPOINT_DIR)
-        os.replace(tmp, folder / CHECKPOINT_ZIP)
-        return str(folder / CHECKPOINT_ZIP)
+        target = folder / CHECKPOINT_ZIP
+        tmp = folder / (CHECKPOINT_ZIP + ".partial")
+        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
+            for path in sorted((folder / CHECKPOINT_DIR).rglob("*")):
+                if path.is_file():
+                    zf.write(path, path.relative_to(folder).as_posix())
+        os.replace(tmp, target)
+        return str(target)

@@ -7,6 +7,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -40,6 +41,9 @@ def running_app(runs_root: str | os.PathLike, log_path: str | os.PathLike, extra
                 with urllib.request.urlopen(url + "gradio_api/info", timeout=2) as resp:
                     if resp.status == 200:
                         break
+            except urllib.error.HTTPError as exc:
+                if exc.code in (401, 403):  # up, behind --auth
+                    break
             except OSError:
                 pass
             if time.monotonic() > deadline:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -87,7 +88,6 @@ def test_short_calibration_then_compare_and_download(client, smollm2):
 
     # Artifacts: the run is listed and its files download through the API.
     out = client.predict(run_id, api_name="/artifacts_refresh")
-    print(out)
     run_sel, matrices, report, ckpt, files, report_json = map(value, out)
     assert run_sel == run_id and ckpt is None
     assert Path(matrices).name == "flat_matrices.pth" and Path(report).name == "report.json"
@@ -113,6 +113,24 @@ def test_short_calibration_then_compare_and_download(client, smollm2):
     row = dict(zip(table["headers"], table["data"][0]))
     assert sel == run_id and row["run"] == run_id and row["PPL orig"] > 1 and row["PPL FQ"] > 1
     assert ppl_plot is not None
+
+    # Export the packed int4 checkpoint of the models in memory; it downloads as a zip that core loads back.
+    msg = client.predict(LANG, api_name="/start_export")
+    assert msg.startswith("✔"), msg
+    st = wait_finished(client)
+    assert st["status"] == "done", st["error"]
+    ckpt = value(client.predict(run_id, api_name="/artifacts_refresh")[3])
+    assert Path(ckpt).name == "quantized_checkpoint.zip"
+    unpacked = Path(ckpt).parent / "unzipped"
+    shutil.unpack_archive(ckpt, unpacked)
+    from core.realquant import load_checkpoint
+
+    import torch
+
+    loaded = load_checkpoint(unpacked / "checkpoint")
+    ids = loaded.tokenizer("Hello there", return_tensors="pt").input_ids
+    with torch.no_grad():
+        assert torch.isfinite(loaded.model(ids).logits).all()
 
     # Load matrices instead of calibrating, from an upload of the downloaded file.
     msg = client.predict(*GuiSettings(**QUICK).values(), handle_file(matrices), "", LANG, api_name="/load_matrices")
@@ -164,3 +182,12 @@ def test_settings_save_and_load_round_trip(client, tmp_path):
     assert check.startswith("✖") and "Unknown setting" in check
     cli, ok = client.predict(*s.values(), api_name="/check_settings")
     assert ok == "✔" and "--skip_layers down_proj,lm_head" in cli
+
+
+def test_auth_flag_requires_login(tmp_path):
+    with running_app(tmp_path / "runs", tmp_path / "app.log", extra_args=("--auth", "alice:s3cret")) as url:
+        assert Client(url, auth=("alice", "s3cret"), verbose=False).predict(api_name="/job_status")["status"] == "idle"
+        with pytest.raises(Exception):
+            Client(url, verbose=False).predict(api_name="/job_status")
+        with pytest.raises(Exception):
+            Client(url, auth=("alice", "wrong"), verbose=False)

@@ -202,7 +202,7 @@ def test_zip_checkpoint(tmp_path):
     (run / "checkpoint" / "config.json").write_text("{}")
     path = store.zip_checkpoint(run.name)
     assert path == store.artifact(run.name, CHECKPOINT_ZIP)
-    assert zipfile.ZipFile(path).namelist() == ["checkpoint/", "checkpoint/config.json"]
+    assert zipfile.ZipFile(path).namelist() == ["checkpoint/config.json"]
 
 
 # --- charts --------------------------------------------------------------------------------------------------------
