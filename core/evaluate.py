@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import os
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
@@ -134,10 +135,13 @@ def evaluate_ppl(models: dict[str, nn.Module], tokenizer, options: EvalOptions, 
 
 
 def evaluate_acc(models: dict[str, nn.Module], tokenizer, options: EvalOptions, reporter: Reporter) -> dict:
+    # Keep the generated task YAMLs next to the report: `lm_eval --include_path <them>` reproduces the numbers.
+    config_dir = os.path.join(options.output_dir, "lm_eval_tasks") if options.output_dir else None
     acc_opts = AccuracyOptions(tasks=tuple(options.tasks), tasks_data_dir=options.tasks_data_dir, limit=options.limit,
-                               batch_size=options.eval_batch_size)
+                               batch_size=options.eval_batch_size, task_config_dir=config_dir)
     section: dict = {"unit": "percent", "limit": options.limit, "tasks": list(acc_opts.tasks),
-                     "tasks_data_dir": options.tasks_data_dir}
+                     "tasks_data_dir": options.tasks_data_dir, "task_config_dir": config_dir,
+                     "batch_size": options.eval_batch_size}
     for name, model in models.items():
         section[name] = evaluate_accuracy(model, tokenizer, acc_opts, reporter, label=name)
         section["metric"] = section[name]["metric"]
