@@ -1,6 +1,7 @@
 """The device jobs the GUI can start. Each is a thin call into core, run by the JobRunner in its thread."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Optional
 
@@ -10,7 +11,7 @@ from core.progress import Reporter
 from .context import AppContext
 from .runner import Job
 from .runs import CHECKPOINT_DIR
-from .settings import GuiSettings
+from .settings import CONFIG_FILE, GuiSettings
 
 GUI_SETTINGS_FILE = "gui_settings.json"
 # The GUI's latency budget: enough rounds for a stable median on a CPU, short enough to wait for in a page.
@@ -40,7 +41,10 @@ def start_quantize(ctx: AppContext, settings: GuiSettings, matrix_path: Optional
         ctx.runner.release_models()
         run_dir = ctx.store.new_run()
         job.output_dir = str(run_dir)
+        # The run folder holds what reproduces it: the form, the config file and the equivalent command.
         (run_dir / GUI_SETTINGS_FILE).write_text(settings.to_json())
+        (run_dir / CONFIG_FILE).write_text(json.dumps(settings.config_dict(), indent=2))
+        (run_dir / "command.txt").write_text(settings.cli_command(str(run_dir), matrix_path) + "\n")
         options = QuantizeOptions(**settings.quantize_kwargs(str(run_dir), matrix_path))
         result = run_quantize(options, on_event=ctx.runner.callback(job), cancel=job.cancel)
         ctx.runner.workspace = {

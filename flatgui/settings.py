@@ -17,6 +17,7 @@ from core.errors import ConfigError, DataError, ModelLoadError
 from core.models import DEFAULT_MODEL, read_architecture, resolve_model_path
 
 BITS_CHOICES = (4, 8, 16)
+CONFIG_FILE = "flatquant_config.json"  # the run's AMCT-style config, written into every GUI run folder
 DEVICE_CHOICES = ("auto", "cpu", "cuda", "npu")
 
 
@@ -153,27 +154,29 @@ class GuiSettings:
             kw.update(load_matrix=True, flat_matrix_path=flat_matrix_path)
         return kw
 
+    def needs_config_file(self) -> bool:
+        """Bit widths have no CLI flag: a run with non-default ones passes its config as a file."""
+        return self.w_bits != 4 or self.a_bits != 4 or (self.kv_quant and self.kv_bits != 4)
+
     def cli_command(self, output_dir: str = "runs/<timestamp>", flat_matrix_path: Optional[str] = None) -> str:
-        """The `python -m core quantize ...` line that runs the same job without the GUI."""
-        defaults = GuiSettings()
+        """The `python -m core quantize ...` line that runs the same job without the GUI (same QuantizeOptions:
+        tests parse it with core.cli's own parser)."""
         args = ["python", "-m", "core", "quantize", "--model_path", self.model_path or DEFAULT_MODEL]
+        if self.needs_config_file():
+            args += ["--config", f"{output_dir}/{CONFIG_FILE}"]
         if self.device != "auto":
             args += ["--device", self.device]
         try:
             skip = ",".join(normalize_skip_layers(self.skip_layers))
         except ConfigError:
             skip = self.skip_layers
-        args += ["--skip_layers", skip]
-        if self.w_bits != 4:
-            args += ["--w_bits", str(self.w_bits)]
-        if self.a_bits != 4:
-            args += ["--a_bits", str(self.a_bits)]
+        args += [f"--skip_layers={skip}"]  # '=' form: a value starting with '-' stays a value
         if not self.use_down_quant:
             args += ["--no_down_quant"]
         if self.o_proj_quant:
             args += ["--use_o_quant"]
         if self.kv_quant:
-            args += ["--kv_bits", str(self.kv_bits)]
+            args += ["--use_kcache_quant", "--use_vcache_quant"]
         args += ["--epochs", str(self.epochs), "--nsamples", str(self.nsamples), "--seqlen", str(self.seqlen),
                  "--cali_bsz", str(self.cali_bsz), "--flat_lr", f"{self.flat_lr:g}"]
         if self.calib_data:
@@ -181,11 +184,10 @@ class GuiSettings:
         if self.max_layers:
             args += ["--max_layers", str(self.max_layers)]
         if self.ppl_windows:
-            args += ["--ppl_max_windows", str(self.ppl_windows)]
+            args += ["--ppl_seqlen", str(self.seqlen), "--ppl_max_windows", str(self.ppl_windows)]
         else:
-            args += ["--skip_ppl"]
+            args += ["--no_ppl"]
         if flat_matrix_path:
             args += ["--load_matrix", "--flat_matrix_path", flat_matrix_path]
         args += ["--output_dir", output_dir]
-        del defaults
-        return " ".join(shlex.quote(a) if "<" not in a else a for a in args)
+        return " ".join(a if "<" in a else shlex.quote(a) for a in args)

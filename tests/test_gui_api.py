@@ -181,7 +181,7 @@ def test_settings_save_and_load_round_trip(client, tmp_path):
     *values, check = client.predict(handle_file(str(bad)), api_name="/load_settings")
     assert check.startswith("✖") and "Unknown setting" in check
     cli, ok = client.predict(*s.values(), api_name="/check_settings")
-    assert ok == "✔" and "--skip_layers down_proj,lm_head" in cli
+    assert ok == "✔" and "--skip_layers=down_proj,lm_head" in cli
 
 
 def test_auth_flag_requires_login(tmp_path):

@@ -155,7 +155,7 @@ def test_settings_reject_folder_without_supported_model(tmp_path):
         GuiSettings(model_path=str(tmp_path)).validate()
 
 
-def test_settings_map_to_quantize_options_and_cli():
+def test_settings_map_to_quantize_options():
     from core.pipeline import QuantizeOptions
 
     s = GuiSettings(skip_layers="lm_head,layers.0.", kv_quant=True, o_proj_quant=True, max_layers=3, ppl_windows=0)
@@ -163,11 +163,45 @@ def test_settings_map_to_quantize_options_and_cli():
     cfg = opts.resolved_config()
     assert cfg.use_kcache_quant and cfg.k_bits == 4 and cfg.use_o_quant
     assert cfg.skip_layers == ["layers.0.", "lm_head"] and opts.max_layers == 3 and opts.skip_ppl
-    cli = s.cli_command("out")
-    assert cli.startswith("python -m core quantize --model_path smollm2")
-    assert "--skip_layers layers.0.,lm_head" in cli and "--max_layers 3" in cli and "--output_dir out" in cli
     opts = QuantizeOptions(**s.quantize_kwargs("out", "/x/flat_matrices.pth"))
     assert opts.load_matrix and opts.flat_matrix_path == "/x/flat_matrices.pth"
+
+
+@pytest.mark.parametrize("changes", [
+    {},
+    {"skip_layers": "lm_head,layers.0.", "kv_quant": True, "o_proj_quant": True, "max_layers": 3, "ppl_windows": 0},
+    {"use_down_quant": False, "w_bits": 8, "a_bits": 8, "epochs": 3, "flat_lr": 1e-3, "device": "cpu"},
+    {"kv_quant": True, "kv_bits": 8, "calib_data": "wikitext"},
+])
+def test_cli_preview_parses_to_the_same_job(changes, tmp_path):
+    """The command the GUI shows, parsed by core's own CLI parser, resolves to the GUI's config and budget."""
+    import shlex
+
+    from core.cli import build_parser
+    from core.pipeline import QuantizeOptions
+
+    s = GuiSettings(**changes)
+    out = str(tmp_path)
+    (tmp_path / "flatquant_config.json").write_text(json.dumps(s.config_dict()))  # what the job writes
+    argv = shlex.split(s.cli_command(out))
+    assert argv[:4] == ["python", "-m", "core", "quantize"]
+    a = build_parser().parse_args(argv[3:])
+    # the same mapping core/commands/quantize.py's run() makes from its arguments
+    cli = QuantizeOptions(model_path=a.model_path, config_file=a.config_file, skip_layers=a.skip_layers,
+                          use_down_quant=a.use_down_quant, use_o_quant=a.use_o_quant,
+                          use_kcache_quant=a.use_kcache_quant, use_vcache_quant=a.use_vcache_quant,
+                          calib_data=a.calib_data, nsamples=a.nsamples, seqlen=a.seqlen, epochs=a.epochs,
+                          cali_bsz=a.cali_bsz, flat_lr=a.flat_lr, device=a.device, ppl_seqlen=a.ppl_seqlen,
+                          ppl_max_windows=a.ppl_max_windows, skip_ppl=a.skip_ppl, output_dir=a.output_dir,
+                          max_layers=a.max_layers)
+    gui = QuantizeOptions(**s.quantize_kwargs(out))
+    assert cli.resolved_config() == gui.resolved_config()
+    for key in ("nsamples", "seqlen", "calib_data", "device", "max_layers", "ppl_max_windows", "skip_ppl",
+                "output_dir"):
+        assert getattr(cli, key) == getattr(gui, key), key
+    if not gui.skip_ppl:
+        assert cli.ppl_seqlen == gui.ppl_seqlen
+    assert ("--config" in argv) == s.needs_config_file()
 
 
 # --- run store -----------------------------------------------------------------------------------------------------

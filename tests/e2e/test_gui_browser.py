@@ -84,7 +84,7 @@ def test_browser_flow(tmp_path, smollm2):
             fill(page, elem_id, value)
         cli = page.locator("#cli_preview")
         page.wait_for_function("() => document.querySelector('#cli_preview').innerText.includes('--max_layers 6')")
-        assert "--skip_layers layers.1.mlp.down_proj,lm_head" in cli.inner_text()
+        assert "--skip_layers=layers.1.mlp.down_proj,lm_head" in cli.inner_text()
         page.screenshot(path=str(SHOTS / "model_config.png"), full_page=True)
 
         # Calibrate: start, see progress move.
