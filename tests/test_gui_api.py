@@ -70,7 +70,18 @@ def wait_for(client, predicate, timeout: float = 120.0) -> dict:
     raise AssertionError(f"condition not reached in {timeout} s: {st}")
 
 
-def test_short_calibration_then_compare_and_download(client, smollm2):
+def http_status(url: str, path: Path) -> int:
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"{url}gradio_api/file={path}", timeout=10) as resp:
+            return resp.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+
+
+def test_short_calibration_then_compare_and_download(app, client, smollm2):
     from core.flat import is_wrapped
     from core.matrices import load_matrices
     from core.models import decoder_layers
@@ -96,6 +107,10 @@ def test_short_calibration_then_compare_and_download(client, smollm2):
     assert Path(fetched).read_bytes() == Path(matrices).read_bytes()
     with pytest.raises(Exception, match="No 'secret.txt'"):
         client.predict(run_id, "secret.txt", api_name="/get_artifact")
+    # The file route serves the runs root (allowed_paths) and nothing else of this machine.
+    assert http_status(app[0], Path(st["output_dir"]) / "report.json") == 200
+    assert http_status(app[0], Path(__file__).resolve().parents[1] / "app.py") == 403
+    assert http_status(app[0], Path("/etc/passwd")) == 403
 
     # The downloaded file loads in core and wraps exactly the calibrated layers.
     model = copy.deepcopy(smollm2.model)
