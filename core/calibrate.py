@@ -13,7 +13,7 @@ from torch import nn
 
 from .config import FlatQuantConfig
 from .errors import CalibrationError
-from .flat import ActivationStats, fold_layer, flat_state, iter_transforms, wrap_layer
+from .flat import ActivationStats, fold_layer, flat_state, init_weight_clips, iter_transforms, wrap_layer
 from .models import decoder_layers
 from .perplexity import autocast_for
 from .progress import Reporter
@@ -208,6 +208,7 @@ def calibrate_model(model: nn.Module, samples: torch.Tensor, cfg: FlatQuantConfi
                 reporter.emit("layer_done", f"layer {i + 1}/{num} restored from the resume checkpoint",
                               layer=i, num_layers=num)
             else:
+                init_weight_clips(layer)
                 t0 = time.monotonic()
                 result = train_layer(layer, i, num, inps, fp_outs, layer_kwargs, cfg, device, dtype, reporter, eta)
                 if n_steps_layer:

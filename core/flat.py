@@ -269,6 +269,14 @@ def wrap_layer(layer: nn.Module, index: int, cfg: FlatQuantConfig, stats: Option
                                      in_trans=d_trans, lwc=lwc)
 
 
+@torch.no_grad()
+def init_weight_clips(layer: nn.Module) -> None:
+    """MSE-optimal starting clip ratios for every learnable weight clip, on the weights as first transformed."""
+    for m in layer.modules():
+        if isinstance(m, FlatQuantLinear) and m.weight_quantizer.clip is not None:
+            m.weight_quantizer.init_clip_mse(m.effective_weight())
+
+
 def iter_transforms(module: nn.Module):
     for m in module.modules():
         if isinstance(m, KroneckerTransform):

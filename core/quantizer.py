@@ -55,6 +55,23 @@ class WeightQuantizer(nn.Module):
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         return fake_quant_sym(weight, self.bits, dim=1, clip_ratio=self.clip_ratio())
 
+    @torch.no_grad()
+    def init_clip_mse(self, weight: torch.Tensor, grid: int = 20, low: float = 0.5) -> None:
+        """Start each channel's clip at the ratio (of a grid in [low, 1]) with the smallest quantization error:
+        with only a few dozen training steps, a good start matters more than the learning rate."""
+        if self.clip is None:
+            return
+        w = weight.detach().float()
+        best_err = torch.full((w.shape[0], 1), float("inf"))
+        best = torch.ones(w.shape[0], 1)
+        for r in torch.linspace(low, 1.0, grid + 1).tolist():
+            err = ((fake_quant_sym(w, self.bits, dim=1, clip_ratio=torch.tensor(r)) - w) ** 2).sum(1, keepdim=True)
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best = torch.where(better, torch.full_like(best, r), best)
+        # logit of the ratio, capped where sigmoid would saturate
+        self.clip.data = torch.logit(best.clamp(max=0.995)).to(self.clip)
+
 
 class ActQuantizer(nn.Module):
     """Per-token dynamic symmetric activation quantizer with an optional learnable clip (LAC, one per layer)."""
