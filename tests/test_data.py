@@ -1,0 +1,50 @@
+"""Calibration/perplexity text sources."""
+import pytest
+import torch
+
+from core.data import EMBEDDED_TEXT_LABEL, load_text, sample_windows
+from core.errors import DataError
+
+
+def test_embedded_default_is_real_text_from_python():
+    text, label = load_text(None)
+    assert label == EMBEDDED_TEXT_LABEL and len(text) > 100_000 and "the" in text
+
+
+def test_wikitext_raw_file_and_folder(shared_data):
+    raw = shared_data / "wikitext-2-raw" / "wiki.test.raw"
+    text, _ = load_text(raw)
+    assert text.startswith(" = Robert Boulter = \n\n\n Robert Boulter is")  # rows joined with "\n\n" (WikiText-2 way)
+    folder_text, _ = load_text(raw.parent, split="test")
+    assert folder_text == text
+
+
+def test_txt_and_datasets_folder(tmp_path):
+    (tmp_path / "a.txt").write_text("alpha beta gamma")
+    assert load_text(tmp_path / "a.txt")[0] == "alpha beta gamma"
+    from datasets import Dataset, DatasetDict
+
+    DatasetDict({"train": Dataset.from_dict({"text": ["first line", "second line"]})}).save_to_disk(tmp_path / "ds")
+    assert load_text(tmp_path / "ds")[0] == "first line\n\nsecond line"
+
+
+def test_bad_sources_are_clear_errors(tmp_path):
+    with pytest.raises(DataError, match="does not exist"):
+        load_text(tmp_path / "nope.txt")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="no wiki"):
+        load_text(tmp_path / "empty")
+    (tmp_path / "blank.txt").write_text("   \n")
+    with pytest.raises(DataError, match="no text"):
+        load_text(tmp_path / "blank.txt")
+    with pytest.raises(DataError, match="local HF cache"):
+        load_text("some_dataset_not_in_cache")
+
+
+def test_sample_windows_are_seeded_and_checked():
+    ids = torch.arange(1000)
+    a, b = sample_windows(ids, 4, 64, seed=1), sample_windows(ids, 4, 64, seed=1)
+    assert a.shape == (4, 64) and torch.equal(a, b)
+    assert torch.equal(a[:, 1:] - a[:, :-1], torch.ones(4, 63, dtype=torch.long))  # contiguous windows
+    with pytest.raises(DataError, match="--seqlen"):
+        sample_windows(ids[:10], 1, 64)
