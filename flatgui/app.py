@@ -56,6 +56,9 @@ def build_app(runs_root: str = "runs", runner: Optional[JobRunner] = None, poll_
         # the last finished job it saw. (States must sit outside gr.Tabs: inside, the frontend duplicates a tab.)
         mgr.add("finished_job", gr.State(""))
         mgr.add("seen", gr.State(""))
+        # The form and the language live in the browser's localStorage: a reload keeps them.
+        mgr.add("saved_settings", gr.BrowserState(None, storage_key="flatquant_studio_settings"))
+        mgr.add("saved_lang", gr.BrowserState(None, storage_key="flatquant_studio_lang"))
         # The job status sits above the tabs: a calibration or evaluation is visible from every tab.
         mgr.add("progress", gr.HTML(calibrate.progress_html(ctx.runner.snapshot(), DEFAULT_LANG), elem_id="progress"))
         with gr.Tabs():
@@ -73,6 +76,12 @@ def build_app(runs_root: str = "runs", runner: Optional[JobRunner] = None, poll_
                      mgr["artifact_run"], mgr["dl_matrices"], mgr["dl_report"], mgr["dl_checkpoint"],
                      mgr["run_files"], mgr["report_json"]],
             api_visibility="private", show_progress="hidden")
+        lang.change(lambda v: v, inputs=lang, outputs=mgr["saved_lang"], api_visibility="private",
+                    show_progress="hidden")
+        demo.load(model_config.restore, inputs=mgr["saved_settings"], outputs=mgr.settings_components(),
+                  api_visibility="private", show_progress="hidden")
+        demo.load(lambda v: v if v in LANGS.values() else gr.skip(), inputs=mgr["saved_lang"], outputs=lang,
+                  api_visibility="private", show_progress="hidden")
         # First paint: charts of the newest run already on disk.
         demo.load(functools.partial(compare.refresh, ctx), inputs=[mgr["compare_run"], lang],
                   outputs=[mgr["compare_run"], mgr["runs_table"], mgr["ppl_plot"], mgr["acc_plot"],

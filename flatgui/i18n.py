@@ -52,6 +52,7 @@ STRINGS: dict[str, dict[str, str]] = {
     "save_settings": {"en": "Save settings (JSON)", "zh": "保存设置 (JSON)"},
     "load_settings": {"en": "Load settings (JSON)", "zh": "加载设置 (JSON)"},
     "settings_file": {"en": "Settings file", "zh": "设置文件"},
+    "settings_ok": {"en": "Settings are valid.", "zh": "设置有效。"},
     "cli_preview": {"en": "Equivalent command line", "zh": "等价的命令行"},
     # calibrate
     "start": {"en": "Start calibration", "zh": "开始校准"},
@@ -63,7 +64,8 @@ STRINGS: dict[str, dict[str, str]] = {
     "load_matrices": {"en": "Load matrices", "zh": "加载矩阵"},
     "loss_chart": {"en": "Calibration loss", "zh": "校准损失"},
     "log": {"en": "Log", "zh": "日志"},
-    "idle": {"en": "No job yet. Press **Start calibration**.", "zh": "暂无任务。请点击 **开始校准**。"},
+    "idle": {"en": "No job yet. Press Start calibration on the Calibrate tab.",
+             "zh": "暂无任务。请在“校准”页点击“开始校准”。"},
     "status_running": {"en": "Running", "zh": "运行中"},
     "status_done": {"en": "Finished", "zh": "已完成"},
     "status_failed": {"en": "Failed", "zh": "失败"},

@@ -148,7 +148,8 @@ def test_short_calibration_then_compare_and_download(app, client, smollm2):
         assert torch.isfinite(loaded.model(ids).logits).all()
 
     # Load matrices instead of calibrating, from an upload of the downloaded file.
-    msg = client.predict(*GuiSettings(**QUICK).values(), handle_file(matrices), "", LANG, api_name="/load_matrices")
+    no_ppl = GuiSettings(**{**QUICK, "ppl_windows": 0})
+    msg = client.predict(*no_ppl.values(), handle_file(matrices), "", LANG, api_name="/load_matrices")
     assert msg.startswith("✔"), msg
     st = wait_finished(client)
     assert st["status"] == "done", st["error"]
@@ -183,7 +184,8 @@ def test_second_job_is_busy_and_cancel_stops_the_first(client):
     assert time.monotonic() - t0 < 30
     assert "No job is running" in client.predict(LANG, api_name="/cancel")
     assert start(client).startswith("✔")  # the runner is free again
-    assert wait_finished(client)["status"] == "done"
+    client.predict(LANG, api_name="/cancel")
+    assert wait_finished(client)["status"] == "cancelled"
 
 
 def test_settings_save_and_load_round_trip(client, tmp_path):
@@ -195,8 +197,10 @@ def test_settings_save_and_load_round_trip(client, tmp_path):
     bad.write_text('{"nsampels": 3}')
     *values, check = client.predict(handle_file(str(bad)), api_name="/load_settings")
     assert check.startswith("✖") and "Unknown setting" in check
-    cli, ok = client.predict(*s.values(), api_name="/check_settings")
-    assert ok == "✔" and "--skip_layers=down_proj,lm_head" in cli
+    cli, ok = client.predict(*s.values(), LANG, api_name="/check_settings")
+    assert ok == "✔ Settings are valid." and "--skip_layers=down_proj,lm_head" in cli
+    cli, ok = client.predict(*GuiSettings(skip_layers="--").values(), "中文", api_name="/check_settings")
+    assert ok.startswith("✖") and "no letter or digit" in ok
 
 
 def test_auth_flag_requires_login(tmp_path):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from dataclasses import asdict
 from pathlib import Path
 
 import gradio as gr
@@ -11,7 +12,7 @@ from core.errors import FlatQuantError
 from core.models import find_local_models
 
 from ..context import AppContext
-from ..i18n import t
+from ..i18n import lang_code, t
 from .common import ERR, OK
 from ..settings import BITS_CHOICES, DEVICE_CHOICES, GuiSettings
 
@@ -23,8 +24,9 @@ def _models(ctx: AppContext) -> list[str]:
         return ["smollm2"]
 
 
-def check_settings(*values) -> tuple[str, str]:
+def check_settings(*args) -> tuple[str, str]:
     """(CLI preview, validation message) for the current form; never raises."""
+    *values, lang_value = args
     try:
         s = GuiSettings.from_values(*values)
     except FlatQuantError as exc:
@@ -34,7 +36,23 @@ def check_settings(*values) -> tuple[str, str]:
         s.validate()
     except FlatQuantError as exc:
         return cli, f"{ERR} {exc}"
-    return cli, OK.strip()
+    return cli, OK + t("settings_ok", lang_code(lang_value))
+
+
+def remember(*values):
+    """The form as a dict for the browser's localStorage, so a page reload keeps it (invalid input: keep old)."""
+    try:
+        return asdict(GuiSettings.from_values(*values))
+    except FlatQuantError:
+        return gr.skip()
+
+
+def restore(saved):
+    """Fill the form from localStorage on page load; nothing saved (or unreadable) leaves the defaults."""
+    try:
+        return GuiSettings.from_dict(saved).values() if isinstance(saved, dict) else gr.skip()
+    except FlatQuantError:
+        return gr.skip()
 
 
 def save_settings(*values) -> str:
@@ -102,7 +120,7 @@ def build(ctx: AppContext) -> None:
                                                 elem_id="max_layers"), label="max_layers")
                 mgr.add("ppl_windows", gr.Number(value=s.ppl_windows, precision=0, minimum=0,
                                                  label=t("ppl_windows"), elem_id="ppl_windows"), label="ppl_windows")
-        mgr.add("settings_check", gr.Markdown(OK.strip(), elem_id="settings_check"))
+        mgr.add("settings_check", gr.Markdown(OK + t("settings_ok"), elem_id="settings_check"))
         mgr.add("cli_preview", gr.Code(value=s.cli_command(), language="shell", label=t("cli_preview"), lines=2,
                                        interactive=False, elem_id="cli_preview"), label="cli_preview")
         with gr.Row():
@@ -114,9 +132,11 @@ def build(ctx: AppContext) -> None:
 def wire(ctx: AppContext) -> None:
     mgr = ctx.mgr
     settings = mgr.settings_components()
-    gr.on([c.change for c in settings], check_settings, inputs=settings,
-          outputs=[mgr["cli_preview"], mgr["settings_check"]], show_progress="hidden", api_name="check_settings",
-          concurrency_limit=None)
+    gr.on([c.change for c in settings] + [mgr["language"].change], check_settings,
+          inputs=settings + [mgr["language"]], outputs=[mgr["cli_preview"], mgr["settings_check"]],
+          show_progress="hidden", api_name="check_settings", concurrency_limit=None)
+    gr.on([c.change for c in settings], remember, inputs=settings, outputs=mgr["saved_settings"],
+          show_progress="hidden", api_visibility="private", concurrency_limit=None)
     mgr["rescan"].click(lambda: gr.update(choices=_models(ctx)), outputs=mgr["model_path"], api_visibility="private")
     mgr["save_settings"].click(save_settings, inputs=settings, outputs=mgr["settings_file"],
                                api_name="save_settings")

@@ -96,8 +96,12 @@ def test_browser_flow(tmp_path, smollm2):
                             60, "progress moving")
         assert page.locator("#job_log textarea").input_value().strip()
 
-        # Reload mid-job: the new page reconnects to the same running job, which keeps progressing.
+        # Reload mid-job: the new page reconnects to the same running job, which keeps progressing, and the
+        # form comes back from the browser's storage.
         page.reload()
+        open_tab(page, "Model & config")
+        page.wait_for_function("() => document.querySelector('#skip_layers textarea, #skip_layers input').value"
+                               ".includes('layers.1.mlp.down_proj')", timeout=30_000)
         open_tab(page, "Calibrate")
         after = wait_status(page, lambda a: a["job"] == first["job"] and a["status"] == "running", 30,
                             "same job after reload")
