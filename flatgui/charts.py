@@ -64,7 +64,8 @@ def _grouped(title: str, categories: list[str], series: dict[str, list], lang: s
         if not ys or all(v is None for v in ys):
             continue
         fig.add_trace(go.Bar(x=categories, y=ys, name=t(label_key, lang), marker_color=color,
-                             text=[fmt.format(v) if v is not None else "n/a" for v in ys], textposition="outside", cliponaxis=False))
+                             text=[fmt.format(v) if v is not None else "n/a" for v in ys], textposition="outside",
+                             cliponaxis=False))
     fig.update_layout(title=title, barmode="group", yaxis_title=yaxis, **_LAYOUT)
     return fig
 

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import json
 import shlex
-from pathlib import Path
 from dataclasses import asdict, dataclass, fields
+from pathlib import Path
 from typing import Any, Optional
 
 from core.config import default_config_dict, normalize_skip_layers, parse_config

@@ -14,9 +14,10 @@ import pytest
 
 gradio_client = pytest.importorskip("gradio_client")
 from gradio_client import Client, handle_file  # noqa: E402
+from gradio_client.exceptions import AuthenticationError  # noqa: E402
+from gui_server import running_app  # noqa: E402
 
 from flatgui.settings import GuiSettings  # noqa: E402
-from gui_server import running_app  # noqa: E402
 
 LANG = "English"
 # A few samples, one epoch, two layers: the whole job takes seconds on a CPU.
@@ -138,9 +139,9 @@ def test_short_calibration_then_compare_and_download(app, client, smollm2):
     assert Path(ckpt).name == "quantized_checkpoint.zip"
     unpacked = Path(ckpt).parent / "unzipped"
     shutil.unpack_archive(ckpt, unpacked)
-    from core.realquant import load_checkpoint
-
     import torch
+
+    from core.realquant import load_checkpoint
 
     loaded = load_checkpoint(unpacked / "checkpoint")
     ids = loaded.tokenizer("Hello there", return_tensors="pt").input_ids
@@ -206,7 +207,7 @@ def test_settings_save_and_load_round_trip(client, tmp_path):
 def test_auth_flag_requires_login(tmp_path):
     with running_app(tmp_path / "runs", tmp_path / "app.log", extra_args=("--auth", "alice:s3cret")) as url:
         assert Client(url, auth=("alice", "s3cret"), verbose=False).predict(api_name="/job_status")["status"] == "idle"
-        with pytest.raises(Exception):
-            Client(url, verbose=False).predict(api_name="/job_status")
-        with pytest.raises(Exception):
+        with pytest.raises(AuthenticationError, match="credentials were not provided"):
+            Client(url, verbose=False)
+        with pytest.raises(ValueError, match="Could not login"):
             Client(url, auth=("alice", "wrong"), verbose=False)

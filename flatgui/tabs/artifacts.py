@@ -10,12 +10,11 @@ import json
 
 import gradio as gr
 
-
 from .. import jobs
 from ..context import AppContext
 from ..i18n import lang_code, t
-from .common import OK, fail
 from ..runs import CHECKPOINT_ZIP, MATRIX_NAME, REPORT_NAME
+from .common import OK, fail
 
 
 def _button(path):
@@ -65,8 +64,9 @@ def build(ctx: AppContext) -> None:
         mgr.add("tab_artifacts", tab, label="tab_artifacts")
         mgr.add("artifacts_help", gr.Markdown(t("artifacts_help")), value="artifacts_help")
         with gr.Row():
-            mgr.add("artifact_run", gr.Dropdown(choices=runs, value=first, label=t("run_select"), allow_custom_value=True, scale=3,
-                                                elem_id="artifact_run"), label="run_select")
+            # allow_custom_value: a run finished after this page loaded is valid too (RunStore checks every id)
+            mgr.add("artifact_run", gr.Dropdown(choices=runs, value=first, label=t("run_select"), scale=3,
+                                                allow_custom_value=True, elem_id="artifact_run"), label="run_select")
             mgr.add("artifact_refresh", gr.Button(t("refresh"), scale=1, size="sm", elem_id="artifact_refresh"),
                     value="refresh")
         with gr.Row():

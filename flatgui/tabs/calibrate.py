@@ -17,8 +17,8 @@ from .. import jobs
 from ..charts import loss_figure
 from ..context import AppContext
 from ..i18n import lang_code, t
-from .common import OK, fail
 from ..settings import GuiSettings
+from .common import OK, fail
 
 
 def fmt_seconds(s) -> str:
@@ -50,7 +50,7 @@ def progress_html(snap: dict, lang: str) -> str:
     if status == "running" and ev.get("eta_s") is not None:
         parts.append(f"{t('eta', lang)} {fmt_seconds(ev['eta_s'])}")
     if status == "done":
-        frac = 1.0 if frac is not None else None
+        frac = 1.0
     line = " · ".join(parts)
     stage = html.escape(str(ev.get("stage") or ""))
     msg = html.escape(str(ev.get("message") or ""))

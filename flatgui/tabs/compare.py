@@ -5,7 +5,6 @@ import functools
 
 import gradio as gr
 
-
 from .. import jobs
 from ..charts import accuracy_figure, accuracy_table, latency_figure, ppl_figure, ppl_table
 from ..context import AppContext
@@ -118,8 +117,9 @@ def build(ctx: AppContext) -> None:
         mgr.add("eval_msg", gr.Markdown(elem_id="eval_msg"))
         with gr.Row():
             runs = ctx.store.list_runs()
-            mgr.add("compare_run", gr.Dropdown(choices=runs, value=runs[0] if runs else None, label=t("run_select"), allow_custom_value=True,
-                                               scale=3, elem_id="compare_run"), label="run_select")
+            mgr.add("compare_run", gr.Dropdown(choices=runs, value=runs[0] if runs else None, label=t("run_select"),
+                                               allow_custom_value=True, scale=3, elem_id="compare_run"),
+                    label="run_select")
             mgr.add("compare_refresh", gr.Button(t("refresh"), scale=1, size="sm"), value="refresh")
         with gr.Row():
             mgr.add("ppl_plot", gr.Plot(label=t("ppl_chart"), elem_id="ppl_plot"), label="ppl_chart")

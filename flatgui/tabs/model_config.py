@@ -13,8 +13,8 @@ from core.models import find_local_models
 
 from ..context import AppContext
 from ..i18n import lang_code, t
-from .common import ERR, OK
 from ..settings import BITS_CHOICES, DEVICE_CHOICES, GuiSettings
+from .common import ERR, OK
 
 
 def _models(ctx: AppContext) -> list[str]:

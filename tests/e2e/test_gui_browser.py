@@ -8,6 +8,7 @@ Screenshots go to docs/screenshots/ (the README shows them). Every request the p
 from __future__ import annotations
 
 import copy
+import os
 import shutil
 import time
 from pathlib import Path
@@ -21,7 +22,8 @@ from gui_server import REPO, running_app  # noqa: E402
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
         "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-SHOTS = REPO / "docs" / "screenshots"
+# FLATQUANT_SCREENSHOT_DIR keeps a CI run from rewriting the committed screenshots.
+SHOTS = Path(os.environ.get("FLATQUANT_SCREENSHOT_DIR") or REPO / "docs" / "screenshots")
 
 pytestmark = [
     pytest.mark.slow,
