@@ -1,0 +1,148 @@
+"""``convert``: replace each folded FlatQuantLinear with its real-quant module, and the sample's
+"Time diff orig / after real quant" measurement.
+
+Eligible linears (q/k/v, gate/up, down: w and a quantized) become RealQuantLinear on the selected backend; the rest
+(o_proj with use_o_quant, layers kept in float whose input is transformed) become FrozenQuantLinear or nn.Linear,
+and each FlatNormTransform becomes a TransformedNorm. The kv-cache quantizer stays as configured.
+"""
+from __future__ import annotations
+
+import copy
+import statistics
+import time
+from typing import Optional
+
+import torch
+from torch import nn
+
+from ..device import synchronize
+from ..errors import FlatQuantError
+from .backends import Backend, select_backend
+from .modules import FrozenQuantLinear, RealQuantLinear, SharedInputQuant, TransformedNorm
+
+
+def _flat_modules():
+    from ..flat import FlatNormTransform, FlatQuantLinear
+
+    return FlatQuantLinear, FlatNormTransform
+
+
+def is_real_quant(model: nn.Module) -> bool:
+    return any(isinstance(m, RealQuantLinear) for m in model.modules())
+
+
+def model_backend(model: nn.Module) -> Optional[str]:
+    for m in model.modules():
+        if isinstance(m, RealQuantLinear):
+            return m.backend.name
+    return None
+
+
+@torch.no_grad()
+def convert_model(model: nn.Module, backend: str | Backend = "auto") -> nn.Module:
+    """Convert a folded fake-quant model in place (and return it). ``backend``: auto | cpu | cpu-torch | cuda | npu.
+
+    The float parts keep their dtype; call ``.to(torch.bfloat16)`` afterwards for a bf16 model (per-channel
+    scales stay fp32)."""
+    FlatQuantLinear, FlatNormTransform = _flat_modules()
+    flats = [(n, m) for n, m in model.named_modules() if isinstance(m, FlatQuantLinear)]
+    if not flats:
+        if is_real_quant(model):
+            return model
+        raise FlatQuantError("The model has no FlatQuant layers to convert; calibrate it (quantize) or load a "
+                             "flat_matrices.pth first.")
+    unfolded = [n for n, m in flats if not m.folded]
+    if unfolded:
+        raise FlatQuantError(f"Layer {unfolded[0]} is not folded; run core.flat.fold_model(model) before converting.")
+    device = flats[0][1].linear.weight.device
+    be = select_backend(backend, device)
+
+    members: dict[int, int] = {}
+    for _, m in flats:
+        if m.real_quant_eligible:
+            members[id(m.act_quantizer)] = members.get(id(m.act_quantizer), 0) + 1
+    shared = {key: SharedInputQuant(n) for key, n in members.items() if n > 1}
+
+    for name, m in flats:
+        state = m.export_state()
+        dtype = m.linear.weight.dtype
+        if state["real_quant_eligible"] and state["w_bits"] <= 8 and state["a_bits"] <= 8:
+            new = RealQuantLinear.from_export_state(state, be, shared.get(id(m.act_quantizer)), dtype)
+        elif state["w_bits"] >= 16 and state["a_bits"] >= 16 and state["trans_left"] is None:
+            new = nn.Linear(m.in_features, m.out_features, bias=state["bias"] is not None, device=device, dtype=dtype)
+            new.weight.data.copy_(state["weight"])
+            if state["bias"] is not None:
+                new.bias.data.copy_(state["bias"])
+            new.requires_grad_(False)
+        else:
+            new = FrozenQuantLinear.from_export_state(state, dtype)
+        model.set_submodule(name, new)
+
+    for name, m in [(n, m) for n, m in model.named_modules() if isinstance(m, FlatNormTransform)]:
+        trans = m.trans
+        if trans.diag is not None and trans.use_diag:
+            raise FlatQuantError(f"{name} still applies its diag scale; fold the model before converting.")
+        left, right, _, _ = trans.matrices()
+        dtype = m.norm.weight.dtype
+        model.set_submodule(name, TransformedNorm(m.norm, left.to(dtype), right.to(dtype)))
+    return model.eval().requires_grad_(False)
+
+
+# --- the sample's "Time diff" lines ------------------------------------------------------------------------------
+
+
+@torch.inference_mode()
+def _forward_ms(model: nn.Module, input_ids: torch.Tensor) -> float:
+    synchronize(input_ids.device)
+    t0 = time.perf_counter()
+    model(input_ids=input_ids, use_cache=False)
+    synchronize(input_ids.device)
+    return (time.perf_counter() - t0) * 1e3
+
+
+def time_diff(original: nn.Module, quantized: nn.Module, input_ids: torch.Tensor, backend: str = "auto",
+              dtype: Optional[torch.dtype] = torch.bfloat16, repeats: int = 5, warmup: int = 1) -> dict:
+    """ms for one forward of the same batch: the original vs the real-quant conversion of the (folded, fake-quant)
+    ``quantized`` model, both in ``dtype``, timed interleaved (A, B, A, B, ...) so that machine drift hits both.
+
+    Neither argument is modified (deep copies are converted and cast)."""
+    if input_ids.dim() == 1:
+        input_ids = input_ids.unsqueeze(0)
+    orig = copy.deepcopy(original)
+    real = convert_model(copy.deepcopy(quantized), backend)
+    if dtype is not None:
+        orig, real = orig.to(dtype), real.to(dtype)
+    ids = input_ids.to(next(orig.parameters()).device)
+    runs: dict[str, list[float]] = {"orig": [], "real": []}
+    for i in range(warmup + repeats):
+        for key, model in (("orig", orig), ("real", real)):
+            ms = _forward_ms(model, ids)
+            if i >= warmup:
+                runs[key].append(ms)
+    t_orig, t_real = statistics.median(runs["orig"]), statistics.median(runs["real"])
+    return {"time_orig_ms": t_orig, "time_real_quant_ms": t_real, "speedup": t_orig / t_real,
+            "backend": model_backend(real), "dtype": str(dtype).replace("torch.", "") if dtype else None,
+            "batch": list(ids.shape), "repeats": repeats, "time_orig_ms_runs": runs["orig"],
+            "time_real_quant_ms_runs": runs["real"]}
+
+
+def report_time_diff(original: nn.Module, quantized: nn.Module, tokenizer, output_dir: Optional[str] = None,
+                     seqlen: int = 128, backend: str = "auto", repeats: int = 5) -> dict:
+    """time_diff on a [1, seqlen] batch of real text tokens; merged into ``output_dir/report.json`` as
+    ``{"real_quant": {...}}`` when output_dir is given. The CLI prints ``Time diff orig: X`` and
+    ``Time diff after real quant: Y`` from ``time_orig_ms`` / ``time_real_quant_ms``."""
+    from ..latency import latency_input_ids
+    from ..report import update_report
+
+    text = ("Quantization maps the weights and activations of a neural network to low-bit integers, so that "
+            "matrix multiplications run on integer units and the model takes less memory. ")
+    ids = latency_input_ids(tokenizer, seqlen, text=text)
+    result = time_diff(original, quantized, ids, backend=backend, repeats=repeats)
+    result["units"] = "ms for one forward (no KV cache) of a 1 x seqlen batch; median of the repeats"
+    if output_dir:
+        update_report(output_dir, {"real_quant": result})
+    return result
+
+
+# The GUI and the export command import the checkpoint functions from here as well.
+from .checkpoint import export_checkpoint, load_checkpoint  # noqa: E402,F401

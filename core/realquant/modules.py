@@ -1,0 +1,197 @@
+"""Modules of a real-quant model: the W4A4 linear on an integer GEMM, and the frozen float parts around it."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..quantizer import fake_quant_sym
+from ..transforms import kronecker_matmul
+from .backends import ActQuant, Backend, QuantizedInput
+from .packing import dequantize_weight, quantize_weight
+
+
+class SharedInputQuant:
+    """q/k/v (and gate/up) read the same activation tensor with the same quantizer: quantize it once.
+
+    The first member to see a tensor quantizes it; the others reuse the result while the very same tensor object
+    (same version counter: not modified in place) comes in. The entry is dropped once every member has used it,
+    so no activation is kept alive past its layer."""
+
+    def __init__(self, members: int):
+        self.members = members
+        self._x: Optional[torch.Tensor] = None
+        self._version = -1
+        self._result: Optional[QuantizedInput] = None
+        self._left = 0
+
+    @staticmethod
+    def _version_of(x: torch.Tensor) -> int:
+        # inference-mode tensors have no version counter; the callers (HF attention/MLP) never modify inputs in place
+        return -2 if x.is_inference() else x._version
+
+    def get(self, x: torch.Tensor, compute) -> QuantizedInput:
+        if self._x is x and self._version == self._version_of(x) and self._left > 0:
+            result = self._result
+            self._left -= 1
+            if self._left == 0:
+                self.clear()
+            return result
+        result = compute()
+        if self.members > 1:
+            self._x, self._version, self._result, self._left = x, self._version_of(x), result, self.members - 1
+        return result
+
+    def clear(self) -> None:
+        self._x, self._result, self._left = None, None, 0
+
+
+class RealQuantLinear(nn.Module):
+    """y = (s_x ⊗ s_w) · (q_x @ q_wᵀ) + b with int4 (or int8) codes: the integer form of a folded FlatQuantLinear.
+
+    Input: optional online Kronecker transform (down_proj), per-token dynamic quantization with the calibrated clip
+    ratio, integer GEMM, per-token × per-channel rescale. The weight tensors are in the backend's own layout;
+    ``weight_codes()`` gives the canonical int8 codes back (for export)."""
+
+    _fp32_buffers = ("w_scale",)
+
+    def __init__(self, in_features: int, out_features: int, codes: torch.Tensor, w_scale: torch.Tensor,
+                 bias: Optional[torch.Tensor], w_bits: int, a_bits: int, a_clip: Optional[float],
+                 trans_left: Optional[torch.Tensor], trans_right: Optional[torch.Tensor], backend: Backend,
+                 shared: Optional[SharedInputQuant] = None):
+        super().__init__()
+        if codes.shape != (out_features, in_features):
+            raise ValueError(f"codes of shape {tuple(codes.shape)} for a {in_features}->{out_features} linear")
+        self.in_features, self.out_features = in_features, out_features
+        self.w_bits, self.a_bits, self.a_clip = int(w_bits), int(a_bits), None if a_clip is None else float(a_clip)
+        self.backend = backend
+        self.shared = shared
+        tensors = backend.prepare_weight(codes, self.w_bits, self.a_bits)
+        self._weight_names = tuple(tensors)
+        for name, t in tensors.items():
+            self.register_buffer(name, t)
+        self.register_buffer("w_scale", w_scale.detach().float().reshape(-1).contiguous())
+        self.register_buffer("bias", None if bias is None else bias.detach().clone())
+        self.register_buffer("trans_left", None if trans_left is None else trans_left.detach().clone())
+        self.register_buffer("trans_right", None if trans_right is None else trans_right.detach().clone())
+
+    @classmethod
+    def from_export_state(cls, state: dict, backend: Backend, shared: Optional[SharedInputQuant] = None,
+                          dtype: Optional[torch.dtype] = None) -> "RealQuantLinear":
+        """From ``FlatQuantLinear.export_state()``: quantize the folded weight exactly as the fake model does."""
+        weight = state["weight"]
+        codes, scale = quantize_weight(weight, state["w_bits"], state["w_clip"])
+        dtype = dtype or weight.dtype
+        bias = None if state["bias"] is None else state["bias"].to(dtype)
+        left = None if state["trans_left"] is None else state["trans_left"].to(dtype)
+        right = None if state["trans_right"] is None else state["trans_right"].to(dtype)
+        return cls(weight.shape[1], weight.shape[0], codes, scale, bias, state["w_bits"], state["a_bits"],
+                   state["a_clip"], left, right, backend, shared)
+
+    def weight_tensors(self) -> dict[str, torch.Tensor]:
+        return {name: getattr(self, name) for name in self._weight_names}
+
+    def weight_codes(self) -> torch.Tensor:
+        """Canonical int8 codes [out, in]."""
+        return self.backend.weight_codes(self.weight_tensors(), self.out_features, self.in_features)
+
+    def act_quant(self) -> ActQuant:
+        return ActQuant(self.a_bits, self.a_clip, self.trans_left, self.trans_right)
+
+    def _apply(self, fn, recurse=True):
+        # .to(bfloat16) must not round the per-channel scales: they stay fp32 whatever the model dtype.
+        super()._apply(fn, recurse)
+        for name in self._fp32_buffers:
+            t = self._buffers.get(name)
+            if t is not None and t.dtype != torch.float32:
+                self._buffers[name] = t.float()
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, self.in_features)
+        tensors = self.weight_tensors()
+
+        def compute():
+            return self.backend.quantize(x2, self.act_quant(), tensors)
+
+        qx = self.shared.get(x, compute) if self.shared is not None else compute()
+        out = self.backend.matmul(qx, tensors, self.out_features, self.w_scale, self.bias, x.dtype)
+        return out.reshape(*shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return (f"in={self.in_features}, out={self.out_features}, w_bits={self.w_bits}, a_bits={self.a_bits}, "
+                f"a_clip={self.a_clip}, transform={self.trans_left is not None}, backend={self.backend.name}")
+
+
+class FrozenQuantLinear(nn.Module):
+    """A FlatQuantLinear that stays fake-quant (o_proj with use_o_quant, or a kept-in-float layer whose input is
+    transformed online), with its weight quantize-dequantized once instead of at every forward."""
+
+    def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor], w_bits: int, a_bits: int,
+                 a_clip: Optional[float], trans_left: Optional[torch.Tensor], trans_right: Optional[torch.Tensor],
+                 w_scale: Optional[torch.Tensor] = None):
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self.w_bits, self.a_bits, self.a_clip = int(w_bits), int(a_bits), None if a_clip is None else float(a_clip)
+        self.weight = nn.Parameter(weight.detach().clone(), requires_grad=False)
+        self.register_buffer("w_scale", None if w_scale is None else w_scale.detach().float().reshape(-1))
+        self.register_buffer("bias", None if bias is None else bias.detach().clone())
+        self.register_buffer("trans_left", None if trans_left is None else trans_left.detach().clone())
+        self.register_buffer("trans_right", None if trans_right is None else trans_right.detach().clone())
+
+    @classmethod
+    def from_export_state(cls, state: dict, dtype: Optional[torch.dtype] = None) -> "FrozenQuantLinear":
+        weight = state["weight"]
+        dtype = dtype or weight.dtype
+        w_scale = None
+        if state["w_bits"] < 16:
+            codes, w_scale = quantize_weight(weight, state["w_bits"], state["w_clip"])
+            weight = dequantize_weight(codes, w_scale)
+        conv = (lambda t: None if t is None else t.to(dtype))
+        return cls(weight.to(dtype), conv(state["bias"]), state["w_bits"], state["a_bits"], state["a_clip"],
+                   conv(state["trans_left"]), conv(state["trans_right"]), w_scale)
+
+    def weight_codes(self) -> Optional[torch.Tensor]:
+        """int8 codes of the quantized weight (None for a float weight): q = W_dq / scale, exact integers."""
+        if self.w_scale is None:
+            return None
+        return torch.round(self.weight.float() / self.w_scale.reshape(-1, 1)).to(torch.int8)
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        if self._buffers.get("w_scale") is not None and self._buffers["w_scale"].dtype != torch.float32:
+            self._buffers["w_scale"] = self._buffers["w_scale"].float()
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.trans_left is not None:
+            x = kronecker_matmul(x, self.trans_left.to(x.dtype), self.trans_right.to(x.dtype))
+        if self.a_bits < 16:
+            clip = None if self.a_clip is None else torch.tensor(self.a_clip, dtype=torch.float32, device=x.device)
+            x = fake_quant_sym(x, self.a_bits, dim=-1, clip_ratio=clip)
+        return F.linear(x, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+
+    def extra_repr(self) -> str:
+        return (f"in={self.in_features}, out={self.out_features}, w_bits={self.w_bits}, a_bits={self.a_bits}, "
+                f"transform={self.trans_left is not None}, fake-quant")
+
+
+class TransformedNorm(nn.Module):
+    """RMSNorm followed by the group's frozen Kronecker transform (a folded FlatNormTransform)."""
+
+    def __init__(self, norm: nn.Module, left: torch.Tensor, right: torch.Tensor):
+        super().__init__()
+        self.norm = norm
+        self.register_buffer("left", left.detach().clone())
+        self.register_buffer("right", right.detach().clone())
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.norm.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.norm(x)
+        return kronecker_matmul(y, self.left.to(y.dtype), self.right.to(y.dtype))

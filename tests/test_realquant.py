@@ -1,0 +1,403 @@
+"""Real W4A4: packing, kernels of every backend against the fake-quant math, conversion of whole models, the
+checkpoint round trip, the export command and backend selection (timings are in bench/latency.py)."""
+from __future__ import annotations
+
+import copy
+import json
+import sys
+import types
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from core.config import parse_config
+from core.errors import ConfigError, FlatQuantError, ModelLoadError
+from core.flat import FlatQuantLinear, apply_flat_structure, fold_model, iter_transforms
+from core.quantizer import fake_quant_sym
+from core.realquant import native
+from core.realquant.backends import ActQuant, CpuBackend, CudaBackend, TorchCpuBackend, select_backend
+from core.realquant.checkpoint import export_checkpoint, load_checkpoint, read_manifest
+from core.realquant.convert import convert_model, report_time_diff
+from core.realquant.modules import FrozenQuantLinear, RealQuantLinear, TransformedNorm
+from core.realquant.npu import NpuBackend, TorchReferenceOps
+from core.realquant.packing import (dequantize_weight, pack_int4, pack_int4_as_int32, quantize_activation,
+                                    quantize_weight, unpack_int4, unpack_int4_from_int32)
+from core.transforms import kronecker_matmul
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).norm() / b.float().norm().clamp(min=1e-12))
+
+
+def _fake_model(model, cfg=None):
+    m = copy.deepcopy(model)
+    apply_flat_structure(m, parse_config(cfg))
+    fold_model(m)
+    return m.eval()
+
+
+# --- packing ----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("k", [1, 2, 7, 8, 577, 1536])
+def test_int4_pack_round_trip(k):
+    codes = torch.randint(-8, 8, (5, k), dtype=torch.int8)
+    packed = pack_int4(codes)
+    assert packed.dtype == torch.uint8 and packed.shape == (5, (k + 1) // 2)
+    assert torch.equal(unpack_int4(packed, k), codes)
+
+
+def test_int4_layout_is_low_nibble_first_and_matches_the_npu_int32_words():
+    codes = torch.tensor([[1, -2, 3, -4, 5, -6, 7, -8]], dtype=torch.int8)
+    assert pack_int4(codes).tolist() == [[0xE1, 0xC3, 0xA5, 0x87]]
+    word = int(pack_int4_as_int32(codes)[0, 0]) & 0xFFFFFFFF
+    assert [((word >> (4 * i)) & 0xF) for i in range(8)] == [c & 0xF for c in codes[0].tolist()]
+    assert torch.equal(unpack_int4_from_int32(pack_int4_as_int32(codes)), codes)
+    with pytest.raises(ValueError):
+        pack_int4_as_int32(torch.zeros(2, 12, dtype=torch.int8))
+
+
+@pytest.mark.parametrize("n,k", [(1, 1), (16, 8), (33, 577), (576, 1536)])
+def test_native_weight_blocks_round_trip(n, k):
+    codes = torch.randint(-8, 8, (n, k), dtype=torch.int8)
+    packed = native.pack_weight(codes)
+    assert packed.shape == (-(-n // 16), -(-k // 8), 64)
+    assert torch.equal(native.unpack_weight(packed, n, k), codes)
+
+
+def test_weight_codes_are_the_fake_quant_codes():
+    w = torch.randn(40, 96) * torch.rand(40, 1)
+    clip = torch.sigmoid(torch.randn(40, 1))
+    for bits in (4, 8):
+        codes, scale = quantize_weight(w, bits, clip)
+        assert codes.dtype == torch.int8 and int(codes.max()) <= 2 ** (bits - 1) - 1
+        assert torch.equal(dequantize_weight(codes, scale), fake_quant_sym(w, bits, dim=1, clip_ratio=clip))
+
+
+# --- kernels against the fake-quant math --------------------------------------------------------------------------
+
+
+def _backends():
+    out = [("cpu-torch", TorchCpuBackend()), ("cuda-padding-on-cpu", CudaBackend()),
+           ("npu-reference", NpuBackend(ops=TorchReferenceOps()))]
+    kernels = native.load()
+    if kernels is not None:
+        out.insert(0, ("cpu-native", CpuBackend()))
+    return out
+
+
+def _fake_linear(x, w, bias, w_bits, a_bits, clip, left, right, w_clip):
+    if left is not None:
+        x = kronecker_matmul(x, left, right)
+    clip_t = None if clip is None else torch.tensor(clip)
+    return F.linear(fake_quant_sym(x, a_bits, clip_ratio=clip_t), fake_quant_sym(w, w_bits, dim=1, clip_ratio=w_clip),
+                    bias)
+
+
+CASES = [  # m, k, n, w_bits, a_bits, clip, transform (a, b), bias
+    (1, 576, 1536, 4, 4, None, None, False),
+    (3, 577, 33, 4, 4, 0.9, None, True),
+    (17, 1536, 576, 4, 4, None, (32, 48), False),
+    (100, 96, 200, 4, 8, 0.8, (8, 12), True),
+    (5, 64, 24, 8, 8, None, None, False),
+    (1, 13, 7, 4, 4, 0.95, None, True),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "m{}k{}n{}w{}a{}".format(*c[:5]))
+def test_backend_kernels_match_fake_quant(case):
+    m, k, n, w_bits, a_bits, clip, trans, has_bias = case
+    g = torch.Generator().manual_seed(m * 1000 + k)
+    x = torch.randn(m, k, generator=g) * 2
+    x[:, 0] *= 20  # an outlier channel
+    w = torch.randn(n, k, generator=g) / k ** 0.5
+    bias = torch.randn(n, generator=g) if has_bias else None
+    left = right = None
+    if trans is not None:
+        left = torch.linalg.qr(torch.randn(trans[0], trans[0], generator=g))[0]
+        right = torch.linalg.qr(torch.randn(trans[1], trans[1], generator=g))[0]
+    w_clip = torch.full((n, 1), 0.9)
+    ref = _fake_linear(x, w, bias, w_bits, a_bits, clip, left, right, w_clip)
+    codes, scale = quantize_weight(w, w_bits, w_clip)
+    results = {}
+    for name, be in _backends():
+        tensors = be.prepare_weight(codes, w_bits, a_bits)
+        assert torch.equal(be.weight_codes(tensors, n, k), codes), name
+        qx = be.quantize(x, ActQuant(a_bits, clip, left, right), tensors)
+        out = be.matmul(qx, tensors, n, scale, bias, torch.float32)
+        assert out.shape == (m, n) and out.dtype == torch.float32
+        # the NPU kernels read bf16 activations and write bf16: a packing or layout bug would be ~100% off
+        tol = 5e-2 if name.startswith("npu") else 1e-5
+        assert _rel(out, ref) < tol, (name, _rel(out, ref))
+        results[name] = out
+    if "cpu-native" in results:  # same integer math and the same epilogue order: bit-identical
+        assert torch.equal(results["cpu-native"], results["cpu-torch"])
+
+
+def test_bf16_activations_and_outputs():
+    x = torch.randn(9, 160).bfloat16()
+    w = torch.randn(48, 160)
+    codes, scale = quantize_weight(w, 4)
+    ref = F.linear(fake_quant_sym(x, 4).float(), dequantize_weight(codes, scale))
+    for name, be in _backends():
+        tensors = be.prepare_weight(codes, 4)
+        out = be.matmul(be.quantize(x, ActQuant(4), tensors), tensors, 48, scale, None, torch.bfloat16)
+        assert out.dtype == torch.bfloat16 and _rel(out, ref) < 1e-2, name
+
+
+def test_activation_codes_match_the_reference_quantizer():
+    x = torch.randn(7, 300) * torch.rand(7, 1) * 10
+    x[2] = 0.0  # an all-zero token gets the 1e-8 scale floor and zero codes
+    q, s = quantize_activation(x, 4, 0.85)
+    assert torch.equal(q.float() * s, fake_quant_sym(x, 4, clip_ratio=torch.tensor(0.85)))
+    kernels = native.load()
+    if kernels is not None:
+        qx = kernels.quantize(x, 4, 0.85)
+        assert torch.equal(qx.q[:, :300], q) and torch.equal(qx.scale, s)
+        assert torch.equal(qx.extra["rowsum"], q.sum(1, dtype=torch.int32))
+
+
+# --- whole models --------------------------------------------------------------------------------------------------
+
+
+def _layer_outputs(model, ids):
+    """Inputs and outputs of every decoder layer of one forward."""
+    records = []
+    hooks = [layer.register_forward_hook(lambda mod, args, kwargs, out: records.append((args, kwargs, out)),
+                                         with_kwargs=True) for layer in model.model.layers]
+    with torch.no_grad():
+        model(input_ids=ids)
+    for h in hooks:
+        h.remove()
+    return records
+
+
+def _teacher_forced_errors(fake, real, ids):
+    """Per-token relative error of each real decoder layer fed the fake model's own layer input: the integer math,
+    without the amplification through later layers of a rare rounding flip."""
+    errs = []
+    for layer, (args, kwargs, out) in zip(real.model.layers, _layer_outputs(fake, ids)):
+        with torch.no_grad():
+            got = layer(*args, **kwargs)
+        a = got[0] if isinstance(got, tuple) else got
+        b = out[0] if isinstance(out, tuple) else out
+        errs.append(((a - b).norm(dim=-1) / b.norm(dim=-1)).flatten())
+    return torch.cat(errs)
+
+
+@pytest.mark.parametrize("model_name", ["smollm2", "tiny_qwen3"])
+def test_converted_model_matches_fake_quant(model_name, request):
+    base = request.getfixturevalue(model_name)
+    base = base if isinstance(base, torch.nn.Module) else base.model  # smollm2 is a LoadedModel
+    fake = _fake_model(base)
+    real = convert_model(copy.deepcopy(fake), "auto")
+    assert not any(isinstance(m, FlatQuantLinear) for m in real.modules())
+    n_real = sum(isinstance(m, RealQuantLinear) for m in real.modules())
+    assert n_real == 6 * base.config.num_hidden_layers  # q k v gate up down; o_proj stays float by default
+    assert sum(isinstance(m, TransformedNorm) for m in real.modules()) == 2 * base.config.num_hidden_layers
+    ids = torch.randint(0, base.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(1))
+    errs = _teacher_forced_errors(fake, real, ids)
+    assert float(errs.median()) < 1e-5 and float(errs.quantile(0.95)) < 1e-3, errs.max()
+
+
+def test_tiny_qwen3_logits_within_1e3(tiny_qwen3):
+    fake = _fake_model(tiny_qwen3)
+    for be in ("cpu", "cpu-torch"):
+        real = convert_model(copy.deepcopy(fake), be)
+        ids = torch.randint(0, tiny_qwen3.config.vocab_size, (1, 6), generator=torch.Generator().manual_seed(3))
+        with torch.no_grad():
+            assert _rel(real(input_ids=ids).logits, fake(input_ids=ids).logits) < 1e-3
+
+
+def test_shared_inputs_are_quantized_once_per_group(tiny_qwen3):
+    real = convert_model(_fake_model(tiny_qwen3), "cpu")
+    be = next(m.backend for m in real.modules() if isinstance(m, RealQuantLinear))
+    calls = []
+    original = be.quantize
+
+    def counting(x, act, tensors):
+        calls.append(x.shape)
+        return original(x, act, tensors)
+
+    be.quantize = counting
+    ids = torch.randint(0, tiny_qwen3.config.vocab_size, (1, 5))
+    with torch.no_grad():
+        real(input_ids=ids)
+    assert len(calls) == 3 * tiny_qwen3.config.num_hidden_layers  # q/k/v once, gate/up once, down once
+
+
+def test_convert_refuses_plain_and_unfolded_models(tiny_qwen3):
+    with pytest.raises(FlatQuantError, match="no FlatQuant layers"):
+        convert_model(copy.deepcopy(tiny_qwen3))
+    unfolded = copy.deepcopy(tiny_qwen3)
+    apply_flat_structure(unfolded, parse_config(None))
+    with pytest.raises(FlatQuantError, match="not folded"):
+        convert_model(unfolded)
+
+
+def test_dtype_cast_keeps_fp32_scales(tiny_qwen3):
+    real = convert_model(_fake_model(tiny_qwen3), "cpu").to(torch.bfloat16)
+    lin = real.model.layers[0].mlp.down_proj
+    assert lin.w_scale.dtype == torch.float32 and lin.trans_left.dtype == torch.bfloat16
+    with torch.no_grad():
+        out = real(input_ids=torch.randint(0, 100, (1, 4))).logits
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+
+
+# --- checkpoint ----------------------------------------------------------------------------------------------------
+
+RICH_CFG = {  # o_proj fake quant, 4-bit kv-cache and a skipped q_proj: every module kind of a converted model
+    "quant_cfg": {"inputs": {"type": "int4", "symmetric": True, "strategy": "token"},
+                  "weights": {"type": "int4", "symmetric": True, "strategy": "channel"}},
+    "algorithm": {"flatquant": {"use_o_quant": True, "use_kcache_quant": True, "k_bits": 4,
+                                "use_vcache_quant": True, "v_bits": 4, "lac": True}},
+    "skip_layers": ["lm_head", "layers.1.self_attn.q_proj"],
+}
+
+
+@pytest.mark.parametrize("cfg", [None, RICH_CFG], ids=["default", "o_quant+kv+skip"])
+def test_checkpoint_round_trip_gives_identical_logits(tiny_qwen3, tmp_path, cfg, smollm2):
+    fake = _fake_model(tiny_qwen3, cfg)
+    real = convert_model(copy.deepcopy(fake), "auto")
+    info = export_checkpoint(real, smollm2.tokenizer, tmp_path / "ck", parse_config(cfg))
+    assert info["ratio_to_bf16"] <= 0.3
+    manifest = read_manifest(tmp_path / "ck")
+    kinds = {e["kind"] for e in manifest["modules"].values()}
+    assert "realquant" in kinds and "norm_transform" in kinds
+    if cfg is not None:
+        assert {"frozen", "kv_quantizer"} <= kinds
+        assert isinstance(real.model.layers[1].self_attn.q_proj, torch.nn.Linear)
+    loaded = load_checkpoint(tmp_path / "ck")
+    assert loaded.tokenizer is not None and loaded.architecture == "Qwen3ForCausalLM"
+    ids = torch.randint(0, tiny_qwen3.config.vocab_size, (2, 9))
+    with torch.no_grad():
+        assert torch.equal(loaded.model(input_ids=ids).logits, real(input_ids=ids).logits)
+    packed = [m for m in loaded.model.modules() if isinstance(m, (RealQuantLinear, FrozenQuantLinear))]
+    assert packed and all(not t.is_meta for t in loaded.model.state_dict().values())
+
+
+def test_checkpoint_of_tied_smollm2_stores_the_embedding_once(smollm2, tmp_path):
+    fake = _fake_model(smollm2.model)
+    fake.model.layers = fake.model.layers[:2]  # two layers keep the file small
+    fake.config.num_hidden_layers = 2
+    export_checkpoint(fake, smollm2.tokenizer, tmp_path / "ck")  # converts in place
+    manifest = read_manifest(tmp_path / "ck")
+    assert manifest["aliases"] == {"lm_head.weight": "model.embed_tokens.weight"}
+    loaded = load_checkpoint(tmp_path / "ck").model
+    assert loaded.lm_head.weight.data_ptr() == loaded.model.embed_tokens.weight.data_ptr()
+    ids = torch.randint(0, 1000, (1, 7))
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=ids).logits, fake(input_ids=ids).logits)
+
+
+def test_bad_checkpoints_are_refused(tmp_path, tiny_qwen3, smollm2):
+    with pytest.raises(ModelLoadError, match="does not exist"):
+        load_checkpoint(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelLoadError, match="no quant_config.json"):
+        load_checkpoint(tmp_path / "empty")
+    ck = tmp_path / "ck"
+    export_checkpoint(_fake_model(tiny_qwen3), None, ck)
+    data = (ck / "model.safetensors").read_bytes()
+    (ck / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ModelLoadError, match="corrupt"):
+        load_checkpoint(ck)
+    manifest = json.loads((ck / "quant_config.json").read_text())
+    (ck / "quant_config.json").write_text(json.dumps(dict(manifest, format="something/else")))
+    with pytest.raises(ModelLoadError, match="not a FlatQuant Studio real-quant checkpoint"):
+        load_checkpoint(ck)
+
+
+def test_export_command_writes_a_loadable_checkpoint(tiny_qwen3_dir, tiny_qwen3, tmp_path, capsys):
+    from core.cli import main
+    from core.flat import flat_state
+    from core.matrices import build_payload, save_matrices
+    from core.models import load_model
+
+    cfg = parse_config(None)
+    model = copy.deepcopy(tiny_qwen3)
+    apply_flat_structure(model, cfg)
+    states = {}
+    for i, layer in enumerate(model.model.layers):
+        for t in iter_transforms(layer):
+            t.freeze()
+        states[i] = flat_state(layer)
+    matrix = save_matrices(tmp_path / "flat_matrices.pth", build_payload(model, cfg, states, complete=True))
+    out = tmp_path / "export"
+    rc = main(["export", "--model_path", str(tiny_qwen3_dir), "--flat_matrix_path", str(matrix),
+               "--output_dir", str(out), "--verify"])
+    text = capsys.readouterr().out
+    assert rc == 0 and "identical logits" in text and "All done!" in text
+    assert (out / "model.safetensors").exists() and (out / "tokenizer.json").exists()
+    assert read_manifest(out)["sizes"]["ratio_to_bf16"] <= 0.3
+    # no original weights needed: the folder alone gives the converted model's logits
+    fake = load_model(str(tiny_qwen3_dir)).model
+    from core.matrices import load_matrices
+
+    load_matrices(matrix, fake)
+    ids = torch.randint(0, 100, (1, 6))
+    with torch.no_grad():
+        ref = convert_model(fake)(input_ids=ids).logits
+        assert torch.equal(load_checkpoint(out).model(input_ids=ids).logits, ref)
+    rc = main(["export", "--model_path", str(tiny_qwen3_dir), "--flat_matrix_path", str(tmp_path / "nope.pth"),
+               "--output_dir", str(out)])
+    assert rc == 2 and "does not exist" in capsys.readouterr().err
+
+
+def test_report_time_diff_writes_the_seed_numbers(tiny_qwen3, smollm2, tmp_path):
+    res = report_time_diff(tiny_qwen3, _fake_model(tiny_qwen3), smollm2.tokenizer, str(tmp_path), seqlen=8,
+                           repeats=1)
+    report = json.loads((tmp_path / "report.json").read_text())["real_quant"]
+    assert report["time_orig_ms"] > 0 and report["time_real_quant_ms"] > 0 and report["batch"] == [1, 8]
+    assert res["backend"] in ("cpu", "cpu-torch")
+
+
+# --- backend selection ---------------------------------------------------------------------------------------------
+
+
+def test_backend_selection_without_torch_npu(monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch_npu", None)  # import torch_npu -> ImportError
+    assert select_backend("auto", "cpu").name == "cpu"
+    assert select_backend("auto").name == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert select_backend("cpu-torch").name == "cpu-torch"
+    with pytest.raises(ConfigError, match="not available"):
+        select_backend("npu")
+    with pytest.raises(ConfigError, match="Unknown real-quant backend"):
+        select_backend("tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="not available"):
+            select_backend("cuda")
+    with pytest.raises(ConfigError, match="runs on cpu"):
+        select_backend("cpu", "meta")
+
+
+def test_backend_selection_with_torch_npu_present(monkeypatch, tiny_qwen3):
+    """A stand-in torch_npu module exposing the documented ops (the pure-torch reference) and a visible device:
+    auto picks the npu backend, which then converts and runs a model through those entry points."""
+    fake_npu = types.ModuleType("torch_npu")
+    for name in ("npu_convert_weight_to_int4pack", "npu_kronecker_quant", "npu_dynamic_quant", "npu_quant_matmul"):
+        setattr(fake_npu, name, getattr(TorchReferenceOps, name))
+    monkeypatch.setitem(sys.modules, "torch_npu", fake_npu)
+    monkeypatch.setattr(torch, "npu", types.SimpleNamespace(is_available=lambda: True), raising=False)
+    be = select_backend("auto")
+    assert isinstance(be, NpuBackend) and be.ops is fake_npu
+    assert select_backend("auto", "cpu").name == "cpu"  # a model on the cpu still gets the cpu backend
+    fake = _fake_model(tiny_qwen3)
+    real = convert_model(copy.deepcopy(fake), be)  # the npu path, run on cpu tensors through the reference ops
+    lin = real.model.layers[0].mlp.down_proj
+    assert lin.qweight_int4.dtype == torch.int32 and lin.qweight_int4.shape == (256, 768 // 8)
+    ids = torch.randint(0, tiny_qwen3.config.vocab_size, (1, 6))
+    with torch.no_grad():
+        ref = fake(input_ids=ids).logits
+        bf16_noise = _rel(copy.deepcopy(fake).to(torch.bfloat16)(input_ids=ids).logits, ref)
+        # the NPU kernels quantize bf16 activations and write bf16: as close as the fake model's own bf16 run
+        assert _rel(real(input_ids=ids).logits, ref) < 1.5 * bf16_noise
+
+
+def test_native_can_be_turned_off(monkeypatch):
+    monkeypatch.setenv("FLATQUANT_NATIVE", "0")
+    monkeypatch.setattr(native, "_loaded", {})
+    be = CpuBackend()
+    assert be.native is None and "qweight" in be.prepare_weight(torch.zeros(4, 8, dtype=torch.int8), 4)
+    assert "FLATQUANT_NATIVE=0" in native.unsupported_reason()
