@@ -58,6 +58,9 @@ class EvalOptions:
     decode_tokens: int = 64
     latency_repeats: int = 3
     latency_real_quant: bool = True  # also time the real-quant (int4) conversion when core.realquant is available
+    # Timed copies are cast to this dtype ("bfloat16": the fast path on AVX-512 BF16 CPUs and GPUs/NPUs, and what
+    # a deployment runs); None/"none" times the models as loaded.
+    latency_dtype: Optional[str] = "bfloat16"
     # generation
     prompt: Optional[str] = None
     max_new_tokens: int = 64
@@ -152,12 +155,22 @@ def evaluate_acc(models: dict[str, nn.Module], tokenizer, options: EvalOptions, 
     return section
 
 
+def _latency_dtype(name: Optional[str]) -> Optional[torch.dtype]:
+    if name in (None, "", "none"):
+        return None
+    dtype = getattr(torch, str(name), None)
+    if not isinstance(dtype, torch.dtype):
+        raise ConfigError(f"--latency_dtype must be bfloat16, float16, float32 or none, got {name!r}.")
+    return dtype
+
+
 def evaluate_latency(models: dict[str, nn.Module], tokenizer, options: EvalOptions, reporter: Reporter) -> dict:
-    timed = dict(models)
+    dtype = _latency_dtype(options.latency_dtype)
+    timed = {name: _cast_copy(m, dtype) for name, m in models.items()}
     if options.latency_real_quant and "quantized" in models:
         real = _real_quant_copy(models["quantized"])
         if real is not None:
-            timed["quantized_real"] = real
+            timed["quantized_real"] = real if dtype is None else real.to(dtype)
     reporter.emit("latency", f"timing {', '.join(timed)} interleaved ({options.latency_repeats} repeats)")
     ids = latency_input_ids(tokenizer, options.latency_seqlen, text=_LATENCY_TEXT)
     results = measure_interleaved(timed, ids, decode_tokens=options.decode_tokens, repeats=options.latency_repeats)
@@ -165,7 +178,12 @@ def evaluate_latency(models: dict[str, nn.Module], tokenizer, options: EvalOptio
                          "tokens_per_s": "decode tokens per second", "peak_memory_mb": "MiB (process RSS on cpu, "
                          "max_memory_allocated on cuda/npu)", "weights_mb": "MiB of parameters and buffers"},
                "prompt_tokens": options.latency_seqlen, "decode_tokens": options.decode_tokens,
-               "repeats": options.latency_repeats, **results}
+               "repeats": options.latency_repeats,
+               "dtype": str(dtype).replace("torch.", "") if dtype is not None else "as loaded", **results}
+    if "quantized_real" in timed:
+        from .realquant.convert import model_backend
+
+        section["real_quant_backend"] = model_backend(timed["quantized_real"])
     base = results["original"]
     section["speedup"] = {
         name: {"prefill": base["prefill_ms"] / r["prefill_ms"],
@@ -173,6 +191,12 @@ def evaluate_latency(models: dict[str, nn.Module], tokenizer, options: EvalOptio
                "weights_ratio": r["weights_mb"] / base["weights_mb"]}
         for name, r in results.items() if name != "original"}
     return section
+
+
+def _cast_copy(model: nn.Module, dtype: Optional[torch.dtype]) -> nn.Module:
+    if dtype is None or all(p.dtype == dtype for p in model.parameters() if p.is_floating_point()):
+        return model
+    return copy.deepcopy(model).to(dtype)
 
 
 def _real_quant_copy(quantized: nn.Module) -> Optional[nn.Module]:
@@ -290,6 +314,8 @@ def add_eval_args(parser: argparse.ArgumentParser, default_sections: Sequence[st
     _add(group, "--latency_seqlen", type=int, default=128, help="prompt tokens for the prefill timing")
     _add(group, "--decode_tokens", type=int, default=64, help="decode steps for the decode timing")
     _add(group, "--latency_repeats", type=int, default=3, help="timed rounds (median kept)")
+    _add(group, "--latency_dtype", default="bfloat16", help="dtype of the timed copies: bfloat16 | float16 | "
+         "float32 | none (as loaded)")
     _add(group, "--prompt", default=None, help="generation prompt (default: the sample's AMCT prompt)")
     _add(group, "--max_new_tokens", type=int, default=64, help="generation length")
     return parser
@@ -317,6 +343,7 @@ def eval_options_from_args(args: argparse.Namespace, output_dir: Optional[str] =
         latency_seqlen=getattr(args, "latency_seqlen", 128),
         decode_tokens=getattr(args, "decode_tokens", 64),
         latency_repeats=getattr(args, "latency_repeats", 3),
+        latency_dtype=getattr(args, "latency_dtype", "bfloat16"),
         prompt=getattr(args, "prompt", None),
         max_new_tokens=getattr(args, "max_new_tokens", 64),
     )

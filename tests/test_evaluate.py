@@ -61,7 +61,16 @@ def test_evaluate_pair_writes_every_section(smollm2, flat_smollm2, shared_data, 
         assert lat[name]["prefill_ms"] > 0 and lat[name]["decode_ms_per_token"] > 0 and lat[name]["tokens_per_s"] > 0
         assert lat[name]["peak_memory_mb"] > 0 and lat[name]["prompt_tokens"] == 8
     assert {"prefill_ms", "decode_ms_per_token", "tokens_per_s", "peak_memory_mb"} <= set(lat["units"])
-    assert lat["speedup"]["quantized"]["prefill"] > 0
+    assert lat["speedup"]["quantized"]["prefill"] > 0 and lat["dtype"] == "bfloat16"
+    assert lat["original"]["weights_mb"] == pytest.approx(
+        sum(p.numel() for p in smollm2.model.parameters()) * 2 / 2**20, rel=0.01)  # timed as a bf16 copy
+    try:
+        import core.realquant.convert  # noqa: F401
+    except ImportError:
+        assert "quantized_real" not in lat
+    else:  # the int4 conversion is timed too, and its linear weights take far less memory
+        assert lat["quantized_real"]["decode_ms_per_token"] > 0 and lat["real_quant_backend"]
+        assert lat["speedup"]["quantized_real"]["weights_ratio"] < 0.9
 
     gen = report["generation"]
     assert gen["chat_template_applied"] and gen["original"]["text"] and gen["quantized"]["text"]
