@@ -227,6 +227,17 @@ def test_shared_inputs_are_quantized_once_per_group(tiny_qwen3):
     assert len(calls) == 3 * tiny_qwen3.config.num_hidden_layers  # q/k/v once, gate/up once, down once
 
 
+def test_converted_model_deepcopies_with_its_own_shared_groups(tiny_qwen3):
+    real = convert_model(_fake_model(tiny_qwen3), "cpu")
+    twin = copy.deepcopy(real)
+    attn, twin_attn = real.model.layers[0].self_attn, twin.model.layers[0].self_attn
+    assert twin_attn.q_proj.shared is twin_attn.k_proj.shared is twin_attn.v_proj.shared
+    assert twin_attn.q_proj.shared is not attn.q_proj.shared and twin_attn.q_proj.backend is attn.q_proj.backend
+    ids = torch.randint(0, 100, (1, 5))
+    with torch.no_grad():
+        assert torch.equal(twin(input_ids=ids).logits, real(input_ids=ids).logits)
+
+
 def test_convert_refuses_plain_and_unfolded_models(tiny_qwen3):
     with pytest.raises(FlatQuantError, match="no FlatQuant layers"):
         convert_model(copy.deepcopy(tiny_qwen3))

@@ -95,6 +95,9 @@ class Backend:
                bias: Optional[torch.Tensor], out_dtype: torch.dtype) -> torch.Tensor:
         raise NotImplementedError
 
+    def __deepcopy__(self, memo):
+        return self  # stateless apart from loaded kernels: copies of a model share their backend
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r})"
 

@@ -1,6 +1,7 @@
 """Modules of a real-quant model: the W4A4 linear on an integer GEMM, and the frozen float parts around it."""
 from __future__ import annotations
 
+import threading
 from typing import Optional
 
 import torch
@@ -18,14 +19,20 @@ class SharedInputQuant:
 
     The first member to see a tensor quantizes it; the others reuse the result while the very same tensor object
     (same version counter: not modified in place) comes in. The entry is dropped once every member has used it,
-    so no activation is kept alive past its layer."""
+    so no activation is kept alive past its layer. State is per thread: concurrent forwards never share it."""
 
     def __init__(self, members: int):
         self.members = members
-        self._x: Optional[torch.Tensor] = None
-        self._version = -1
-        self._result: Optional[QuantizedInput] = None
-        self._left = 0
+        self._local = threading.local()
+
+    def __deepcopy__(self, memo):
+        return SharedInputQuant(self.members)  # members of a copied model share the copy (deepcopy's memo)
+
+    def __getstate__(self):
+        return {"members": self.members}
+
+    def __setstate__(self, state):
+        self.__init__(state["members"])
 
     @staticmethod
     def _version_of(x: torch.Tensor) -> int:
@@ -33,19 +40,21 @@ class SharedInputQuant:
         return -2 if x.is_inference() else x._version
 
     def get(self, x: torch.Tensor, compute) -> QuantizedInput:
-        if self._x is x and self._version == self._version_of(x) and self._left > 0:
-            result = self._result
-            self._left -= 1
-            if self._left == 0:
+        st = self._local
+        if getattr(st, "x", None) is x and st.version == self._version_of(x) and st.left > 0:
+            result = st.result
+            st.left -= 1
+            if st.left == 0:
                 self.clear()
             return result
         result = compute()
         if self.members > 1:
-            self._x, self._version, self._result, self._left = x, self._version_of(x), result, self.members - 1
+            st.x, st.version, st.result, st.left = x, self._version_of(x), result, self.members - 1
         return result
 
     def clear(self) -> None:
-        self._x, self._result, self._left = None, None, 0
+        st = self._local
+        st.x, st.result, st.left = None, None, 0
 
 
 class RealQuantLinear(nn.Module):

@@ -39,7 +39,7 @@ FQ_API void fq_quantize(const void *x, int bf16, int64_t M, int64_t K, int64_t l
                         int use_clip, int8_t *q, int64_t ldq, float *scale, int32_t *rowsum)
 {
     const float lo = (float)(-qmax - 1), hi = (float)qmax;
-#pragma omp parallel for schedule(static) if (M * K >= (1 << 16))
+#pragma omp parallel for schedule(static) if (M * K >= (1 << 18))
     for (int64_t m = 0; m < M; ++m) {
         const void *row = bf16 ? (const void *)((const uint16_t *)x + m * ldx) : (const void *)((const float *)x + m * ldx);
         __m512 vmax = _mm512_setzero_ps();
@@ -170,7 +170,8 @@ FQ_API void fq_gemm(const int8_t *q, int64_t ldq, const int32_t *rowsum, const f
     int64_t mc = (int64_t)(1 << 20) / (KB * 8);
     mc = mc < MR ? MR : (mc / MR) * MR;
     const int64_t ngroups = (NB + NR - 1) / NR;
-    const int parallel = (M * N * KB * 8) >= (1 << 18);
+    /* a parallel region costs a thread wake-up (tens of us, more on a busy machine): only for real work */
+    const int parallel = (M * N * KB * 8) >= (1 << 22);
     for (int64_t m0 = 0; m0 < M; m0 += mc) {
         const int64_t m1 = m0 + mc < M ? m0 + mc : M;
 #pragma omp parallel for schedule(static) if (parallel)
