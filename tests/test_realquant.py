@@ -247,6 +247,17 @@ def test_convert_refuses_plain_and_unfolded_models(tiny_qwen3):
         convert_model(unfolded)
 
 
+def test_memory_sizes_follow_the_backend_layout(tiny_qwen3):
+    from core.realquant.convert import memory_sizes
+
+    fake = _fake_model(tiny_qwen3)
+    held = memory_sizes(convert_model(copy.deepcopy(fake), "cpu-torch"))
+    assert held["weight_layout"] == ["qweight:int8"] and 0.5 < held["ratio_to_bf16"] < 0.53
+    if native.load() is not None:
+        packed = memory_sizes(convert_model(copy.deepcopy(fake), "cpu"))
+        assert packed["weight_layout"] == ["qweight_vnni:uint8"] and 0.25 < packed["ratio_to_bf16"] < 0.28
+
+
 def test_dtype_cast_keeps_fp32_scales(tiny_qwen3):
     real = convert_model(_fake_model(tiny_qwen3), "cpu").to(torch.bfloat16)
     lin = real.model.layers[0].mlp.down_proj

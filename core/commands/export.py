@@ -32,17 +32,20 @@ def run(args: argparse.Namespace) -> int:
     from ..matrices import load_matrices
     from ..models import load_model
     from ..realquant.checkpoint import export_checkpoint, load_checkpoint
-    from ..realquant.convert import convert_model
+    from ..realquant.convert import convert_model, memory_sizes
 
     device = resolve_device(args.device)
     print(f"Loading {args.model_path or 'smollm2 (embedded default)'} on {device} ...", file=sys.stderr)
     loaded = load_model(args.model_path, device=device)
     cfg = load_matrices(args.flat_matrix_path, loaded.model)
     model = convert_model(loaded.model, args.backend)
+    mem = memory_sizes(model)
     info = export_checkpoint(model, loaded.tokenizer, args.output_dir, cfg)
     mib = 2 ** 20
-    print(f"Quantized linears: {info['quantized_linear_bytes'] / mib:.2f} MiB (packed int4 + scales) vs "
+    print(f"Quantized linears on disk: {info['quantized_linear_bytes'] / mib:.2f} MiB (packed int4 + scales) vs "
           f"{info['quantized_linear_bf16_bytes'] / mib:.2f} MiB in bf16: {info['ratio_to_bf16']:.3f}x")
+    print(f"Quantized linears in memory ({mem['backend']} backend, {', '.join(mem['weight_layout'])}): "
+          f"{mem['in_memory_bytes'] / mib:.2f} MiB: {mem['ratio_to_bf16']:.3f}x of bf16")
     print(f"Checkpoint: {info['output_dir']} (model.safetensors {info['file_bytes'] / mib:.1f} MiB)")
     if args.verify:
         reloaded = load_checkpoint(args.output_dir, device=device, backend=args.backend)

@@ -5,9 +5,9 @@
 """
 from .backends import available_backends, backend_names, select_backend
 from .checkpoint import export_checkpoint, load_checkpoint, read_manifest
-from .convert import convert_model, is_real_quant, model_backend, report_time_diff, time_diff
+from .convert import convert_model, is_real_quant, memory_sizes, model_backend, report_time_diff, time_diff
 from .modules import FrozenQuantLinear, RealQuantLinear, TransformedNorm
 
 __all__ = ["available_backends", "backend_names", "select_backend", "convert_model", "is_real_quant",
-           "model_backend", "time_diff", "report_time_diff", "export_checkpoint", "load_checkpoint", "read_manifest",
+           "model_backend", "memory_sizes", "time_diff", "report_time_diff", "export_checkpoint", "load_checkpoint", "read_manifest",
            "RealQuantLinear", "FrozenQuantLinear", "TransformedNorm"]

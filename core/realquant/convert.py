@@ -88,6 +88,21 @@ def convert_model(model: nn.Module, backend: str | Backend = "auto") -> nn.Modul
     return model.eval().requires_grad_(False)
 
 
+def memory_sizes(model: nn.Module) -> dict:
+    """Bytes the real-quant linears hold in memory (the backend's own layout: int4 blocks for the native cpu
+    kernels, int8-held codes for torch._int_mm, int32 words on the NPU; plus scales, transforms, biases) against the
+    same linears in bf16. The checkpoint's sizes (always packed int4 on disk) are in its quant_config.json."""
+    mem = bf16 = 0
+    layouts = set()
+    for m in model.modules():
+        if isinstance(m, RealQuantLinear):
+            mem += sum(b.numel() * b.element_size() for b in m.buffers())
+            bf16 += 2 * m.out_features * (m.in_features + (1 if m.bias is not None else 0))
+            layouts.update(f"{n}:{str(t.dtype).replace('torch.', '')}" for n, t in m.weight_tensors().items())
+    return {"in_memory_bytes": mem, "bf16_bytes": bf16, "ratio_to_bf16": (mem / bf16) if bf16 else None,
+            "backend": model_backend(model), "weight_layout": sorted(layouts)}
+
+
 # --- the sample's "Time diff" lines ------------------------------------------------------------------------------
 
 
