@@ -66,7 +66,9 @@ def _grouped(title: str, categories: list[str], series: dict[str, list], lang: s
         fig.add_trace(go.Bar(x=categories, y=ys, name=t(label_key, lang), marker_color=color,
                              text=[fmt.format(v) if v is not None else "n/a" for v in ys], textposition="outside",
                              cliponaxis=False))
+    top = max([v for ys in series.values() for v in (ys or []) if v is not None] or [1.0])
     fig.update_layout(title=title, barmode="group", yaxis_title=yaxis, **_LAYOUT)
+    fig.update_yaxes(range=[0, 1.2 * top])  # room for the numbers above the bars
     return fig
 
 
@@ -133,13 +135,18 @@ def latency_figure(report: dict, lang: str = "en") -> go.Figure:
         return _empty(t("latency_chart", lang), t("chart_empty_eval", lang))
     fig = make_subplots(rows=1, cols=len(metrics), subplot_titles=[label for _, label in metrics])
     for i, (metric, _) in enumerate(metrics, start=1):
+        values = []
         for key, label_key, color in sides:
             v = lat[key].get(metric)
+            values.append(v or 0.0)
             fig.add_trace(go.Bar(x=[t(label_key, lang)], y=[v], name=t(label_key, lang), marker_color=color,
                                  showlegend=(i == 1), legendgroup=key,
                                  text=[f"{v:.1f}" if v is not None else "n/a"], textposition="outside",
                                  cliponaxis=False),
                           row=1, col=i)
         fig.update_xaxes(showticklabels=False, row=1, col=i)
-    fig.update_layout(title=t("latency_chart", lang), **_LAYOUT)
+        fig.update_yaxes(range=[0, 1.2 * max(values) or 1.0], row=1, col=i)  # room for the numbers on top
+    layout = dict(_LAYOUT, height=400, margin=dict(l=50, r=20, t=90, b=30),
+                  legend=dict(orientation="h", yanchor="top", y=-0.05, xanchor="center", x=0.5))
+    fig.update_layout(title=t("latency_chart", lang), **layout)
     return fig

@@ -81,11 +81,11 @@ def test_browser_flow(tmp_path, smollm2):
 
         # Model & config: a budget that runs for a while (so the reload lands mid-job) and skip_layers.
         fill(page, "skip_layers", "lm_head, layers.1.mlp.down_proj")
-        for elem_id, value in (("nsamples", 8), ("seqlen", 128), ("epochs", 2), ("max_layers", 6),
-                               ("ppl_windows", 4)):
+        for elem_id, value in (("nsamples", 8), ("seqlen", 128), ("epochs", 2), ("max_layers", 8),
+                               ("ppl_windows", 8)):
             fill(page, elem_id, value)
         cli = page.locator("#cli_preview")
-        page.wait_for_function("() => document.querySelector('#cli_preview').innerText.includes('--max_layers 6')")
+        page.wait_for_function("() => document.querySelector('#cli_preview').innerText.includes('--max_layers 8')")
         assert "--skip_layers=layers.1.mlp.down_proj,lm_head" in cli.inner_text()
         page.screenshot(path=str(SHOTS / "model_config.png"), full_page=True)
 
@@ -105,9 +105,8 @@ def test_browser_flow(tmp_path, smollm2):
         page.wait_for_function("() => document.querySelector('#skip_layers textarea, #skip_layers input').value"
                                ".includes('layers.1.mlp.down_proj')", timeout=30_000)
         open_tab(page, "Calibrate")
-        after = wait_status(page, lambda a: a["job"] == first["job"] and a["status"] == "running", 30,
-                            "same job after reload")
-        assert int(after["seq"]) >= int(moved["seq"])
+        after = wait_status(page, lambda a: a["job"] == first["job"], 30, "same job after reload")
+        assert after["status"] == "running" and int(after["seq"]) >= int(moved["seq"])
         wait_status(page, lambda a: a["status"] != "running" or int(a["seq"]) > int(after["seq"]), 60,
                     "progress after reload")
         page.wait_for_function("() => document.querySelectorAll('#loss_plot .js-plotly-plot g.trace').length > 0",
@@ -127,10 +126,11 @@ def test_browser_flow(tmp_path, smollm2):
             "() => document.querySelector('#gen_quantized textarea').value.length > 0"
             " && document.querySelector('#gen_original textarea').value.length > 0", timeout=120_000)
         assert "tokens/s" in page.locator("#gen_quantized_stats").inner_text()
+        before = status_attrs(page)["job"]  # the generation job; the evaluation is a new one
         page.locator("#evaluate_btn").click()
         page.wait_for_function("() => document.querySelector('#eval_msg').innerText.includes('Started')",
                                timeout=30_000)
-        wait_status(page, lambda a: a["status"] != "running", 400, "evaluation finished")
+        wait_status(page, lambda a: a["job"] != before and a["status"] != "running", 400, "evaluation finished")
         assert status_attrs(page)["status"] == "done", page.locator("#fq-status").inner_text()
         page.wait_for_function("() => document.querySelectorAll('#latency_plot .js-plotly-plot g.trace').length > 0",
                                timeout=30_000)
