@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import os
 import pickle
-import zipfile
 from pathlib import Path
 from typing import Optional
 
@@ -52,7 +51,7 @@ def read_matrices(path: str | os.PathLike) -> dict:
     except pickle.UnpicklingError as exc:
         raise MatrixFileError(f"Matrix file {str(path)!r} holds objects other than tensors and plain values and was "
                               "refused (unsafe pickle); use a file written by FlatQuant Studio.") from exc
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as exc:
+    except Exception as exc:  # torch.load raises many types on garbage (RuntimeError, IndexError, BadZipFile, ...)
         raise MatrixFileError(f"Matrix file {str(path)!r} is corrupt or truncated ({type(exc).__name__}); "
                               "recalibrate or copy the file again.") from exc
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
