@@ -22,7 +22,9 @@ def test_quantize_qwen3_folder_end_to_end(tiny_qwen3_dir, tmp_path):
                    "--epochs", "1", "--ppl_max_windows", "2", "--output_dir", str(out))
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "PPL score:" in proc.stdout and proc.stdout.rstrip().endswith("All done!")
+    assert "Time diff orig: " in proc.stdout and "Time diff after real quant: " in proc.stdout
     report = json.loads((out / "report.json").read_text())
+    assert report["real_quant"]["time_orig_ms"] > 0 and report["real_quant"]["time_real_quant_ms"] > 0
     assert report["model"]["architecture"] == "Qwen3ForCausalLM"
     assert report["ppl"]["seqlen"] == 512 and report["calibration"]["epochs"] == 1
     assert (out / "flat_matrices.pth").exists() and (out / "quantize.log").exists()

@@ -44,6 +44,8 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--ppl_seqlen", type=int, default=512)
     p.add_argument("--no_ppl", dest="skip_ppl", action="store_true", help="skip the perplexity comparison")
     p.add_argument("--no_resume", dest="resume", action="store_false", help="ignore a resume checkpoint")
+    p.add_argument("--no_time_diff", dest="time_diff", action="store_false",
+                   help="skip timing one forward of the original vs the real int4 model")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output_dir", default=None, help="default: ./outputs/<model name>")
     from ..evaluate import add_eval_args
@@ -102,6 +104,12 @@ def run(args: argparse.Namespace) -> int:
         if ppl.get("rtn") is not None:
             print(f"PPL score (RTN W4A4): {ppl['rtn']:.4f}")
         print(f"PPL score: {ppl['quantized']:.4f}")
+    if args.time_diff:
+        from ..realquant.convert import report_time_diff
+
+        td = report_time_diff(result.original.model, result.quantized, result.tokenizer, output_dir)
+        print(f"Time diff orig: {td['time_orig_ms']:.2f}")
+        print(f"Time diff after real quant: {td['time_real_quant_ms']:.2f}")
     from ..evaluate import eval_options_from_args, evaluate_pair, summary_lines
 
     eval_opts = eval_options_from_args(args, output_dir=output_dir, quant_config=report.get("config"))
