@@ -198,12 +198,11 @@ def smooth_init(weights: list[torch.Tensor], act_absmax: torch.Tensor, alpha: fl
     return (w_max.clamp(min=1e-5).pow(1 - alpha) / act_absmax.float().clamp(min=1e-5).pow(alpha)).clamp(min=1e-5)
 
 
-def _flat_linear(linear: nn.Linear, name: str, cfg: FlatQuantConfig, act_q: ActQuantizer, trans, in_trans=None,
-                 skipped: bool = False, eligible: bool = True, lwc: Optional[bool] = None) -> FlatQuantLinear:
+def _flat_linear(linear: nn.Linear, cfg: FlatQuantConfig, act_q: ActQuantizer, trans, lwc: bool, in_trans=None,
+                 skipped: bool = False, eligible: bool = True) -> FlatQuantLinear:
     if skipped:  # stays full precision but must still undo the transform its input went through
         return FlatQuantLinear(linear, 16, 16, False, ActQuantizer(16, False), in_trans, trans, False)
-    return FlatQuantLinear(linear, cfg.w_bits, cfg.a_bits, cfg.lwc if lwc is None else lwc, act_q, in_trans, trans,
-                           eligible)
+    return FlatQuantLinear(linear, cfg.w_bits, cfg.a_bits, lwc, act_q, in_trans, trans, eligible)
 
 
 def wrap_layer(layer: nn.Module, index: int, cfg: FlatQuantConfig, stats: Optional[ActivationStats] = None,
@@ -221,24 +220,28 @@ def wrap_layer(layer: nn.Module, index: int, cfg: FlatQuantConfig, stats: Option
     def make_trans(dim, offset, diag=add_diag):
         return KroneckerTransform(dim, add_diag=diag, seed=seed + offset) if use_transforms else None
 
-    # attention input group: q/k/v share one transform applied after input_layernorm
-    names = {n: f"{base}.self_attn.{n}" for n in QKV}
-    skipped = {n: cfg.is_skipped(names[n]) for n in QKV}
-    if not all(skipped.values()):
-        trans = make_trans(hidden, 1)
+    def wrap_group(norm_attr: str, parent: nn.Module, parent_name: str, members: tuple, act_absmax, offset: int):
+        """Linears fed by one RMSNorm share one transform (applied after the norm) and one activation quantizer."""
+        names = {n: f"{base}.{parent_name}.{n}" for n in members}
+        skipped = {n: cfg.is_skipped(names[n]) for n in members}
+        if all(skipped.values()):
+            return
+        trans = make_trans(hidden, offset)
         if trans is not None:
-            if stats is not None and stats.qkv is not None and trans.diag is not None:
-                trans.diag.data = smooth_init([getattr(attn, n).weight for n in QKV], stats.qkv, cfg.diag_alpha)
-            layer.input_layernorm = FlatNormTransform(layer.input_layernorm, trans)
+            if act_absmax is not None and trans.diag is not None:
+                trans.diag.data = smooth_init([getattr(parent, n).weight for n in members], act_absmax, cfg.diag_alpha)
+            setattr(layer, norm_attr, FlatNormTransform(getattr(layer, norm_attr), trans))
         act_q = ActQuantizer(cfg.a_bits, lac)
-        for n in QKV:
-            setattr(attn, n, _flat_linear(getattr(attn, n), names[n], cfg, act_q, trans, skipped=skipped[n], lwc=lwc))
+        for n in members:
+            setattr(parent, n, _flat_linear(getattr(parent, n), cfg, act_q, trans, lwc, skipped=skipped[n]))
+
+    wrap_group("input_layernorm", attn, "self_attn", QKV, stats.qkv if stats else None, 1)
 
     o_name = f"{base}.self_attn.o_proj"
     if cfg.use_o_quant and not cfg.is_skipped(o_name):
         o_trans = make_trans(attn.o_proj.in_features, 2, diag=False)
-        attn.o_proj = _flat_linear(attn.o_proj, o_name, cfg, ActQuantizer(cfg.a_bits, lac), o_trans, in_trans=o_trans,
-                                   eligible=False, lwc=lwc)
+        attn.o_proj = _flat_linear(attn.o_proj, cfg, ActQuantizer(cfg.a_bits, lac), o_trans, lwc, in_trans=o_trans,
+                                   eligible=False)
 
     if cfg.use_kcache_quant or cfg.use_vcache_quant:
         _register_attention()
@@ -247,26 +250,15 @@ def wrap_layer(layer: nn.Module, index: int, cfg: FlatQuantConfig, stats: Option
                                              cfg.v_bits if cfg.use_vcache_quant else 16, cfg.v_sym, seed + 3)
         attn.config._attn_implementation = _ATTN_KEY
 
-    # MLP input group: gate/up share one transform applied after post_attention_layernorm
-    names = {n: f"{base}.mlp.{n}" for n in UP_GATE}
-    skipped = {n: cfg.is_skipped(names[n]) for n in UP_GATE}
-    if not all(skipped.values()):
-        trans = make_trans(hidden, 5)
-        if trans is not None:
-            if stats is not None and stats.up_gate is not None and trans.diag is not None:
-                trans.diag.data = smooth_init([getattr(mlp, n).weight for n in UP_GATE], stats.up_gate, cfg.diag_alpha)
-            layer.post_attention_layernorm = FlatNormTransform(layer.post_attention_layernorm, trans)
-        act_q = ActQuantizer(cfg.a_bits, lac)
-        for n in UP_GATE:
-            setattr(mlp, n, _flat_linear(getattr(mlp, n), names[n], cfg, act_q, trans, skipped=skipped[n], lwc=lwc))
+    wrap_group("post_attention_layernorm", mlp, "mlp", UP_GATE, stats.up_gate if stats else None, 5)
 
     down_name = f"{base}.mlp.down_proj"
     if cfg.use_down_quant and not cfg.is_skipped(down_name):
         d_trans = make_trans(mlp.down_proj.in_features, 7)
         if d_trans is not None and stats is not None and stats.down is not None and d_trans.diag is not None:
             d_trans.diag.data = smooth_init([mlp.down_proj.weight], stats.down, cfg.diag_alpha)
-        mlp.down_proj = _flat_linear(mlp.down_proj, down_name, cfg, ActQuantizer(cfg.a_bits, lac), d_trans,
-                                     in_trans=d_trans, lwc=lwc)
+        mlp.down_proj = _flat_linear(mlp.down_proj, cfg, ActQuantizer(cfg.a_bits, lac), d_trans, lwc,
+                                     in_trans=d_trans)
 
 
 @torch.no_grad()
