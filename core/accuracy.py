@@ -10,7 +10,6 @@ number papers quote), else acc (LAMBADA, WinoGrande). Values are percent with 2 
 """
 from __future__ import annotations
 
-import logging
 import os
 import shutil
 import tempfile
@@ -22,8 +21,6 @@ from torch import nn
 
 from .errors import ConfigError, DataError
 from .progress import Reporter
-
-log = logging.getLogger(__name__)
 
 DEFAULT_TASKS: tuple[str, ...] = ("arc_challenge", "arc_easy", "hellaswag", "lambada_openai", "piqa", "winogrande")
 LOCAL_SUFFIX = "_local"  # generated task name = stock name + suffix (a task name must be unique in lm-eval's index)
@@ -163,7 +160,8 @@ def plan_tasks(tasks: Sequence[str], tasks_data_dir: Optional[str] = None) -> Ta
             if tasks_data_dir and offline:
                 raise DataError(
                     f"No local file for task {task!r} in {tasks_data_dir} (tried "
-                    f"{', '.join(p.format(t=task) for p in _FILE_PATTERNS)}); add one in the HF schema or drop the task."
+                    f"{', '.join(p.format(t=task) for p in _FILE_PATTERNS)}); add one in the HF schema or drop "
+                    "the task."
                 )
             plan.stock.append(task)
             continue

@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 import copy
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
@@ -64,7 +64,6 @@ class EvalOptions:
     # generation
     prompt: Optional[str] = None
     max_new_tokens: int = 64
-    extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         unknown = [s for s in self.sections if s not in SECTIONS]

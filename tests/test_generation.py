@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 from core.generation import (DEFAULT_PROMPT, QWEN3_PROMPT, GenerationOptions, build_chat_input, compare_generation,
                              default_prompt)

@@ -13,7 +13,8 @@ from ..progress import ProgressEvent, Reporter
 
 def register(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
-        "evaluate", help="evaluate a model (and its FlatQuant version) on perplexity, lm-eval tasks, latency, generation",
+        "evaluate",
+        help="evaluate a model (and its FlatQuant version): perplexity, lm-eval tasks, latency, generation",
         description="Evaluate a model; with --flat_matrix_path also its FlatQuant W4A4 version, side by side. "
                     "Results go to OUTPUT_DIR/report.json.")
     p.add_argument("--model_path", default=None, help="local model folder (default: the embedded SmolLM2-135M)")
