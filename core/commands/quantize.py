@@ -117,7 +117,7 @@ def run(args: argparse.Namespace) -> int:
         from ..progress import Reporter
 
         results = evaluate_pair(result.original.model, result.quantized, result.tokenizer, eval_opts,
-                                Reporter(progress))
+                                Reporter(progress), rtn=result.rtn)
         for line in summary_lines(results):
             print(line)
     print(f"Saved {result.matrix_path} and {result.output_dir / 'report.json'}")
