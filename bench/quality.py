@@ -44,6 +44,7 @@ def main() -> None:
     ap.add_argument("--ppl_seqlen", type=int, default=512)
     ap.add_argument("--ppl_max_windows", type=int, default=None)
     ap.add_argument("--json", default=None, help="also write the results here")
+    ap.add_argument("--timing_only", action="store_true", help="calibrate only (wall time, RSS); no perplexity")
     args = ap.parse_args()
 
     wiki = wikitext_test_path()
@@ -59,6 +60,8 @@ def main() -> None:
           f"{platform.processor() or platform.machine()}", flush=True)
 
     def ppl(model):
+        if args.timing_only:
+            return float("nan")
         return perplexity_from_ids(model, test_ids, args.ppl_seqlen, max_windows=args.ppl_max_windows)
 
     results = {"setup": vars(args), "original": ppl(lm.model)}
