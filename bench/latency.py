@@ -9,10 +9,14 @@ Sections
           86x128 online Kronecker transform), M = 1, 16, 128, 512 tokens: bf16 nn.Linear (oneDNN), fp32 nn.Linear
           (MKL), fp32 through oneDNN (mkldnn._linear_pointwise, prepacked), and RealQuantLinear on the `cpu`
           (native int4 VNNI) and `cpu-torch` (torch._int_mm) backends, including quantization and rescale.
-  model   prefill (one forward of 1 x 512 tokens) and decode (ms per token over 64 greedy steps with the KV cache)
-          of SmolLM2-135M and of a LLaMA-2-7B-shaped model with random weights and --layers decoder layers (speed
-          does not depend on weight values), bf16 original vs real-quant (both backends), through
-          core.latency.measure_interleaved (warm-up, median of repeats, peak RSS, weights MiB).
+  model   prefill (one plain forward of 1 x 512 tokens) and decode (ms per token over 64 greedy steps with the KV
+          cache, core.latency.greedy_decode) of SmolLM2-135M and of a LLaMA-2-7B-shaped model with random weights
+          and --layers decoder layers (speed does not depend on weight values), bf16 original vs real-quant (both
+          backends); warm-up, median of repeats, peak RSS, weights MiB.
+          The prefill is timed without logits_to_keep: with it, transformers slices the last hidden state into a
+          [1, 1, 4096] view whose strides make torch.matmul take its bmm path, which copies the transposed
+          32000 x 4096 lm_head weight on every call (seconds on this CPU, in the original and the quantized model
+          alike); decode steps are not affected.
 
 Every number is a median over --repeats rounds; inside a round the variants run back to back (A, B, C, A, B, C,
 ...), so the machine's drift (2 shared vCPUs, other jobs) hits all of them alike. The OMP wait policy must be set
@@ -105,6 +109,16 @@ def bench_linear(repeats: int, warmup: int, tokens=TOKENS) -> list[dict]:
 # --- model level ----------------------------------------------------------------------------------------------------
 
 
+def torch_inference(fn):
+    def wrapper(*args, **kwargs):
+        import torch
+
+        with torch.inference_mode():
+            return fn(*args, **kwargs)
+
+    return wrapper
+
+
 def _llama7b_shaped(layers: int):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -138,12 +152,23 @@ def _model_set(name: str, base, backends) -> dict:
     return models
 
 
+@torch_inference
+def _prefill_ms(model, ids) -> float:
+    import time as _t
+
+    t0 = _t.perf_counter()
+    model(input_ids=ids, use_cache=True)  # one plain forward: all 512 logits, as the sample's "one forward"
+    return (_t.perf_counter() - t0) * 1e3
+
+
 def bench_model(repeats: int, warmup: int, layers: int, prompt: int, decode: int, backends) -> list[dict]:
+    """Prefill: one plain forward of the prompt (``_prefill_ms``). Decode: core.latency.greedy_decode (the
+    evaluation code path: one prefill, then ``decode`` single-token steps with the KV cache). Both interleaved."""
     import gc
 
     import torch
 
-    from core.latency import measure_interleaved
+    from core.latency import greedy_decode, model_weights_mb, peak_memory_mb, reset_peak_memory
     from core.models import load_model
 
     rows = []
@@ -155,17 +180,26 @@ def bench_model(repeats: int, warmup: int, layers: int, prompt: int, decode: int
         del base
         gc.collect()
         ids = torch.randint(100, 30000, (1, prompt), generator=torch.Generator().manual_seed(0))
-        res = measure_interleaved(models, ids, decode_tokens=decode, repeats=repeats, warmup=warmup)
-        ref = res["original bf16"]
-        for variant, r in res.items():
-            rows.append({"model": name, "variant": variant, "prefill_ms": r["prefill_ms"],
-                         "decode_ms_per_token": r["decode_ms_per_token"], "tokens_per_s": r["tokens_per_s"],
-                         "weights_mib": r["weights_mb"], "peak_rss_mib": r["peak_memory_mb"],
-                         "prefill_speedup": ref["prefill_ms"] / r["prefill_ms"],
-                         "decode_speedup": ref["decode_ms_per_token"] / r["decode_ms_per_token"],
-                         "prefill_runs_ms": r["prefill_ms_runs"], "decode_runs_ms": r["decode_ms_per_token_runs"]})
-            print(f"  {name:45s} {variant:24s} prefill {r['prefill_ms']:8.1f} ms  decode "
-                  f"{r['decode_ms_per_token']:7.2f} ms/tok  weights {r['weights_mb']:7.0f} MiB", flush=True)
+        runs = {v: {"prefill": [], "decode": [], "peak": 0.0} for v in models}
+        for rnd in range(warmup + repeats):
+            for variant, model in models.items():
+                reset_peak_memory(torch.device("cpu"))
+                p_ms = _prefill_ms(model, ids)
+                _, d_s, _ = greedy_decode(model, ids, decode)
+                if rnd >= warmup:
+                    runs[variant]["prefill"].append(p_ms)
+                    runs[variant]["decode"].append(d_s * 1e3 / decode)
+                    runs[variant]["peak"] = max(runs[variant]["peak"], peak_memory_mb(torch.device("cpu")))
+        ref = {k: statistics.median(runs["original bf16"][k]) for k in ("prefill", "decode")}
+        for variant, r in runs.items():
+            pre, dec = statistics.median(r["prefill"]), statistics.median(r["decode"])
+            rows.append({"model": name, "variant": variant, "prefill_ms": pre, "decode_ms_per_token": dec,
+                         "tokens_per_s": 1e3 / dec, "weights_mib": model_weights_mb(models[variant]),
+                         "peak_rss_mib": r["peak"], "prefill_speedup": ref["prefill"] / pre,
+                         "decode_speedup": ref["decode"] / dec, "prefill_runs_ms": r["prefill"],
+                         "decode_runs_ms": r["decode"]})
+            print(f"  {name:45s} {variant:24s} prefill {pre:8.1f} ms  decode {dec:7.2f} ms/tok  "
+                  f"weights {rows[-1]['weights_mib']:7.0f} MiB", flush=True)
         del models
         gc.collect()
     return rows

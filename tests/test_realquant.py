@@ -158,6 +158,23 @@ def test_activation_codes_match_the_reference_quantizer():
         assert torch.equal(qx.extra["rowsum"], q.sum(1, dtype=torch.int32))
 
 
+@pytest.mark.parametrize("a,b", [(86, 128), (24, 24), (8, 12), (3, 5)])
+def test_native_online_transform_matches_kronecker_matmul(a, b):
+    kernels = native.load()
+    if kernels is None:
+        pytest.skip(f"native kernels unavailable: {native.unsupported_reason()}")
+    left, right = torch.randn(a, a), torch.randn(b, b)
+    for dtype, tol in ((torch.float32, 1e-6), (torch.bfloat16, 1e-2)):
+        x = torch.randn(5, a * b).to(dtype)
+        ref = kronecker_matmul(x.float(), left.to(dtype).float(), right.to(dtype).float())
+        out = kernels.kron(x, left.to(dtype), right.to(dtype))
+        assert out.dtype == dtype and _rel(out, ref) < tol
+    be = CpuBackend()  # few tokens take the kernel, many the torch matmuls: same result either way
+    x = torch.randn(40, a * b)
+    assert _rel(be.transform(x[:3], left, right), kronecker_matmul(x[:3], left, right)) < 1e-6
+    assert torch.equal(be.transform(x, left, right), kronecker_matmul(x, left, right))
+
+
 # --- whole models --------------------------------------------------------------------------------------------------
 
 

@@ -51,6 +51,10 @@ def transform_input(x: torch.Tensor, act: ActQuant) -> torch.Tensor:
     return kronecker_matmul(x, act.left.to(x.dtype), act.right.to(x.dtype))
 
 
+# Up to this many tokens the cpu backend runs the online transform in its serial native kernel (decode steps).
+SMALL_TOKENS = 16
+
+
 def quantize_per_token(x: torch.Tensor, bits: int, clip: Optional[float]) -> tuple[torch.Tensor, torch.Tensor]:
     """int8 codes and fp32 [M, 1] scales; the fake-quant formula (``core.quantizer.fake_quant_sym``) in fewer passes."""
     max_abs = x.abs().amax(dim=-1, keepdim=True).float()
@@ -87,6 +91,10 @@ class Backend:
 
     def weight_codes(self, tensors: dict[str, torch.Tensor], out_features: int, in_features: int) -> torch.Tensor:
         raise NotImplementedError
+
+    def transform(self, x: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+        """The online Kronecker transform leftᵀ·X·right of each token (also used by TransformedNorm)."""
+        return kronecker_matmul(x, left.to(x.dtype), right.to(x.dtype))
 
     def quantize(self, x: torch.Tensor, act: ActQuant, tensors: dict[str, torch.Tensor]) -> QuantizedInput:
         raise NotImplementedError
@@ -208,10 +216,19 @@ class CpuBackend(TorchCpuBackend):
             return self.native.weight_codes(tensors, out_features, in_features)
         return super().weight_codes(tensors, out_features, in_features)
 
+    def transform(self, x, left, right):
+        rows = x.numel() // max(x.shape[-1], 1)
+        if self.native is not None and rows <= SMALL_TOKENS and x.dtype in (torch.float32, torch.bfloat16) \
+                and x.device.type == "cpu":
+            return self.native.kron(x.reshape(rows, -1), left, right).reshape(x.shape)
+        return super().transform(x, left, right)
+
     def quantize(self, x, act, tensors):
+        if act.left is not None:
+            x = self.transform(x, act.left, act.right)
         if "qweight_vnni" in tensors and act.bits <= 8:
-            return self.native.quantize(transform_input(x, act), act.bits, act.clip)
-        return super().quantize(x, act, tensors)
+            return self.native.quantize(x, act.bits, act.clip)
+        return super().quantize(x, ActQuant(act.bits, act.clip), tensors)
 
     def matmul(self, qx, tensors, out_features, w_scale, bias, out_dtype):
         if "qweight_vnni" in tensors:

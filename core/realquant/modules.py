@@ -189,11 +189,13 @@ class FrozenQuantLinear(nn.Module):
 
 
 class TransformedNorm(nn.Module):
-    """RMSNorm followed by the group's frozen Kronecker transform (a folded FlatNormTransform)."""
+    """RMSNorm followed by the group's frozen Kronecker transform (a folded FlatNormTransform). With a backend, the
+    backend runs the transform (the cpu backend's serial kernel for few tokens)."""
 
-    def __init__(self, norm: nn.Module, left: torch.Tensor, right: torch.Tensor):
+    def __init__(self, norm: nn.Module, left: torch.Tensor, right: torch.Tensor, backend: Optional[Backend] = None):
         super().__init__()
         self.norm = norm
+        self.backend = backend
         self.register_buffer("left", left.detach().clone())
         self.register_buffer("right", right.detach().clone())
 
@@ -203,4 +205,6 @@ class TransformedNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.norm(x)
+        if self.backend is not None:
+            return self.backend.transform(y, self.left, self.right)
         return kronecker_matmul(y, self.left.to(y.dtype), self.right.to(y.dtype))

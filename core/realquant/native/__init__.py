@@ -156,6 +156,8 @@ class NativeKernels:
         lib.fq_quantize.restype = None
         lib.fq_gemm.argtypes = [_vp, _i64, _vp, _vp, _vp, _vp, _vp, _i64, _i64, _i64, _vp, _i64, _int]
         lib.fq_gemm.restype = None
+        lib.fq_kron.argtypes = [_vp, _int, _i64, _i64, _i64, _vp, _vp, _vp, _vp]
+        lib.fq_kron.restype = None
 
     # weights -----------------------------------------------------------------------------------------------------
     @staticmethod
@@ -184,6 +186,22 @@ class NativeKernels:
                              1.0 if clip is None else float(clip), int(clip is not None), q.data_ptr(), kp,
                              scale.data_ptr(), rowsum.data_ptr())
         return QuantizedInput(q, scale, {"rowsum": rowsum, "k": k})
+
+    # online transform (few tokens) -------------------------------------------------------------------------------
+    def kron(self, x: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+        """leftᵀ·X·right per row of x [M, a*b] (fp32 or bf16), output in x's dtype."""
+        a, b = left.shape[0], right.shape[0]
+        if x.dim() != 2 or x.shape[1] != a * b or left.shape != (a, a) or right.shape != (b, b):
+            raise ValueError(f"kron: x {tuple(x.shape)} does not match factors {a}x{a} and {b}x{b}")
+        if x.dtype not in (torch.float32, torch.bfloat16):
+            raise ValueError(f"kron reads fp32 or bf16, got {x.dtype}")
+        x = x.contiguous()
+        lf, rf = left.float().contiguous(), right.float().contiguous()
+        y = torch.empty_like(x)
+        work = torch.empty(a * b, dtype=torch.float32)
+        self.lib.fq_kron(x.data_ptr(), int(x.dtype == torch.bfloat16), x.shape[0], a, b, lf.data_ptr(),
+                         rf.data_ptr(), y.data_ptr(), work.data_ptr())
+        return y
 
     # GEMM ----------------------------------------------------------------------------------------------------------
     def matmul(self, qx: QuantizedInput, tensors: dict[str, torch.Tensor], n: int, w_scale: torch.Tensor,

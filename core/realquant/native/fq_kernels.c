@@ -197,4 +197,45 @@ FQ_API void fq_gemm(const int8_t *q, int64_t ldq, const int32_t *rowsum, const f
     }
 }
 
+/* fq_kron: y[m] = Lᵀ · X[m] · R for each token (X[m] = row m of x viewed as a x b), fp32 accumulation, output in
+ * the input's dtype. Serial on purpose: it serves few-token (decode) calls, where the two tiny matmuls of the
+ * PyTorch path cost more in dispatch and thread wake-ups than in arithmetic. work: a * b floats. */
+FQ_API void fq_kron(const void *x, int bf16, int64_t M, int64_t a, int64_t b, const float *L, const float *R,
+                    void *y, float *work)
+{
+    for (int64_t m = 0; m < M; ++m) {
+        const int64_t base = m * a * b;
+        for (int64_t i = 0; i < a; ++i) { /* T = X · R, row by row */
+            float *t = work + i * b;
+            for (int64_t j = 0; j < b; j += 16)
+                _mm512_mask_storeu_ps(t + j, tail_mask(b - j), _mm512_setzero_ps());
+            for (int64_t k = 0; k < b; ++k) {
+                float xv;
+                if (bf16) {
+                    uint32_t u = (uint32_t)((const uint16_t *)x)[base + i * b + k] << 16;
+                    memcpy(&xv, &u, 4);
+                } else {
+                    xv = ((const float *)x)[base + i * b + k];
+                }
+                const __m512 vx = _mm512_set1_ps(xv);
+                for (int64_t j = 0; j < b; j += 16) {
+                    __mmask16 mk = tail_mask(b - j);
+                    __m512 acc = _mm512_maskz_loadu_ps(mk, t + j);
+                    acc = _mm512_fmadd_ps(vx, _mm512_maskz_loadu_ps(mk, R + k * b + j), acc);
+                    _mm512_mask_storeu_ps(t + j, mk, acc);
+                }
+            }
+        }
+        for (int64_t i = 0; i < a; ++i) { /* Y = Lᵀ · T: row i = sum_k L[k, i] · T[k, :] */
+            for (int64_t j = 0; j < b; j += 16) {
+                __mmask16 mk = tail_mask(b - j);
+                __m512 acc = _mm512_setzero_ps();
+                for (int64_t k = 0; k < a; ++k)
+                    acc = _mm512_fmadd_ps(_mm512_set1_ps(L[k * a + i]), _mm512_maskz_loadu_ps(mk, work + k * b + j), acc);
+                store_out(y, bf16, base + i * b + j, acc, mk);
+            }
+        }
+    }
+}
+
 FQ_API int fq_abi_version(void) { return 1; }
