@@ -1,7 +1,8 @@
 """Real W4A4 latency: the original (bf16) vs the real-quant model, timed interleaved in one run.
 
-    python bench/latency.py                       # everything, OMP_WAIT_POLICY=PASSIVE and ACTIVE
-    python bench/latency.py --sections linear --omp passive --repeats 9
+    python bench/latency.py                       # everything: OMP_WAIT_POLICY PASSIVE and ACTIVE with 2 threads,
+                                                  # and PASSIVE with 1 thread
+    python bench/latency.py --sections linear --configs passive:2 --repeats 9
     python bench/latency.py --sections model --layers 4 --json /tmp/latency.json
 
 Sections
@@ -20,7 +21,10 @@ Sections
 
 Every number is a median over --repeats rounds; inside a round the variants run back to back (A, B, C, A, B, C,
 ...), so the machine's drift (2 shared vCPUs, other jobs) hits all of them alike. The OMP wait policy must be set
-before torch starts, so each policy runs in its own child process.
+before torch starts, so each configuration (policy, torch threads) runs in its own child process. With 2 threads
+on a machine whose other vCPU is busy, every OpenMP parallel region of PyTorch can wait a scheduler time slice for
+its second thread (~8 ms per op measured); the native kernels use their own pool, which never waits for a worker
+that has not started. The 1-thread configuration shows the comparison without that effect.
 """
 from __future__ import annotations
 
@@ -215,15 +219,17 @@ def _child(args) -> dict:
     from core.realquant import native
 
     kernels = native.load()
+    torch.set_num_threads(args._threads)
     out = {"omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "threads": torch.get_num_threads(),
            "torch": torch.__version__, "native_kernels": kernels is not None,
            "native_reason": native.unsupported_reason()}
     sections = args.sections.split(",")
+    tag = f"{out['omp_wait_policy']}, {out['threads']} threads"
     if "linear" in sections:
-        print(f"[{out['omp_wait_policy']}] per-linear, {args.repeats} repeats", flush=True)
+        print(f"[{tag}] per-linear, {args.repeats} repeats", flush=True)
         out["linear"] = bench_linear(args.repeats, args.warmup)
     if "model" in sections:
-        print(f"[{out['omp_wait_policy']}] model level, {args.model_repeats} repeats", flush=True)
+        print(f"[{tag}] model level, {args.model_repeats} repeats", flush=True)
         out["model"] = bench_model(args.model_repeats, 1, args.layers, args.prompt, args.decode,
                                    args.backends.split(","))
     return out
@@ -232,7 +238,7 @@ def _child(args) -> dict:
 def _print_tables(results: dict) -> None:
     for policy, res in results["runs"].items():
         if "linear" in res:
-            print(f"\n### Per-linear, OMP_WAIT_POLICY={policy} (ms, median; speedup vs bf16)\n")
+            print(f"\n### Per-linear, {policy} (ms, median; speedup vs bf16)\n")
             variants = list(dict.fromkeys(r["variant"] for r in res["linear"]))
             print("| shape | M | " + " | ".join(variants) + " |")
             print("|---|---|" + "---|" * len(variants))
@@ -242,7 +248,7 @@ def _print_tables(results: dict) -> None:
                 print(f"| {shape} | {m} | " + " | ".join(
                     f"{cells[v]['ms']:.3f} ({cells[v]['speedup_vs_bf16']:.2f}x)" for v in variants) + " |")
         if "model" in res:
-            print(f"\n### Model level, OMP_WAIT_POLICY={policy}\n")
+            print(f"\n### Model level, {policy}\n")
             print("| model | variant | prefill ms (1x512) | decode ms/token | weights MiB | prefill x | decode x |")
             print("|---|---|---|---|---|---|---|")
             for r in res["model"]:
@@ -253,7 +259,8 @@ def _print_tables(results: dict) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--sections", default="linear,model", help="linear,model")
-    p.add_argument("--omp", default="both", choices=("both", "passive", "active"))
+    p.add_argument("--configs", default="passive:2,active:2,passive:1",
+                   help="comma-separated OMP_WAIT_POLICY:torch threads, each run in its own process")
     p.add_argument("--repeats", type=int, default=15, help="per-linear rounds")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--model_repeats", type=int, default=3)
@@ -263,26 +270,31 @@ def main() -> None:
     p.add_argument("--backends", default="cpu,cpu-torch")
     p.add_argument("--json", default=None, help="write all numbers (and every run) here")
     p.add_argument("--_child", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--_threads", type=int, default=2, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args._child:
         print("@@RESULT@@" + json.dumps(_child(args)))
         return
-    policies = ("PASSIVE", "ACTIVE") if args.omp == "both" else (args.omp.upper(),)
+    configs = []
+    for item in args.configs.split(","):
+        policy, _, threads = item.partition(":")
+        configs.append((policy.strip().upper(), int(threads or 2)))
     results = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} vCPUs",
                "date": time.strftime("%Y-%m-%d %H:%M"), "args": {k: v for k, v in vars(args).items()
                                                                if not k.startswith("_")}, "runs": {}}
-    for policy in policies:
+    for policy, threads in configs:
         env = dict(os.environ, OMP_WAIT_POLICY=policy, HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error")
-        cmd = [sys.executable, __file__, "--_child", *sys.argv[1:]]
+        cmd = [sys.executable, __file__, "--_child", "--_threads", str(threads), *sys.argv[1:]]
         proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, text=True, cwd=REPO)
         lines = proc.stdout.splitlines()
         for line in lines:
             if not line.startswith("@@RESULT@@"):
                 print(line)
         found = [ln for ln in lines if ln.startswith("@@RESULT@@")]
+        key = f"OMP_WAIT_POLICY={policy}, {threads} thread{'s' if threads > 1 else ''}"
         if proc.returncode != 0 or not found:
-            raise SystemExit(f"benchmark child for OMP_WAIT_POLICY={policy} failed (exit {proc.returncode})")
-        results["runs"][policy] = json.loads(found[-1][len("@@RESULT@@"):])
+            raise SystemExit(f"benchmark child for {key} failed (exit {proc.returncode})")
+        results["runs"][key] = json.loads(found[-1][len("@@RESULT@@"):])
     _print_tables(results)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))

@@ -3,7 +3,8 @@ quantization, and a VNNI integer GEMM with the rescale in its epilogue (see fq_k
 
 The C file is compiled on first use with the system C compiler (no Python headers, no build tools beyond
 ``cc``) into ``$FLATQUANT_CACHE/kernels/`` (default ~/.cache/flatquant_studio/kernels) and loaded with ctypes. It
-links OpenMP, which resolves to the libgomp PyTorch already loaded, so both share one thread pool.
+runs on its own small pthread pool, sized by ``torch.get_num_threads()`` at each call (see the C file for why not
+OpenMP).
 Needs Linux x86-64 with AVX-512 F/BW/VL and VNNI. Anything missing -> ``load()`` returns None and the backend uses
 ``torch._int_mm`` instead; ``FLATQUANT_NATIVE=0`` turns the native path off.
 """
@@ -27,10 +28,10 @@ import torch
 from ..backends import QuantizedInput
 
 _SOURCE = Path(__file__).with_name("fq_kernels.c")
-_FLAGS = ["-O3", "-std=c11", "-fPIC", "-shared", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl",
+_FLAGS = ["-O3", "-std=c11", "-fPIC", "-shared", "-pthread", "-mavx512f", "-mavx512bw", "-mavx512vl",
           "-mavx512dq", "-mavx512vnni", "-mfma", "-fvisibility=hidden"]
 _REQUIRED_CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni")
-_ABI = 1
+_ABI = 2
 _lock = threading.Lock()
 _loaded: dict[str, object] = {}
 
@@ -152,9 +153,9 @@ class NativeKernels:
         if lib.fq_abi_version() != _ABI:
             raise RuntimeError("stale kernel library (ABI mismatch)")
         self.lib = lib
-        lib.fq_quantize.argtypes = [_vp, _int, _i64, _i64, _i64, _int, _f32, _int, _vp, _i64, _vp, _vp]
+        lib.fq_quantize.argtypes = [_vp, _int, _i64, _i64, _i64, _int, _f32, _int, _vp, _i64, _vp, _vp, _int]
         lib.fq_quantize.restype = None
-        lib.fq_gemm.argtypes = [_vp, _i64, _vp, _vp, _vp, _vp, _vp, _i64, _i64, _i64, _vp, _i64, _int]
+        lib.fq_gemm.argtypes = [_vp, _i64, _vp, _vp, _vp, _vp, _vp, _i64, _i64, _i64, _vp, _i64, _int, _int]
         lib.fq_gemm.restype = None
         lib.fq_kron.argtypes = [_vp, _int, _i64, _i64, _i64, _vp, _vp, _vp, _vp]
         lib.fq_kron.restype = None
@@ -184,7 +185,7 @@ class NativeKernels:
         rowsum = torch.empty(m, dtype=torch.int32)
         self.lib.fq_quantize(x.data_ptr(), int(x.dtype == torch.bfloat16), m, k, k, 2 ** (bits - 1) - 1,
                              1.0 if clip is None else float(clip), int(clip is not None), q.data_ptr(), kp,
-                             scale.data_ptr(), rowsum.data_ptr())
+                             scale.data_ptr(), rowsum.data_ptr(), torch.get_num_threads())
         return QuantizedInput(q, scale, {"rowsum": rowsum, "k": k})
 
     # online transform (few tokens) -------------------------------------------------------------------------------
@@ -226,5 +227,5 @@ class NativeKernels:
         if xs.numel() != m:
             raise ValueError(f"{xs.numel()} token scales for {m} tokens")
         self.lib.fq_gemm(q.data_ptr(), kp, rowsum.data_ptr(), xs.data_ptr(), w.data_ptr(), ws.data_ptr(), _ptr(b),
-                         m, n, kb, out.data_ptr(), n, int(bf16))
+                         m, n, kb, out.data_ptr(), n, int(bf16), torch.get_num_threads())
         return out if out.dtype == out_dtype else out.to(out_dtype)
