@@ -25,16 +25,13 @@ from torch import nn
 from .accuracy import DEFAULT_TASKS, AccuracyOptions, evaluate_accuracy, format_acc_line
 from .errors import ConfigError
 from .generation import GenerationOptions, compare_generation
-from .latency import latency_input_ids, measure_interleaved
+from .latency import LATENCY_TEXT, latency_input_ids, measure_interleaved
 from .progress import Reporter
 from .report import update_report
 
 SECTIONS = ("ppl", "acc", "latency", "gen")
 LATENCY_MODELS = ("original", "quantized", "quantized_real")
 _SECTION_KEYS = {"ppl": "ppl", "acc": "accuracy", "latency": "latency", "gen": "generation"}
-# Real English for the latency prompt (its content does not change timings; real tokens keep it representative).
-_LATENCY_TEXT = ("Quantization maps the weights and activations of a neural network to low-bit integers, so that "
-                 "matrix multiplications run on integer units and the model takes less memory. ")
 
 
 @dataclass
@@ -171,7 +168,7 @@ def evaluate_latency(models: dict[str, nn.Module], tokenizer, options: EvalOptio
         if real is not None:
             timed["quantized_real"] = real if dtype is None else real.to(dtype)
     reporter.emit("latency", f"timing {', '.join(timed)} interleaved ({options.latency_repeats} repeats)")
-    ids = latency_input_ids(tokenizer, options.latency_seqlen, text=_LATENCY_TEXT)
+    ids = latency_input_ids(tokenizer, options.latency_seqlen, text=LATENCY_TEXT)
     results = measure_interleaved(timed, ids, decode_tokens=options.decode_tokens, repeats=options.latency_repeats)
     section = {"units": {"prefill_ms": "ms for one forward of 1 x prompt_tokens", "decode_ms_per_token": "ms",
                          "tokens_per_s": "decode tokens per second", "peak_memory_mb": "MiB (process RSS on cpu, "

@@ -189,6 +189,11 @@ def forward_time_ms(model: nn.Module, input_ids: torch.Tensor, repeats: int = 5)
     return statistics.median(times)
 
 
+# Real English for timing prompts: content does not change timings, real tokens keep the prompt representative.
+LATENCY_TEXT = ("Quantization maps the weights and activations of a neural network to low-bit integers, so that "
+                "matrix multiplications run on integer units and the model takes less memory. ")
+
+
 def latency_input_ids(tokenizer, length: int, text: Optional[str] = None, vocab_size: Optional[int] = None,
                       seed: int = 0) -> torch.Tensor:
     """A [1, length] prompt: real text tokens when given (repeated to length), else seeded random token ids."""

@@ -146,12 +146,10 @@ def report_time_diff(original: nn.Module, quantized: nn.Module, tokenizer, outpu
     """time_diff on a [1, seqlen] batch of real text tokens; merged into ``output_dir/report.json`` as
     ``{"real_quant": {...}}`` when output_dir is given. The CLI prints ``Time diff orig: X`` and
     ``Time diff after real quant: Y`` from ``time_orig_ms`` / ``time_real_quant_ms``."""
-    from ..latency import latency_input_ids
+    from ..latency import LATENCY_TEXT, latency_input_ids
     from ..report import update_report
 
-    text = ("Quantization maps the weights and activations of a neural network to low-bit integers, so that "
-            "matrix multiplications run on integer units and the model takes less memory. ")
-    ids = latency_input_ids(tokenizer, seqlen, text=text)
+    ids = latency_input_ids(tokenizer, seqlen, text=LATENCY_TEXT)
     result = time_diff(original, quantized, ids, backend=backend, repeats=repeats)
     result["units"] = "ms for one forward (no KV cache) of a 1 x seqlen batch; median of the repeats"
     if output_dir:
