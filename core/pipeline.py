@@ -152,9 +152,8 @@ def run_quantize(options: QuantizeOptions, on_event: Optional[ProgressCallback] 
     logger = _file_logger(out_dir)
 
     def log_event(event):
-        if event.stage in ("calibrate",) and event.step not in (0, (event.steps or 1) - 1):
-            pass  # per-step lines go to the callback only; the log keeps the first and last step of each epoch
-        else:
+        # per-step lines go to the callback only; the log keeps the first and last step of each epoch
+        if event.stage != "calibrate" or event.step in (0, (event.steps or 1) - 1):
             logger.info("[%s] %s", event.stage, event.message)
         if on_event is not None:
             on_event(event)
