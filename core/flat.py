@@ -21,7 +21,7 @@ from torch import nn
 
 from .config import FlatQuantConfig
 from .models import decoder_layers
-from .quantizer import ActQuantizer, WeightQuantizer, fake_quant_asym, fake_quant_sym
+from .quantizer import ActQuantizer, WeightQuantizer, fake_quant_asym, fake_quant_sym, integer_linear, quantize_codes
 from .transforms import KroneckerTransform, kronecker_matmul
 
 QKV = ("q_proj", "k_proj", "v_proj")
@@ -56,6 +56,11 @@ class FlatQuantLinear(nn.Module):
         if self.in_trans is not None:
             x = self.in_trans(x)
         w = self.effective_weight()
+        if self.quant_enabled and self.folded and self.weight_quantizer.bits < 16 and self.act_quantizer.bits < 16:
+            # the deployable form: the real kernels' integer math, so real-quant equals this model bit for bit
+            w_codes, w_scale = quantize_codes(w, self.weight_quantizer.bits, 1, self.weight_quantizer.clip_ratio())
+            return integer_linear(x, w_codes, w_scale, self.linear.bias, self.act_quantizer.bits,
+                                  self.act_quantizer.clip_ratio())
         if self.quant_enabled:
             x = self.act_quantizer(x)
             w = self.weight_quantizer(w)

@@ -4,6 +4,7 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 # sigmoid(4.0) = 0.982: the clip factors start just inside the absmax, as in the FlatQuant paper.
@@ -28,17 +29,86 @@ def quantize_sym(x: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tenso
     return torch.clamp(round_ste(x / scale), -qmax(bits) - 1, qmax(bits))
 
 
-def fake_quant_sym(x: torch.Tensor, bits: int, dim: int = -1, clip_ratio: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Quantize-dequantize with one scale per slice along ``dim`` (per token: dim=-1 of activations; per output
-    channel: dim=1 of an [out, in] weight). Computed in fp32 whatever the input dtype."""
-    if bits >= 16:
-        return x
+def quantize_codes(x: torch.Tensor, bits: int, dim: int = -1, clip_ratio: Optional[torch.Tensor] = None
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Integer codes (as fp32) and fp32 scales, one scale per slice along ``dim`` (per token: dim=-1 of activations;
+    per output channel: dim=1 of an [out, in] weight): scale = clip·absmax / qmax, q = clamp(round(x / scale))."""
     xf = x.float()
     max_abs = xf.abs().amax(dim=dim, keepdim=True)
     if clip_ratio is not None:
         max_abs = max_abs * clip_ratio
     scale = sym_scale(max_abs, bits)
-    return (quantize_sym(xf, scale, bits) * scale).to(x.dtype)
+    return quantize_sym(xf, scale, bits), scale
+
+
+class _FakeQuantSym(torch.autograd.Function):
+    """Quantize-dequantize along the last dim with straight-through rounding, as one autograd node.
+
+    Calibration time is dominated by elementwise passes over the activations; autograd through the composed formula
+    makes about three times as many as this. The gradients are the composed formula's: identity where the code is
+    inside the clamp range, plus the path through the scale to the clip ratio and to the row's absmax element
+    (one element where several tie; the composed amax would split it among them)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, clip_ratio: Optional[torch.Tensor], bits: int) -> torch.Tensor:
+        q, scale = quantize_codes(x, bits, -1, clip_ratio)
+        ctx.bits = bits
+        ctx.save_for_backward(x, scale, clip_ratio)
+        return q.mul_(scale).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, scale, clip_ratio = ctx.saved_tensors
+        lo, hi = -qmax(ctx.bits) - 1, qmax(ctx.bits)
+        g = grad.float()
+        xf = x.float()
+        xs = xf / scale
+        codes = xs.round()
+        if clip_ratio is None:  # |x / scale| <= qmax: nothing is clamped
+            grad_x = g.clone()
+            residual = codes.sub_(xs)  # d(q·s)/ds = q - x/s
+        else:
+            inside = (codes >= lo) & (codes <= hi)
+            grad_x = g * inside
+            residual = codes.clamp_(lo, hi).sub_(xs * inside)
+        grad_scale = (g * residual).sum(-1, keepdim=True) * (scale > 1e-8)  # the 1e-8 floor stops the gradient
+        amax = xf.abs().amax(-1, keepdim=True)
+        ratio = 1.0 if clip_ratio is None else clip_ratio
+        idx = xf.abs().argmax(-1, keepdim=True)
+        grad_x.scatter_add_(-1, idx, grad_scale * ratio / hi * torch.sign(xf.gather(-1, idx)))
+        grad_clip = None
+        if clip_ratio is not None and ctx.needs_input_grad[1]:
+            grad_clip = grad_scale * amax / hi
+            grad_clip = grad_clip.sum_to_size(clip_ratio.shape) if clip_ratio.dim() else grad_clip.sum()
+            grad_clip = grad_clip.to(clip_ratio.dtype)
+        return grad_x.to(x.dtype), grad_clip, None
+
+
+def fake_quant_sym(x: torch.Tensor, bits: int, dim: int = -1, clip_ratio: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Quantize-dequantize (see ``quantize_codes``), computed in fp32 whatever the input dtype."""
+    if bits >= 16:
+        return x
+    if dim not in (-1, x.dim() - 1):
+        q, scale = quantize_codes(x, bits, dim, clip_ratio)
+        return (q * scale).to(x.dtype)
+    return _FakeQuantSym.apply(x, clip_ratio, bits)
+
+
+def integer_linear(x: torch.Tensor, w_codes: torch.Tensor, w_scale: torch.Tensor, bias: Optional[torch.Tensor],
+                   a_bits: int, a_clip: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """y = (q_x·q_wᵀ)·s_w·s_x + b: the real-quant kernels' integer math and epilogue order, in float.
+
+    The fp32 GEMM of integer codes is exact (every partial sum is an integer below 2^24 for 4-bit codes up to
+    K = 262,144), so a folded fake-quant model gives the real-quant model's outputs bit for bit instead of
+    differing by float rounding, which int4 rounding flips would amplify through the layers."""
+    q_x, s_x = quantize_codes(x, a_bits, -1, a_clip)
+    with torch.autocast(x.device.type, enabled=False):
+        acc = F.linear(q_x, w_codes.float())
+    out = acc * w_scale.float().reshape(-1)
+    out = out * s_x
+    if bias is not None:
+        out = out + bias.float()
+    return out.to(x.dtype)
 
 
 class WeightQuantizer(nn.Module):

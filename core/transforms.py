@@ -92,6 +92,8 @@ class KroneckerTransform(nn.Module):
         """(P1, P2, P1⁻ᵀ, P2⁻ᵀ)."""
         if self.frozen:
             return self.m_left, self.m_right, self.m_left_inv_t, self.m_right_inv_t
+        if self._cached is not None:
+            return self._cached
         l, l_it = self.left.matrices()
         r, r_it = self.right.matrices()
         return l, r, l_it, r_it

@@ -1,6 +1,8 @@
+import pytest
 import torch
 
-from core.quantizer import ActQuantizer, WeightQuantizer, fake_quant_asym, fake_quant_sym, qmax, quantize_sym, sym_scale
+from core.quantizer import (ActQuantizer, WeightQuantizer, fake_quant_asym, fake_quant_sym, qmax, quantize_codes,
+                            quantize_sym, sym_scale)
 
 
 def test_int4_per_token_grid_and_error_bound():
@@ -46,3 +48,40 @@ def test_16_bits_is_identity_and_asym_roundtrip():
     assert fake_quant_sym(x, 16) is x
     y = fake_quant_asym(x + 5, 8)
     assert (y - (x + 5)).abs().max() < ((x + 5).max() - (x + 5).min()) / 255
+
+
+def _composed_fake_quant(x, bits, clip):
+    """fake_quant_sym as plain autograd ops (round_ste inside quantize_sym): the reference for the fused node."""
+    q, scale = quantize_codes(x, bits, -1, clip)
+    return (q * scale).to(x.dtype)
+
+
+@pytest.mark.parametrize("shape,clip_shape,dtype", [
+    ((5, 300), None, torch.float32),            # per token, no clip: nothing clamps
+    ((40, 96), (40, 1), torch.float32),         # per output channel with LWC: some codes clamp
+    ((2, 7, 64), (), torch.float32),            # LAC: one clip for the whole tensor
+    ((3, 50), (3, 1), torch.bfloat16),
+])
+def test_fused_fake_quant_has_the_composed_formulas_values_and_gradients(shape, clip_shape, dtype):
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(*shape, generator=g) * 3).to(dtype)
+    upstream = torch.randn(*shape, generator=g).to(dtype)
+    grads = []
+    for fn in (fake_quant_sym, _composed_fake_quant):
+        xi = x.clone().requires_grad_(True)
+        clip = None if clip_shape is None else torch.sigmoid(torch.randn(clip_shape, generator=torch.Generator()
+                                                                         .manual_seed(1))).requires_grad_(True)
+        out = fn(xi, 4, clip_ratio=clip) if fn is fake_quant_sym else fn(xi, 4, clip)
+        (out.float() * upstream.float()).sum().backward()
+        grads.append((out.detach(), xi.grad.float(), None if clip is None else clip.grad))
+    (out_f, gx_f, gc_f), (out_c, gx_c, gc_c) = grads
+    assert torch.equal(out_f, out_c)
+    assert torch.allclose(gx_f, gx_c, rtol=1e-5, atol=1e-5 * float(gx_c.abs().max()))
+    if gc_c is not None:
+        assert torch.allclose(gc_f, gc_c, rtol=1e-5, atol=1e-6 * float(gc_c.abs().max()))
+
+
+def test_fake_quant_equals_the_integer_codes_times_scale():
+    x = torch.randn(6, 40) * 5
+    q, scale = quantize_codes(x, 4, -1, None)
+    assert torch.equal(fake_quant_sym(x, 4), q * scale)

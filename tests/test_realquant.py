@@ -178,44 +178,24 @@ def test_native_online_transform_matches_kronecker_matmul(a, b):
 # --- whole models --------------------------------------------------------------------------------------------------
 
 
-def _layer_outputs(model, ids):
-    """Inputs and outputs of every decoder layer of one forward."""
-    records = []
-    hooks = [layer.register_forward_hook(lambda mod, args, kwargs, out: records.append((args, kwargs, out)),
-                                         with_kwargs=True) for layer in model.model.layers]
-    with torch.no_grad():
-        model(input_ids=ids)
-    for h in hooks:
-        h.remove()
-    return records
-
-
-def _teacher_forced_errors(fake, real, ids):
-    """Per-token relative error of each real decoder layer fed the fake model's own layer input: the integer math,
-    without the amplification through later layers of a rare rounding flip."""
-    errs = []
-    for layer, (args, kwargs, out) in zip(real.model.layers, _layer_outputs(fake, ids)):
-        with torch.no_grad():
-            got = layer(*args, **kwargs)
-        a = got[0] if isinstance(got, tuple) else got
-        b = out[0] if isinstance(out, tuple) else out
-        errs.append(((a - b).norm(dim=-1) / b.norm(dim=-1)).flatten())
-    return torch.cat(errs)
-
-
 @pytest.mark.parametrize("model_name", ["smollm2", "tiny_qwen3"])
 def test_converted_model_matches_fake_quant(model_name, request):
     base = request.getfixturevalue(model_name)
     base = base if isinstance(base, torch.nn.Module) else base.model  # smollm2 is a LoadedModel
     fake = _fake_model(base)
-    real = convert_model(copy.deepcopy(fake), "auto")
-    assert not any(isinstance(m, FlatQuantLinear) for m in real.modules())
-    n_real = sum(isinstance(m, RealQuantLinear) for m in real.modules())
-    assert n_real == 6 * base.config.num_hidden_layers  # q k v gate up down; o_proj stays float by default
-    assert sum(isinstance(m, TransformedNorm) for m in real.modules()) == 2 * base.config.num_hidden_layers
     ids = torch.randint(0, base.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(1))
-    errs = _teacher_forced_errors(fake, real, ids)
-    assert float(errs.median()) < 1e-5 and float(errs.quantile(0.95)) < 1e-3, errs.max()
+    with torch.no_grad():
+        expected = fake(input_ids=ids).logits
+    for be in ("auto", "cpu-torch"):
+        real = convert_model(copy.deepcopy(fake), be)
+        assert not any(isinstance(m, FlatQuantLinear) for m in real.modules())
+        n_real = sum(isinstance(m, RealQuantLinear) for m in real.modules())
+        assert n_real == 6 * base.config.num_hidden_layers  # q k v gate up down; o_proj stays float by default
+        assert sum(isinstance(m, TransformedNorm) for m in real.modules()) == 2 * base.config.num_hidden_layers
+        # the folded fake model runs the kernels' integer math (exact fp32 sums of codes) and their epilogue order,
+        # so with more than SMALL_TOKENS rows (the transforms on the same torch matmuls) the logits are identical
+        with torch.no_grad():
+            assert torch.equal(real(input_ids=ids).logits, expected), be
 
 
 def test_tiny_qwen3_logits_within_1e3(tiny_qwen3):
@@ -312,6 +292,7 @@ def test_checkpoint_round_trip_gives_identical_logits(tiny_qwen3, tmp_path, cfg,
     ids = torch.randint(0, tiny_qwen3.config.vocab_size, (2, 9))
     with torch.no_grad():
         assert torch.equal(loaded.model(input_ids=ids).logits, real(input_ids=ids).logits)
+        assert torch.equal(real(input_ids=ids).logits, fake(input_ids=ids).logits)  # o_proj, kv, LAC: same math too
     packed = [m for m in loaded.model.modules() if isinstance(m, (RealQuantLinear, FrozenQuantLinear))]
     assert packed and all(not t.is_meta for t in loaded.model.state_dict().values())
 

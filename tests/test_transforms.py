@@ -58,3 +58,12 @@ def test_freeze_keeps_the_function():
     t.freeze()
     assert t.frozen and not any(p.requires_grad and "skew" in n for n, p in t.named_parameters())
     assert torch.allclose(t(x), before, rtol=1e-5, atol=1e-5)
+
+
+def test_cached_matrices_are_reused_within_a_training_step():
+    t = KroneckerTransform(24, add_diag=True, seed=1)
+    t.cache_matrices(True)
+    first = t.matrices()
+    assert all(a is b for a, b in zip(first, t.matrices()))  # one solve per factor per step, shared by every user
+    t.cache_matrices(False)
+    assert all(torch.equal(a, b) and a is not b for a, b in zip(first, t.matrices()))

@@ -188,11 +188,9 @@ def _build_linear(name: str, entry: dict, tensors: dict, backend, shared: dict, 
         return RealQuantLinear(k, n, codes, scale, bias, bits, entry["a_bits"], entry["a_clip"], left, right,
                                backend, share)
     if f"{name}.qweight" in tensors:
-        codes = _unpack_codes(tensors.pop(f"{name}.qweight"), bits, k)
-        scale = tensors.pop(f"{name}.w_scale")
-        weight = (codes.float() * scale.float().reshape(-1, 1)).to(device)
-        return FrozenQuantLinear(weight.to(dtype), bias, bits, entry["a_bits"], entry["a_clip"], left, right,
-                                 scale.to(device))
+        codes = _unpack_codes(tensors.pop(f"{name}.qweight"), bits, k).to(device)
+        scale = tensors.pop(f"{name}.w_scale").to(device)
+        return FrozenQuantLinear(codes, bias, bits, entry["a_bits"], entry["a_clip"], left, right, scale)
     weight = tensors.pop(f"{name}.weight").to(device)
     return FrozenQuantLinear(weight, bias, bits, entry["a_bits"], entry["a_clip"], left, right, None)
 

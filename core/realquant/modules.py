@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..quantizer import fake_quant_sym
+from ..quantizer import fake_quant_sym, integer_linear
 from ..transforms import kronecker_matmul
 from .backends import ActQuant, Backend, QuantizedInput
 from .packing import dequantize_weight, quantize_weight
@@ -137,15 +137,24 @@ class RealQuantLinear(nn.Module):
 
 class FrozenQuantLinear(nn.Module):
     """A FlatQuantLinear that stays fake-quant (o_proj with use_o_quant, or a kept-in-float layer whose input is
-    transformed online), with its weight quantize-dequantized once instead of at every forward."""
+    transformed online): its weight codes are computed once instead of at every forward, and with quantized
+    activations it runs the same integer math as the folded fake model (``core.quantizer.integer_linear``)."""
 
     def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor], w_bits: int, a_bits: int,
                  a_clip: Optional[float], trans_left: Optional[torch.Tensor], trans_right: Optional[torch.Tensor],
                  w_scale: Optional[torch.Tensor] = None):
+        """``weight``: the float weight, or with ``w_scale`` the int8 codes."""
         super().__init__()
         self.out_features, self.in_features = weight.shape
         self.w_bits, self.a_bits, self.a_clip = int(w_bits), int(a_bits), None if a_clip is None else float(a_clip)
-        self.weight = nn.Parameter(weight.detach().clone(), requires_grad=False)
+        if w_scale is None:  # a float weight
+            self.weight = nn.Parameter(weight.detach().clone(), requires_grad=False)
+            self.register_buffer("w_codes", None)
+        else:  # int8 codes [out, in] with per-channel scales
+            if weight.dtype != torch.int8:
+                raise TypeError(f"a quantized FrozenQuantLinear takes int8 codes, got {weight.dtype}")
+            self.weight = None
+            self.register_buffer("w_codes", weight.detach().clone())
         self.register_buffer("w_scale", None if w_scale is None else w_scale.detach().float().reshape(-1))
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
         self.register_buffer("trans_left", None if trans_left is None else trans_left.detach().clone())
@@ -157,17 +166,16 @@ class FrozenQuantLinear(nn.Module):
         dtype = dtype or weight.dtype
         w_scale = None
         if state["w_bits"] < 16:
-            codes, w_scale = quantize_weight(weight, state["w_bits"], state["w_clip"])
-            weight = dequantize_weight(codes, w_scale)
+            weight, w_scale = quantize_weight(weight, state["w_bits"], state["w_clip"])
+        else:
+            weight = weight.to(dtype)
         conv = (lambda t: None if t is None else t.to(dtype))
-        return cls(weight.to(dtype), conv(state["bias"]), state["w_bits"], state["a_bits"], state["a_clip"],
+        return cls(weight, conv(state["bias"]), state["w_bits"], state["a_bits"], state["a_clip"],
                    conv(state["trans_left"]), conv(state["trans_right"]), w_scale)
 
     def weight_codes(self) -> Optional[torch.Tensor]:
-        """int8 codes of the quantized weight (None for a float weight): q = W_dq / scale, exact integers."""
-        if self.w_scale is None:
-            return None
-        return torch.round(self.weight.float() / self.w_scale.reshape(-1, 1)).to(torch.int8)
+        """int8 codes of the quantized weight (None for a float weight)."""
+        return self.w_codes
 
     def _apply(self, fn, recurse=True):
         super()._apply(fn, recurse)
@@ -178,10 +186,13 @@ class FrozenQuantLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.trans_left is not None:
             x = kronecker_matmul(x, self.trans_left.to(x.dtype), self.trans_right.to(x.dtype))
+        clip = None if self.a_clip is None else torch.tensor(self.a_clip, dtype=torch.float32, device=x.device)
+        if self.w_codes is not None and self.a_bits < 16:
+            return integer_linear(x, self.w_codes, self.w_scale, self.bias, self.a_bits, clip)
         if self.a_bits < 16:
-            clip = None if self.a_clip is None else torch.tensor(self.a_clip, dtype=torch.float32, device=x.device)
             x = fake_quant_sym(x, self.a_bits, dim=-1, clip_ratio=clip)
-        return F.linear(x, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+        weight = self.weight if self.w_codes is None else dequantize_weight(self.w_codes, self.w_scale)
+        return F.linear(x, weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
 
     def extra_repr(self) -> str:
         return (f"in={self.in_features}, out={self.out_features}, w_bits={self.w_bits}, a_bits={self.a_bits}, "

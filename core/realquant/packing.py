@@ -14,7 +14,7 @@ from typing import Optional
 
 import torch
 
-from ..quantizer import qmax, quantize_sym, sym_scale
+from ..quantizer import quantize_codes
 
 
 def quantize_weight(weight: torch.Tensor, bits: int, clip: Optional[torch.Tensor] = None
@@ -22,12 +22,8 @@ def quantize_weight(weight: torch.Tensor, bits: int, clip: Optional[torch.Tensor
     """int8 codes [out, in] (values in [-2^(b-1), 2^(b-1)-1]) and fp32 scales [out] of an [out, in] weight."""
     if not 2 <= bits <= 8:
         raise ValueError(f"real-quant weights need 2..8 bits, got {bits}")
-    w = weight.detach().float()
-    max_abs = w.abs().amax(dim=1, keepdim=True)
-    if clip is not None:
-        max_abs = max_abs * clip.detach().float().reshape(-1, 1).to(w.device)
-    scale = sym_scale(max_abs, bits)
-    q = quantize_sym(w, scale, bits)
+    clip = None if clip is None else clip.detach().float().reshape(-1, 1).to(weight.device)
+    q, scale = quantize_codes(weight.detach(), bits, 1, clip)
     return q.to(torch.int8), scale.reshape(-1)
 
 
@@ -39,12 +35,8 @@ def dequantize_weight(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 def quantize_activation(x: torch.Tensor, bits: int, clip: Optional[float] = None
                         ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token int8 codes [..., K] and fp32 scales [..., 1] (reference math; the backends compute the same)."""
-    xf = x.float()
-    max_abs = xf.abs().amax(dim=-1, keepdim=True)
-    if clip is not None:
-        max_abs = max_abs * clip
-    scale = sym_scale(max_abs, bits)
-    return quantize_sym(xf, scale, bits).to(torch.int8), scale
+    q, scale = quantize_codes(x, bits, -1, clip)
+    return q.to(torch.int8), scale
 
 
 def pack_int4(q: torch.Tensor) -> torch.Tensor:
