@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import FlatQuantConfig
+from .device import keep_freed_host_memory
 from .errors import CalibrationError
 from .flat import ActivationStats, fold_layer, flat_state, init_weight_clips, iter_transforms, wrap_layer
 from .models import decoder_layers
@@ -178,6 +179,8 @@ def calibrate_model(model: nn.Module, samples: torch.Tensor, cfg: FlatQuantConfi
     (resume): they are rebuilt from their saved tensors instead of retrained. Returns per-layer results."""
     from .flat import load_flat_state
 
+    if device.type == "cpu":
+        keep_freed_host_memory()
     layers = decoder_layers(model)
     num = len(layers) if max_layers is None else min(max_layers, len(layers))
     done_states = done_states or {}

@@ -236,7 +236,7 @@ def wrap_layer(layer: nn.Module, index: int, cfg: FlatQuantConfig, stats: Option
             if act_absmax is not None and trans.diag is not None:
                 trans.diag.data = smooth_init([getattr(parent, n).weight for n in members], act_absmax, cfg.diag_alpha)
             setattr(layer, norm_attr, FlatNormTransform(getattr(layer, norm_attr), trans))
-        act_q = ActQuantizer(cfg.a_bits, lac)
+        act_q = ActQuantizer(cfg.a_bits, lac, members=sum(not s for s in skipped.values()))
         for n in members:
             setattr(parent, n, _flat_linear(getattr(parent, n), cfg, act_q, trans, lwc, skipped=skipped[n]))
 

@@ -1,6 +1,7 @@
 """Symmetric integer quantization math (fake-quant with straight-through rounding) and learnable clipping."""
 from __future__ import annotations
 
+import threading
 from typing import Optional
 
 import torch
@@ -41,6 +42,27 @@ def quantize_codes(x: torch.Tensor, bits: int, dim: int = -1, clip_ratio: Option
     return quantize_sym(xf, scale, bits), scale
 
 
+# On CPU the fused node works through a large input in row blocks of about this many elements: its passes then
+# stay in cache instead of streaming activation-sized temporaries through memory (2.4x faster forward + backward on
+# a [2048, 1536] bf16 input here). Smaller inputs take one block: each extra op costs a thread wake-up.
+_CPU_BLOCK_ELEMENTS = 1 << 19
+
+
+def _row_blocks(x2: torch.Tensor):
+    rows = x2.shape[0]
+    step = rows
+    if x2.device.type == "cpu" and x2.numel() > 4 * _CPU_BLOCK_ELEMENTS:
+        step = max(1, _CPU_BLOCK_ELEMENTS // max(1, x2.shape[1]))
+    return [(a, min(a + step, rows)) for a in range(0, rows, step)]
+
+
+def _rows_of(clip_ratio: Optional[torch.Tensor], a: int, b: int) -> Optional[torch.Tensor]:
+    """The clip ratio of rows a..b: one per row (LWC, [rows, 1]) or one for all (LAC)."""
+    if clip_ratio is None or clip_ratio.numel() == 1:
+        return clip_ratio
+    return clip_ratio.reshape(-1, 1)[a:b]
+
+
 class _FakeQuantSym(torch.autograd.Function):
     """Quantize-dequantize along the last dim with straight-through rounding, as one autograd node.
 
@@ -51,37 +73,59 @@ class _FakeQuantSym(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, clip_ratio: Optional[torch.Tensor], bits: int) -> torch.Tensor:
-        q, scale = quantize_codes(x, bits, -1, clip_ratio)
+        x2 = x.reshape(-1, x.shape[-1])
+        out = torch.empty_like(x2)
+        scale = torch.empty(x2.shape[0], 1, dtype=torch.float32, device=x.device)
+        for a, b in _row_blocks(x2):
+            q, s = quantize_codes(x2[a:b], bits, -1, _rows_of(clip_ratio, a, b))
+            out[a:b] = q.mul_(s)
+            scale[a:b] = s
         ctx.bits = bits
         ctx.save_for_backward(x, scale, clip_ratio)
-        return q.mul_(scale).to(x.dtype)
+        return out.view(x.shape)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         x, scale, clip_ratio = ctx.saved_tensors
-        lo, hi = -qmax(ctx.bits) - 1, qmax(ctx.bits)
-        g = grad.float()
-        xf = x.float()
-        xs = xf / scale
-        codes = xs.round()
-        if clip_ratio is None:  # |x / scale| <= qmax: nothing is clamped
-            grad_x = g.clone()
-            residual = codes.sub_(xs)  # d(q·s)/ds = q - x/s
-        else:
-            inside = (codes >= lo) & (codes <= hi)
-            grad_x = g * inside
-            residual = codes.clamp_(lo, hi).sub_(xs * inside)
-        grad_scale = (g * residual).sum(-1, keepdim=True) * (scale > 1e-8)  # the 1e-8 floor stops the gradient
-        amax = xf.abs().amax(-1, keepdim=True)
-        ratio = 1.0 if clip_ratio is None else clip_ratio
-        idx = xf.abs().argmax(-1, keepdim=True)
-        grad_x.scatter_add_(-1, idx, grad_scale * ratio / hi * torch.sign(xf.gather(-1, idx)))
+        x2, g2 = x.reshape(-1, x.shape[-1]), grad.reshape(-1, x.shape[-1])
+        grad_x = torch.empty(x2.shape, dtype=x.dtype, device=x.device)
+        want_clip = clip_ratio is not None and ctx.needs_input_grad[1]
+        grad_clip_rows = torch.empty_like(scale) if want_clip else None
+        for a, b in _row_blocks(x2):
+            gx, gc = _fake_quant_grad(x2[a:b], g2[a:b], scale[a:b], _rows_of(clip_ratio, a, b), ctx.bits)
+            grad_x[a:b] = gx
+            if want_clip:
+                grad_clip_rows[a:b] = gc
         grad_clip = None
-        if clip_ratio is not None and ctx.needs_input_grad[1]:
-            grad_clip = grad_scale * amax / hi
-            grad_clip = grad_clip.sum_to_size(clip_ratio.shape) if clip_ratio.dim() else grad_clip.sum()
+        if want_clip:
+            grad_clip = grad_clip_rows.sum().reshape(clip_ratio.shape) if clip_ratio.numel() == 1 \
+                else grad_clip_rows.reshape(clip_ratio.shape)
             grad_clip = grad_clip.to(clip_ratio.dtype)
-        return grad_x.to(x.dtype), grad_clip, None
+        return grad_x.view(x.shape), grad_clip, None
+
+
+def _fake_quant_grad(x: torch.Tensor, grad: torch.Tensor, scale: torch.Tensor, clip_ratio: Optional[torch.Tensor],
+                     bits: int) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Gradients of q·s (q = clamp(round_ste(x / s)), s = clip·absmax / qmax) for rows [R, K]: to x, and per row
+    to the clip ratio."""
+    lo, hi = -qmax(bits) - 1, qmax(bits)
+    g, xf = grad.float(), x.float()
+    xs = xf / scale
+    codes = xs.round()
+    if clip_ratio is None:  # |x / scale| <= qmax: nothing is clamped
+        grad_x = g.clone()
+        residual = codes.sub_(xs)  # d(q·s)/ds = q - x/s
+    else:
+        inside = (codes >= lo) & (codes <= hi)
+        grad_x = g * inside
+        residual = codes.clamp_(lo, hi).sub_(xs * inside)
+    grad_scale = (g * residual).sum(-1, keepdim=True) * (scale > 1e-8)  # the 1e-8 floor stops the gradient
+    absx = xf.abs()
+    amax, idx = absx.max(-1, keepdim=True)
+    ratio = 1.0 if clip_ratio is None else clip_ratio
+    grad_x.scatter_add_(-1, idx, grad_scale * ratio / hi * torch.sign(xf.gather(-1, idx)))
+    grad_clip = None if clip_ratio is None else grad_scale * amax / hi
+    return grad_x, grad_clip
 
 
 def fake_quant_sym(x: torch.Tensor, bits: int, dim: int = -1, clip_ratio: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -109,6 +153,50 @@ def integer_linear(x: torch.Tensor, w_codes: torch.Tensor, w_scale: torch.Tensor
     if bias is not None:
         out = out + bias.float()
     return out.to(x.dtype)
+
+
+class SharedInputQuant:
+    """q/k/v (and gate/up) read the same activation tensor with the same quantizer: quantize it once (the fake-quant
+    ActQuantizer while calibrating, the real-quant kernels' quantize at inference).
+
+    The first member to see a tensor quantizes it; the others reuse the result while the very same tensor object
+    (same version counter: not modified in place) comes in. The entry is dropped once every member has used it,
+    so no activation is kept alive past its layer. State is per thread: concurrent forwards never share it."""
+
+    def __init__(self, members: int):
+        self.members = members
+        self._local = threading.local()
+
+    def __deepcopy__(self, memo):
+        return SharedInputQuant(self.members)  # members of a copied model share the copy (deepcopy's memo)
+
+    def __getstate__(self):
+        return {"members": self.members}
+
+    def __setstate__(self, state):
+        self.__init__(state["members"])
+
+    @staticmethod
+    def _version_of(x: torch.Tensor) -> int:
+        # inference-mode tensors have no version counter; the callers (HF attention/MLP) never modify inputs in place
+        return -2 if x.is_inference() else x._version
+
+    def get(self, x: torch.Tensor, compute):
+        st = self._local
+        if getattr(st, "x", None) is x and st.version == self._version_of(x) and st.left > 0:
+            result = st.result
+            st.left -= 1
+            if st.left == 0:
+                self.clear()
+            return result
+        result = compute()
+        if self.members > 1:
+            st.x, st.version, st.result, st.left = x, self._version_of(x), result, self.members - 1
+        return result
+
+    def clear(self) -> None:
+        st = self._local
+        st.x, st.result, st.left = None, None, 0
 
 
 class WeightQuantizer(nn.Module):
@@ -146,16 +234,19 @@ class WeightQuantizer(nn.Module):
 class ActQuantizer(nn.Module):
     """Per-token dynamic symmetric activation quantizer with an optional learnable clip (LAC, one per layer)."""
 
-    def __init__(self, bits: int, lac: bool):
+    def __init__(self, bits: int, lac: bool, members: int = 1):
         super().__init__()
         self.bits = bits
         self.clip = nn.Parameter(torch.tensor(CLIP_INIT)) if (lac and bits < 16) else None
+        self.shared = SharedInputQuant(members) if members > 1 else None  # one quantizer feeding several linears
 
     def clip_ratio(self) -> Optional[torch.Tensor]:
         return torch.sigmoid(self.clip) if self.clip is not None else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return fake_quant_sym(x, self.bits, dim=-1, clip_ratio=self.clip_ratio())
+        def compute():
+            return fake_quant_sym(x, self.bits, dim=-1, clip_ratio=self.clip_ratio())
+        return compute() if self.shared is None else self.shared.get(x, compute)
 
 
 def fake_quant_asym(x: torch.Tensor, bits: int, dim: int = -1) -> torch.Tensor:

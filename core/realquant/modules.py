@@ -1,60 +1,16 @@
 """Modules of a real-quant model: the W4A4 linear on an integer GEMM, and the frozen float parts around it."""
 from __future__ import annotations
 
-import threading
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..quantizer import fake_quant_sym, integer_linear
+from ..quantizer import SharedInputQuant, fake_quant_sym, integer_linear
 from ..transforms import kronecker_matmul
 from .backends import ActQuant, Backend, QuantizedInput
 from .packing import dequantize_weight, quantize_weight
-
-
-class SharedInputQuant:
-    """q/k/v (and gate/up) read the same activation tensor with the same quantizer: quantize it once.
-
-    The first member to see a tensor quantizes it; the others reuse the result while the very same tensor object
-    (same version counter: not modified in place) comes in. The entry is dropped once every member has used it,
-    so no activation is kept alive past its layer. State is per thread: concurrent forwards never share it."""
-
-    def __init__(self, members: int):
-        self.members = members
-        self._local = threading.local()
-
-    def __deepcopy__(self, memo):
-        return SharedInputQuant(self.members)  # members of a copied model share the copy (deepcopy's memo)
-
-    def __getstate__(self):
-        return {"members": self.members}
-
-    def __setstate__(self, state):
-        self.__init__(state["members"])
-
-    @staticmethod
-    def _version_of(x: torch.Tensor) -> int:
-        # inference-mode tensors have no version counter; the callers (HF attention/MLP) never modify inputs in place
-        return -2 if x.is_inference() else x._version
-
-    def get(self, x: torch.Tensor, compute) -> QuantizedInput:
-        st = self._local
-        if getattr(st, "x", None) is x and st.version == self._version_of(x) and st.left > 0:
-            result = st.result
-            st.left -= 1
-            if st.left == 0:
-                self.clear()
-            return result
-        result = compute()
-        if self.members > 1:
-            st.x, st.version, st.result, st.left = x, self._version_of(x), result, self.members - 1
-        return result
-
-    def clear(self) -> None:
-        st = self._local
-        st.x, st.result, st.left = None, None, 0
 
 
 class RealQuantLinear(nn.Module):
