@@ -172,21 +172,23 @@ def measure_model_latency(model: nn.Module, input_ids: torch.Tensor, decode_toke
 
 
 @torch.inference_mode()
+@torch.inference_mode()
+def one_forward_ms(model: nn.Module, input_ids: torch.Tensor) -> float:
+    """Wall time of one plain forward (no cache) of a batch already on the model's device, device-synchronized."""
+    synchronize(input_ids.device)
+    t0 = time.perf_counter()
+    model(input_ids=input_ids, use_cache=False)
+    synchronize(input_ids.device)
+    return (time.perf_counter() - t0) * 1e3
+
+
 def forward_time_ms(model: nn.Module, input_ids: torch.Tensor, repeats: int = 5) -> float:
     """Median wall time of one plain forward (no cache) after one warm-up: the sample's "Time diff" number."""
     if repeats < 1:
         raise ValueError("repeats must be >= 1.")
     input_ids = _check_input(input_ids).to(_device_of(model))
-    device = input_ids.device
-    times = []
-    for i in range(repeats + 1):
-        synchronize(device)
-        t0 = time.perf_counter()
-        model(input_ids=input_ids, use_cache=False)
-        synchronize(device)
-        if i:
-            times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+    one_forward_ms(model, input_ids)
+    return statistics.median(one_forward_ms(model, input_ids) for _ in range(repeats))
 
 
 # Real English for timing prompts: content does not change timings, real tokens keep the prompt representative.

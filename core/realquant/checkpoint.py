@@ -24,7 +24,8 @@ from ..errors import ModelLoadError
 from ..models import LoadedModel, model_identity, read_architecture
 from ..report import atomic_write_bytes
 from .backends import select_backend
-from .modules import FrozenQuantLinear, RealQuantLinear, SharedInputQuant, TransformedNorm
+from ..quantizer import SharedInputQuant
+from .modules import FrozenQuantLinear, RealQuantLinear, TransformedNorm
 from .packing import pack_int4, unpack_int4
 
 FORMAT = "flatquant-studio/realquant-checkpoint/1"

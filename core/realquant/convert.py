@@ -9,16 +9,16 @@ from __future__ import annotations
 
 import copy
 import statistics
-import time
 from typing import Optional
 
 import torch
 from torch import nn
 
-from ..device import synchronize
 from ..errors import FlatQuantError
+from ..latency import one_forward_ms
 from .backends import Backend, select_backend
-from .modules import FrozenQuantLinear, RealQuantLinear, SharedInputQuant, TransformedNorm
+from ..quantizer import SharedInputQuant
+from .modules import FrozenQuantLinear, RealQuantLinear, TransformedNorm
 
 
 def _flat_modules():
@@ -106,15 +106,6 @@ def memory_sizes(model: nn.Module) -> dict:
 # --- the sample's "Time diff" lines ------------------------------------------------------------------------------
 
 
-@torch.inference_mode()
-def _forward_ms(model: nn.Module, input_ids: torch.Tensor) -> float:
-    synchronize(input_ids.device)
-    t0 = time.perf_counter()
-    model(input_ids=input_ids, use_cache=False)
-    synchronize(input_ids.device)
-    return (time.perf_counter() - t0) * 1e3
-
-
 def time_diff(original: nn.Module, quantized: nn.Module, input_ids: torch.Tensor, backend: str = "auto",
               dtype: Optional[torch.dtype] = torch.bfloat16, repeats: int = 5, warmup: int = 1) -> dict:
     """ms for one forward of the same batch: the original vs the real-quant conversion of the (folded, fake-quant)
@@ -131,7 +122,7 @@ def time_diff(original: nn.Module, quantized: nn.Module, input_ids: torch.Tensor
     runs: dict[str, list[float]] = {"orig": [], "real": []}
     for i in range(warmup + repeats):
         for key, model in (("orig", orig), ("real", real)):
-            ms = _forward_ms(model, ids)
+            ms = one_forward_ms(model, ids)
             if i >= warmup:
                 runs[key].append(ms)
     t_orig, t_real = statistics.median(runs["orig"]), statistics.median(runs["real"])

@@ -9,7 +9,7 @@ from torch import nn
 
 from ..quantizer import SharedInputQuant, fake_quant_sym, integer_linear
 from ..transforms import kronecker_matmul
-from .backends import ActQuant, Backend, QuantizedInput
+from .backends import ActQuant, Backend
 from .packing import dequantize_weight, quantize_weight
 
 
