@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from core.calibrate import calibrate_model  # noqa: E402
 from core.config import parse_config  # noqa: E402
 from core.data import load_text, sample_windows, tokenize, wikitext_test_path  # noqa: E402
+from core.matrices import build_payload, save_matrices  # noqa: E402
 from core.models import load_model  # noqa: E402
 from core.perplexity import perplexity_from_ids  # noqa: E402
 from core.pipeline import peak_rss_mb, rtn_model  # noqa: E402
@@ -45,6 +46,7 @@ def main() -> None:
     ap.add_argument("--ppl_max_windows", type=int, default=None)
     ap.add_argument("--json", default=None, help="also write the results here")
     ap.add_argument("--timing_only", action="store_true", help="calibrate only (wall time, RSS); no perplexity")
+    ap.add_argument("--save_dir", default=None, help="also save each run's flat_matrices_down_<on|off>.pth here")
     args = ap.parse_args()
 
     wiki = wikitext_test_path()
@@ -76,8 +78,16 @@ def main() -> None:
         rtn = ppl(rtn_model(lm.model, cfg, None))
         model = copy.deepcopy(lm.model)
         t0 = time.monotonic()
-        calibrate_model(model, samples, cfg, torch.device("cpu"), Reporter())
+        layer_states: dict[int, dict] = {}
+        calibrate_model(model, samples, cfg, torch.device("cpu"), Reporter(),
+                        on_layer_done=lambda i, state, _result: layer_states.__setitem__(i, state))
         seconds = time.monotonic() - t0
+        if args.save_dir:
+            meta = {"nsamples": args.nsamples, "seqlen": args.seqlen, "seconds": round(seconds, 1),
+                    "data": "first half of WikiText-2 test tokens"}
+            saved = save_matrices(Path(args.save_dir) / f"flat_matrices_{tag}.pth",
+                                  build_payload(model, cfg, layer_states, complete=True, extra=meta))
+            print(f"saved {saved}", flush=True)
         flat = ppl(model)
         results[tag] = {"rtn": rtn, "flatquant": flat, "ratio_to_original": flat / results["original"],
                         "calibration_seconds": round(seconds, 1), "peak_rss_mb": round(peak_rss_mb(), 1)}
