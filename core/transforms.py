@@ -17,10 +17,24 @@ def kron_factors(n: int) -> tuple[int, int]:
     return 1, n
 
 
+# Up to this many rows (decode steps), without autograd on CPU, the native serial kernel runs the transform: two
+# torch matmuls would cost more in thread wake-ups than in arithmetic. Fake- and real-quant models both come here, so
+# they compute the same sums in the same order.
+SMALL_ROWS = 16
+
+
 def kronecker_matmul(x: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
     """x·(left ⊗ right) without forming the Kronecker product: reshape each row to (a, b), return leftᵀ·X·right."""
     a, b = left.shape[0], right.shape[0]
     shape = x.shape
+    rows = x.numel() // max(a * b, 1)
+    if rows <= SMALL_ROWS and x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16) \
+            and not (torch.is_grad_enabled() and (x.requires_grad or left.requires_grad or right.requires_grad)):
+        from .realquant import native  # lazy: the kernels are built on first use
+
+        kernels = native.load() if native.unsupported_reason() is None else None
+        if kernels is not None:
+            return kernels.kron(x.reshape(rows, a * b), left, right).reshape(shape)
     x = x.reshape(-1, a, b)
     x = torch.matmul(torch.matmul(left.t(), x), right)
     return x.reshape(shape)

@@ -51,10 +51,6 @@ def transform_input(x: torch.Tensor, act: ActQuant) -> torch.Tensor:
     return kronecker_matmul(x, act.left.to(x.dtype), act.right.to(x.dtype))
 
 
-# Up to this many tokens the cpu backend runs the online transform in its serial native kernel (decode steps).
-SMALL_TOKENS = 16
-
-
 def quantize_per_token(x: torch.Tensor, bits: int, clip: Optional[float]) -> tuple[torch.Tensor, torch.Tensor]:
     """int8 codes and fp32 [M, 1] scales; the fake-quant formula (``core.quantizer.fake_quant_sym``) in fewer passes."""
     max_abs = x.abs().amax(dim=-1, keepdim=True).float()
@@ -215,13 +211,6 @@ class CpuBackend(TorchCpuBackend):
         if "qweight_vnni" in tensors:
             return self.native.weight_codes(tensors, out_features, in_features)
         return super().weight_codes(tensors, out_features, in_features)
-
-    def transform(self, x, left, right):
-        rows = x.numel() // max(x.shape[-1], 1)
-        if self.native is not None and rows <= SMALL_TOKENS and x.dtype in (torch.float32, torch.bfloat16) \
-                and x.device.type == "cpu":
-            return self.native.kron(x.reshape(rows, -1), left, right).reshape(x.shape)
-        return super().transform(x, left, right)
 
     def quantize(self, x, act, tensors):
         if act.left is not None:
