@@ -157,7 +157,7 @@ class FrozenQuantLinear(nn.Module):
 
 class TransformedNorm(nn.Module):
     """RMSNorm followed by the group's frozen Kronecker transform (a folded FlatNormTransform). With a backend, the
-    backend runs the transform (the cpu backend's serial kernel for few tokens)."""
+    backend runs the transform (by default ``kronecker_matmul``, as in the fake model)."""
 
     def __init__(self, norm: nn.Module, left: torch.Tensor, right: torch.Tensor, backend: Optional[Backend] = None):
         super().__init__()
