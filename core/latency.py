@@ -172,7 +172,6 @@ def measure_model_latency(model: nn.Module, input_ids: torch.Tensor, decode_toke
 
 
 @torch.inference_mode()
-@torch.inference_mode()
 def one_forward_ms(model: nn.Module, input_ids: torch.Tensor) -> float:
     """Wall time of one plain forward (no cache) of a batch already on the model's device, device-synchronized."""
     synchronize(input_ids.device)

@@ -30,9 +30,9 @@ def kronecker_matmul(x: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -
     rows = x.numel() // max(a * b, 1)
     if rows <= SMALL_ROWS and x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16) \
             and not (torch.is_grad_enabled() and (x.requires_grad or left.requires_grad or right.requires_grad)):
-        from .realquant import native  # lazy: the kernels are built on first use
+        from .realquant import native  # lazy: the kernels are built on first use, then cached
 
-        kernels = native.load() if native.unsupported_reason() is None else None
+        kernels = native.load()
         if kernels is not None:
             return kernels.kron(x.reshape(rows, a * b), left, right).reshape(shape)
     x = x.reshape(-1, a, b)

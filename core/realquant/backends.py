@@ -88,10 +88,6 @@ class Backend:
     def weight_codes(self, tensors: dict[str, torch.Tensor], out_features: int, in_features: int) -> torch.Tensor:
         raise NotImplementedError
 
-    def transform(self, x: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
-        """The online Kronecker transform leftᵀ·X·right of each token (also used by TransformedNorm)."""
-        return kronecker_matmul(x, left.to(x.dtype), right.to(x.dtype))
-
     def quantize(self, x: torch.Tensor, act: ActQuant, tensors: dict[str, torch.Tensor]) -> QuantizedInput:
         raise NotImplementedError
 
@@ -213,11 +209,9 @@ class CpuBackend(TorchCpuBackend):
         return super().weight_codes(tensors, out_features, in_features)
 
     def quantize(self, x, act, tensors):
-        if act.left is not None:
-            x = self.transform(x, act.left, act.right)
         if "qweight_vnni" in tensors and act.bits <= 8:
-            return self.native.quantize(x, act.bits, act.clip)
-        return super().quantize(x, ActQuant(act.bits, act.clip), tensors)
+            return self.native.quantize(transform_input(x, act), act.bits, act.clip)
+        return super().quantize(x, act, tensors)
 
     def matmul(self, qx, tensors, out_features, w_scale, bias, out_dtype):
         if "qweight_vnni" in tensors:

@@ -232,7 +232,7 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu",
                 model.set_submodule(name, _build_linear(name, entry, tensors, be, shared, device, dtype))
             elif kind == "norm_transform":
                 norm = model.get_submodule(name)
-                model.set_submodule(name, TransformedNorm(norm, tensors[f"{name}.left"], tensors[f"{name}.right"], be))
+                model.set_submodule(name, TransformedNorm(norm, tensors[f"{name}.left"], tensors[f"{name}.right"]))
             elif kind == "kv_quantizer":
                 from ..flat import KVCacheQuantizer
 

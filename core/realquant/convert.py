@@ -84,7 +84,7 @@ def convert_model(model: nn.Module, backend: str | Backend = "auto") -> nn.Modul
             raise FlatQuantError(f"{name} still applies its diag scale; fold the model before converting.")
         left, right, _, _ = trans.matrices()
         dtype = m.norm.weight.dtype
-        model.set_submodule(name, TransformedNorm(m.norm, left.to(dtype), right.to(dtype), be))
+        model.set_submodule(name, TransformedNorm(m.norm, left.to(dtype), right.to(dtype)))
     return model.eval().requires_grad_(False)
 
 

@@ -156,13 +156,12 @@ class FrozenQuantLinear(nn.Module):
 
 
 class TransformedNorm(nn.Module):
-    """RMSNorm followed by the group's frozen Kronecker transform (a folded FlatNormTransform). With a backend, the
-    backend runs the transform (by default ``kronecker_matmul``, as in the fake model)."""
+    """RMSNorm followed by the group's frozen Kronecker transform (a folded FlatNormTransform), computed by
+    ``kronecker_matmul`` exactly as in the fake model."""
 
-    def __init__(self, norm: nn.Module, left: torch.Tensor, right: torch.Tensor, backend: Optional[Backend] = None):
+    def __init__(self, norm: nn.Module, left: torch.Tensor, right: torch.Tensor):
         super().__init__()
         self.norm = norm
-        self.backend = backend
         self.register_buffer("left", left.detach().clone())
         self.register_buffer("right", right.detach().clone())
 
@@ -172,6 +171,4 @@ class TransformedNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.norm(x)
-        if self.backend is not None:
-            return self.backend.transform(y, self.left, self.right)
         return kronecker_matmul(y, self.left.to(y.dtype), self.right.to(y.dtype))
