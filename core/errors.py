@@ -25,6 +25,10 @@ class MatrixFileError(FlatQuantError):
     """A flat_matrices.pth file is corrupt, unsafe, or belongs to another model."""
 
 
+class ExportError(FlatQuantError):
+    """An export cannot be written as asked (target folder, disk full, a config the target format cannot hold)."""
+
+
 class CalibrationError(FlatQuantError):
     """Calibration diverged (NaN/inf loss) or ran out of memory."""
 

@@ -78,17 +78,21 @@ def apply_matrices(model: nn.Module, payload: dict, path: str = "") -> FlatQuant
     cfg = parse_config(payload["config"])
     layers = decoder_layers(model)
     for i, state in payload["layers"].items():
-        i = int(i)
-        if not 0 <= i < len(layers):
-            raise MatrixFileError(f"Matrix file {path!r} names layer {i}, but the model has {len(layers)} layers.")
-        wrap_layer(layers[i], i, cfg, None)
-        try:
-            load_flat_state(layers[i], state)
-        except KeyError as exc:
-            raise MatrixFileError(f"Matrix file {path!r} does not match this model's layer {i} ({exc}); "
-                                  "it was made with another config or another model.") from exc
-        fold_layer(layers[i])
+        apply_layer_matrices(layers, int(i), cfg, state, path)
     return cfg
+
+
+def apply_layer_matrices(layers: nn.ModuleList, i: int, cfg: FlatQuantConfig, state: dict, path: str = "") -> None:
+    """Wrap, load and fold decoder layer ``i`` alone (exporters stream a model layer by layer with it)."""
+    if not 0 <= i < len(layers):
+        raise MatrixFileError(f"Matrix file {path!r} names layer {i}, but the model has {len(layers)} layers.")
+    wrap_layer(layers[i], i, cfg, None)
+    try:
+        load_flat_state(layers[i], state)
+    except KeyError as exc:
+        raise MatrixFileError(f"Matrix file {path!r} does not match this model's layer {i} ({exc}); "
+                              "it was made with another config or another model.") from exc
+    fold_layer(layers[i])
 
 
 def load_matrices(path: str | os.PathLike, model: nn.Module) -> FlatQuantConfig:
@@ -101,4 +105,4 @@ def load_matrices(path: str | os.PathLike, model: nn.Module) -> FlatQuantConfig:
 
 
 __all__ = ["MATRIX_FILE", "RESUME_FILE", "build_payload", "save_matrices", "read_matrices", "load_matrices",
-           "apply_matrices", "check_identity", "apply_flat_structure"]
+           "apply_matrices", "apply_layer_matrices", "check_identity", "apply_flat_structure"]

@@ -1,0 +1,409 @@
+"""Export a FlatQuant W4A4 model in the layout vllm-ascend serves (msModelSlim's W4A4_FLATQUANT_DYNAMIC).
+
+The layout and the serving math are defined in ``core.realquant.ascend_reference`` (the executable spec); this
+module writes it. It streams: one decoder layer at a time is wrapped, loaded from the matrix file and folded (or, for
+a model folded in memory, read), turned into its export tensors and appended to the current shard, so the largest
+extra memory is one layer in fp32 plus one shard (``shard_bytes``).
+
+What maps where (FlatQuant's folded form is exactly the server's form):
+- q/k/v and gate/up: their norm's transform P1 ⊗ P2 becomes each member's left_trans / right_trans (identical in a
+  group, as the server fuses the group into one kernel input); the group's per-channel scale is already folded into
+  the RMSNorm weight (FLOAT); weights are the int4 codes of W·P⁻ᵀ with the learned per-channel clip in weight_scale.
+- down_proj: its own online transform; its scale is folded into up_proj's rows.
+- o_proj (use_o_quant) and the kv-cache quantizer have no FlatQuant serving method there: exported FLOAT in the
+  original basis, with one note.
+- Everything else (embeddings, norms, lm_head, skipped layers, layers not calibrated) FLOAT, in the model's dtype.
+
+The folder is written under a temp name beside the target, validated against the layout, then renamed: a failure
+(disk full, a bug) leaves nothing that looks complete.
+"""
+from __future__ import annotations
+
+import errno
+import json
+import os
+import re
+import shutil
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Optional
+
+import torch
+from torch import nn
+
+from ..errors import ExportError
+from .ascend_reference import (CONFIG_QUANTIZE, DESCRIPTION_FILE, FLOAT_TYPE, FUSED_GROUPS, INDEX_FILE,
+                               KRONECKER_MAX_FACTOR, QUANT_TYPE, WEIGHTS_FILE, WEIGHTS_STEM, layout_problems,
+                               server_factors, shard_name)
+from .packing import quantize_weight
+
+DEFAULT_SHARD_BYTES = 2 * 2 ** 30
+LAYER_PREFIX = "model.layers"
+GROUP_PARENTS = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "gate_proj": "mlp",
+                 "up_proj": "mlp"}
+NOT_EXPORTED_NOTE = ("note: the run's fake-quant {what} setting is not part of the exported model (vllm-ascend has no "
+                     "FlatQuant method for it): exported FLOAT, in the original basis.")
+
+
+def parse_size(text: str | int) -> int:
+    """'2GB', '500MB', '64KiB' or a plain byte count -> bytes."""
+    if isinstance(text, int):
+        size = text
+    else:
+        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*", str(text).lower())
+        if not m:
+            raise ExportError(f"--shard_size {text!r} is not a size; write e.g. 2GB, 500MB or a byte count.")
+        unit = (m.group(2) or "b").rstrip("b").rstrip("i")
+        size = int(float(m.group(1)) * 1024 ** " kmgt".index(unit or " "))
+    if size < 1:
+        raise ExportError(f"--shard_size must be at least one byte, got {text!r}.")
+    return size
+
+
+# --- the target folder --------------------------------------------------------------------------------------------
+
+
+def check_target(output_dir: str | os.PathLike, source_dir: Optional[str | os.PathLike] = None,
+                 overwrite: bool = False) -> Path:
+    """Refuse a target that is (inside) the source model's folder, holds the source model, is a file, or exists
+    and is not empty without ``overwrite``. Returns the resolved target."""
+    target = Path(output_dir).expanduser().resolve()
+    if source_dir is not None:
+        src = Path(source_dir).expanduser().resolve()
+        if target == src or src in target.parents:
+            raise ExportError(f"--output_dir {str(output_dir)!r} is the source model's folder or inside it; "
+                              "choose a new folder (the source weights would be overwritten).")
+        if target in src.parents:
+            raise ExportError(f"--output_dir {str(output_dir)!r} contains the source model; choose a new folder.")
+    if target.exists() and not target.is_dir():
+        raise ExportError(f"--output_dir {str(output_dir)!r} is a file; name a folder.")
+    if target.is_dir() and any(target.iterdir()) and not overwrite:
+        raise ExportError(f"--output_dir {str(output_dir)!r} exists and is not empty; choose a new folder or pass "
+                          "--overwrite to replace it.")
+    return target
+
+
+class StagedFolder:
+    """A temp folder beside ``target``; ``commit()`` renames it into place (replacing an old target). Leaving the
+    ``with`` block without commit, or any OSError, removes it."""
+
+    def __init__(self, target: Path):
+        self.target = target
+        self.path = target.parent / f".{target.name}.partial-{uuid.uuid4().hex[:8]}"
+
+    def __enter__(self) -> "StagedFolder":
+        try:
+            self.path.mkdir(parents=True)
+        except OSError as exc:
+            raise ExportError(f"cannot create the output folder next to {self.target.name!r}: "
+                              f"{exc.strerror or exc}.") from exc
+        return self
+
+    def commit(self) -> None:
+        old = None
+        if self.target.exists():
+            old = self.target.parent / f".{self.target.name}.old-{uuid.uuid4().hex[:8]}"
+            os.replace(self.target, old)
+        os.replace(self.path, self.target)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def __exit__(self, exc_type, exc, tb):
+        if self.path.exists():
+            shutil.rmtree(self.path, ignore_errors=True)
+        if isinstance(exc, OSError):
+            why = os.strerror(exc.errno) if exc.errno else str(exc)
+            hint = " Free some space and export again." if exc.errno in (errno.ENOSPC, errno.EDQUOT) else ""
+            raise ExportError(f"writing the export failed ({why}); nothing was written to "
+                              f"{self.target.name!r}.{hint}") from exc
+        return False
+
+
+# --- skip_layers vs vLLM's fused layers -------------------------------------------------------------------------
+
+
+def mixed_groups(cfg, layers: Iterable[int]) -> list[tuple[int, tuple[str, ...], list[str]]]:
+    """(layer, group, skipped members) for every fused group that ``cfg.skip_layers`` skips only in part."""
+    out = []
+    for i in layers:
+        for group in FUSED_GROUPS:
+            names = [f"{LAYER_PREFIX}.{i}.{GROUP_PARENTS[m]}.{m}" for m in group]
+            skipped = [n for n in names if cfg.is_skipped(n)]
+            if skipped and len(skipped) < len(names):
+                out.append((i, group, skipped))
+    return out
+
+
+def check_fused_skips(cfg, layers: Iterable[int]) -> None:
+    mixed = mixed_groups(cfg, layers)
+    if mixed:
+        i, group, skipped = mixed[0]
+        raise ExportError(f"skip_layers keeps {', '.join(skipped)} in float but not the rest of "
+                          f"{'/'.join(group)} in layer {i}; vllm-ascend fuses them into one layer that must be all "
+                          f"quantized or all float ({len(mixed)} such group(s)). Recalibrate with the whole group in "
+                          "--skip_layers (quantize --export ascend widens it for you).")
+
+
+def widen_skip_layers(cfg, layers: Iterable[int]) -> tuple[list[str], list[str]]:
+    """skip_layers with every partly skipped fused group completed, and one message per widened group."""
+    skip, messages = list(cfg.skip_layers), []
+    for i, group, skipped in mixed_groups(cfg, layers):
+        names = [f"{LAYER_PREFIX}.{i}.{GROUP_PARENTS[m]}.{m}" for m in group]
+        skip += [n for n in names if n not in skipped]
+        messages.append(f"note: skip_layers widened to all of {'/'.join(group)} in layer {i} (vllm-ascend fuses "
+                        f"them; {', '.join(s.rsplit('.', 1)[1] for s in skipped)} was skipped alone).")
+    return skip, messages
+
+
+def check_config(cfg) -> None:
+    if cfg.w_bits != 4 or cfg.a_bits != 4:
+        raise ExportError(f"the ascend format holds W4A4 models only; this one is W{cfg.w_bits}A{cfg.a_bits} "
+                          "(use --format native).")
+
+
+# --- per-layer export tensors -----------------------------------------------------------------------------------
+
+
+@dataclass
+class ExportStats:
+    quantized_linears: int = 0
+    quantized_bytes: int = 0
+    quantized_bf16_bytes: int = 0
+    notes: list[str] = field(default_factory=list)
+
+    def note(self, line: str) -> None:
+        if line not in self.notes:
+            self.notes.append(line)
+
+
+def _group_transform(layer: nn.Module, member: str):
+    from ..flat import FlatNormTransform
+
+    norm = layer.input_layernorm if GROUP_PARENTS[member] == "self_attn" else layer.post_attention_layernorm
+    if isinstance(norm, FlatNormTransform):
+        left, right, _, _ = norm.trans.matrices()
+        return left, right
+    return None
+
+
+def _check_factors(name: str, n: int, left: torch.Tensor, right: torch.Tensor) -> None:
+    if n % 8:
+        raise ExportError(f"{name}: input width {n} is not a multiple of 8, which the ascend int4 format needs.")
+    a, b = server_factors(n) if n % 4 != 2 else (0, 0)
+    if (left.shape[0], right.shape[0]) != (a, b):
+        raise ExportError(f"{name}: FlatQuant factored its width {n} as {left.shape[0]}x{right.shape[0]}, but "
+                          f"vllm-ascend expects {a}x{b}; this model cannot be served in that layout.")
+    if max(a, b) > KRONECKER_MAX_FACTOR:
+        raise ExportError(f"{name}: transform factor {max(a, b)} exceeds the CANN kernel limit "
+                          f"{KRONECKER_MAX_FACTOR}.")
+
+
+def _linear_tensors(name: str, m: nn.Module, layer: nn.Module, member: str, dtype: torch.dtype,
+                    stats: ExportStats) -> tuple[dict, str]:
+    """(tensors, type) of one wrapped, folded FlatQuantLinear."""
+    from ..transforms import kronecker_matmul
+
+    state = m.export_state()
+    if m.real_quant_eligible and state["w_bits"] == 4 and state["a_bits"] == 4:
+        if state["trans_left"] is not None:
+            left, right = state["trans_left"], state["trans_right"]
+        else:
+            trans = _group_transform(layer, member) if member in GROUP_PARENTS else None
+            a, b = server_factors(m.in_features) if m.in_features % 4 != 2 else (1, m.in_features)
+            left, right = trans if trans is not None else (torch.eye(a), torch.eye(b))
+        _check_factors(name, m.in_features, left, right)
+        codes, scale = quantize_weight(state["weight"], 4, state["w_clip"])
+        own = {"weight": codes.cpu().contiguous(), "weight_scale": scale.float().reshape(-1, 1).cpu(),
+               "weight_offset": torch.zeros(m.out_features, 1),
+               "left_trans": left.detach().to(dtype).cpu().clone(),  # one copy per shard of a fused group
+               "right_trans": right.detach().to(dtype).cpu().clone(),
+               "clip_ratio": torch.tensor([1.0 if state["a_clip"] is None else float(state["a_clip"])])}
+        if state["bias"] is not None:
+            own["bias"] = state["bias"].to(dtype).cpu()
+        stats.quantized_linears += 1
+        stats.quantized_bf16_bytes += 2 * m.out_features * (m.in_features + (state["bias"] is not None))
+        return own, QUANT_TYPE
+    weight = state["weight"]
+    if state["trans_left"] is not None:  # o_proj with use_o_quant: undo the online transform, W = W'·(P1 ⊗ P2)ᵀ
+        weight = kronecker_matmul(weight.double(), state["trans_left"].double().t(),
+                                  state["trans_right"].double().t())
+        stats.note(NOT_EXPORTED_NOTE.format(what="o_proj (use_o_quant)"))
+    own = {"weight": weight.to(dtype).cpu()}
+    if state["bias"] is not None:
+        own["bias"] = state["bias"].to(dtype).cpu()
+    return own, FLOAT_TYPE
+
+
+def layer_tensors(layer: nn.Module, prefix: str, dtype: torch.dtype, stats: ExportStats
+                  ) -> list[tuple[str, torch.Tensor, str]]:
+    """(name, tensor, type) of one decoder layer: folded FlatQuant modules, or a plain layer (all FLOAT)."""
+    from ..flat import FlatNormTransform, FlatQuantLinear, KVCacheQuantizer
+
+    out: list[tuple[str, torch.Tensor, str]] = []
+    done: list[str] = []
+    kinds: dict[str, str] = {}
+    for name, m in layer.named_modules():
+        if any(name.startswith(d + ".") for d in done):
+            continue
+        if isinstance(m, FlatQuantLinear):
+            member = name.rsplit(".", 1)[-1]
+            own, kind = _linear_tensors(f"{prefix}.{name}", m, layer, member, dtype, stats)
+            out += [(f"{prefix}.{name}.{k}", t.contiguous(), kind) for k, t in own.items()]
+            kinds[name] = kind
+            done.append(name)
+        elif isinstance(m, FlatNormTransform):
+            out += [(f"{prefix}.{name}.{k}", t.detach().to(dtype).cpu().contiguous(), FLOAT_TYPE)
+                    for k, t in m.norm.state_dict().items()]
+            done.append(name)
+        elif isinstance(m, KVCacheQuantizer):
+            stats.note(NOT_EXPORTED_NOTE.format(what="kv-cache (use_kcache_quant/use_vcache_quant)"))
+            done.append(name)
+    for key, t in layer.state_dict().items():
+        if not any(key.startswith(d + ".") for d in done):
+            out.append((f"{prefix}.{key}", t.detach().to(dtype).cpu().contiguous(), FLOAT_TYPE))
+    for group in FUSED_GROUPS:
+        types = {kinds.get(f"{GROUP_PARENTS[m]}.{m}", FLOAT_TYPE) for m in group}
+        if len(types) > 1:
+            raise ExportError(f"{prefix}: {'/'.join(group)} are partly quantized (skip_layers skipped only some of "
+                              "them); vllm-ascend fuses them into one layer. Recalibrate with the whole group "
+                              "skipped (quantize --export ascend widens it for you).")
+    return out
+
+
+# --- the writer -----------------------------------------------------------------------------------------------------
+
+
+class ShardWriter:
+    """Appends tensors to the current shard and writes it once it reaches ``shard_bytes``; ``finish()`` names the
+    shards ``-0000i-of-0000n`` with an index (or one file when a single shard suffices) and writes the description."""
+
+    def __init__(self, folder: Path, shard_bytes: int):
+        self.folder, self.shard_bytes = folder, shard_bytes
+        self.pending: dict[str, torch.Tensor] = {}
+        self.pending_bytes = 0
+        self.parts: list[tuple[str, list[str]]] = []
+        self.types: dict[str, str] = {}
+        self.bytes_by_type: dict[str, int] = {}
+        self.total = 0
+
+    def add(self, name: str, tensor: torch.Tensor, kind: str) -> None:
+        if name in self.types:
+            raise ExportError(f"tensor {name} exported twice")
+        nbytes = tensor.numel() * tensor.element_size()
+        if self.pending and self.pending_bytes + nbytes > self.shard_bytes:
+            self.flush()
+        self.pending[name] = tensor
+        self.pending_bytes += nbytes
+        self.types[name] = kind
+        self.bytes_by_type[kind] = self.bytes_by_type.get(kind, 0) + nbytes
+        self.total += nbytes
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        from safetensors.torch import save_file
+
+        part = f".part-{len(self.parts):05d}.safetensors"
+        save_file(self.pending, str(self.folder / part), metadata={"format": "pt"})
+        self.parts.append((part, list(self.pending)))
+        self.pending, self.pending_bytes = {}, 0
+
+    def finish(self, extra_types: Optional[dict] = None) -> list[str]:
+        self.flush()
+        total = len(self.parts)
+        names = [WEIGHTS_FILE] if total == 1 else [shard_name(i + 1, total) for i in range(total)]
+        for (part, _), final in zip(self.parts, names):
+            os.replace(self.folder / part, self.folder / final)
+        if total > 1:
+            index = {"metadata": {"total_size": self.total},
+                     "weight_map": {t: final for (_, tensors), final in zip(self.parts, names) for t in tensors}}
+            (self.folder / INDEX_FILE).write_text(json.dumps(index, indent=2))
+        description = {"model_quant_type": QUANT_TYPE, **self.types, **(extra_types or {})}
+        (self.folder / DESCRIPTION_FILE).write_text(json.dumps(description, indent=2))
+        return names
+
+
+def _model_dtype(model: nn.Module) -> torch.dtype:
+    dtypes = [p.dtype for p in model.parameters() if p.is_floating_point() and not p.is_meta]
+    return max(set(dtypes), key=dtypes.count) if dtypes else torch.float32
+
+
+def _write_config(model: nn.Module, tokenizer, folder: Path, dtype: torch.dtype) -> None:
+    if not getattr(model.config, "architectures", None):
+        model.config.architectures = [type(model).__name__]
+    model.config.save_pretrained(folder)
+    path = folder / "config.json"
+    config = json.loads(path.read_text())
+    config["quantize"] = CONFIG_QUANTIZE
+    name = str(dtype).replace("torch.", "")
+    config["torch_dtype"] = name
+    if "dtype" in config:
+        config["dtype"] = name
+    path.write_text(json.dumps(config, indent=2))
+    gen = getattr(model, "generation_config", None)
+    if gen is not None:
+        try:
+            gen.save_pretrained(folder)
+        except ValueError:
+            pass  # an invalid generation config is not worth failing the export
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
+
+
+@torch.no_grad()
+def export_ascend(model: nn.Module, cfg, tokenizer, output_dir: str | os.PathLike, *,
+                  layer_states: Optional[dict] = None, consume: bool = False, overwrite: bool = False,
+                  source_dir: Optional[str | os.PathLike] = None, shard_bytes: int = DEFAULT_SHARD_BYTES,
+                  dtype: Optional[torch.dtype] = None, say: Callable[[str], None] = print) -> dict:
+    """Write ``model`` in the vllm-ascend layout to ``output_dir``.
+
+    ``model``: a float model plus ``layer_states`` (a matrix file's ``payload["layers"]``, applied here one layer
+    at a time; with ``consume`` each layer's storage is released once written), or a model already wrapped and
+    folded in memory (``layer_states=None``; not modified). ``cfg``: its FlatQuantConfig. Float parts are written
+    in ``dtype`` (default: the model's). Returns sizes and paths; notes (o_proj / kv-cache) go to ``say``."""
+    from ..matrices import apply_layer_matrices
+    from ..models import decoder_layers
+
+    check_config(cfg)
+    layers = decoder_layers(model)
+    if layer_states is not None:
+        calibrated = sorted(int(i) for i in layer_states)
+    else:
+        from ..flat import is_wrapped
+
+        calibrated = [i for i, layer in enumerate(layers) if is_wrapped(layer)]
+    check_fused_skips(cfg, calibrated)
+    target = check_target(output_dir, source_dir, overwrite)
+    dtype = dtype or _model_dtype(model)
+    stats = ExportStats()
+    with StagedFolder(target) as staged:
+        writer = ShardWriter(staged.path, shard_bytes)
+        tied = bool(getattr(model.config, "tie_word_embeddings", False))
+        rest = {k: t for k, t in model.state_dict().items() if not k.startswith(LAYER_PREFIX + ".")}
+        if tied and "lm_head.weight" in rest:
+            del rest["lm_head.weight"]  # one tensor with the embeddings; typed below for the server's lookup
+        for key, t in rest.items():
+            writer.add(key, t.detach().to(dtype).cpu().contiguous(), FLOAT_TYPE)
+        for i, layer in enumerate(layers):
+            if layer_states is not None and i in layer_states:
+                apply_layer_matrices(layers, i, cfg, layer_states[i])
+            for name, t, kind in layer_tensors(layers[i], f"{LAYER_PREFIX}.{i}", dtype, stats):
+                writer.add(name, t, kind)
+            if consume:
+                layers[i].to("meta")
+        files = writer.finish({"lm_head.weight": FLOAT_TYPE} if tied else None)
+        stats.quantized_bytes = writer.bytes_by_type.get(QUANT_TYPE, 0)
+        _write_config(model, tokenizer, staged.path, dtype)
+        problems = layout_problems(staged.path)
+        if problems:
+            raise ExportError("the written folder does not follow the layout (a bug; nothing was kept): "
+                              + "; ".join(problems[:3]))
+        staged.commit()
+    for line in stats.notes:
+        say(line)
+    ratio = stats.quantized_bytes / stats.quantized_bf16_bytes if stats.quantized_bf16_bytes else None
+    return {"output_dir": str(target), "files": files, "quantized_linears": stats.quantized_linears,
+            "quantized_linear_bytes": stats.quantized_bytes, "quantized_linear_bf16_bytes": stats.quantized_bf16_bytes,
+            "ratio_to_bf16": ratio, "weights_bytes": writer.total, "dtype": str(dtype).replace("torch.", ""),
+            "notes": stats.notes}
