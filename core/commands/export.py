@@ -1,56 +1,140 @@
-"""`python -m core export`: write the real-quant (packed int4) checkpoint of a calibrated model."""
+"""`python -m core export`: write a calibrated model as a deployable folder.
+
+--format native (default): this project's real-quant checkpoint (packed int4, core.realquant.load_checkpoint).
+--format ascend: the layout vllm-ascend serves (`vllm serve DIR --quantization ascend`), W4A4_FLATQUANT_DYNAMIC.
+"""
 from __future__ import annotations
 
 import argparse
 import sys
 
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
 
 def register(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
-        "export", help="write a real-quant W4A4 checkpoint (packed int4 weights) from saved FlatQuant matrices",
-        description="Load a model and its flat_matrices.pth, convert every quantized linear to real int4, and write "
-                    "OUTPUT_DIR/model.safetensors (packed int4 weights, scales, transforms, clip ratios), "
-                    "quant_config.json, config.json and the tokenizer. The folder loads back with "
-                    "core.realquant.load_checkpoint, without recalibration and without the original weights.")
+        "export", help="write a deployable W4A4 folder (native int4 checkpoint, or vllm-ascend's layout) from saved "
+                       "FlatQuant matrices",
+        description="Load a model and its flat_matrices.pth and write OUTPUT_DIR. --format native: packed int4 "
+                    "weights, scales, transforms and clip ratios in model.safetensors + quant_config.json, loaded "
+                    "back by core.realquant.load_checkpoint. --format ascend: config.json (\"quantize\": "
+                    "\"w4a4_flatquant_dynamic\"), quant_model_description.json and "
+                    "quant_model_weight_w4a4_flatquant_dynamic*.safetensors, served by vllm-ascend "
+                    "(`vllm serve OUTPUT_DIR --quantization ascend`). The folder is written under a temp name and "
+                    "renamed when complete.")
+    p.add_argument("--format", default="native", choices=("native", "ascend"),
+                   help="native (default): this project's int4 checkpoint; ascend: vllm-ascend's "
+                        "W4A4_FLATQUANT_DYNAMIC layout")
     p.add_argument("--model_path", default=None, help="local model folder, or 'smollm2' (default) for the embedded "
                                                       "SmolLM2-135M-Instruct")
     p.add_argument("--flat_matrix_path", required=True, help="flat_matrices.pth written by `python -m core quantize`")
-    p.add_argument("--output_dir", required=True, help="checkpoint folder to write")
-    p.add_argument("--backend", default="auto", help="real-quant backend for the conversion: auto | cpu | cpu-torch | "
-                                                     "cuda | npu (the stored format is the same for all)")
-    p.add_argument("--device", default="cpu", help="where to load the model: cpu (default) | cuda | npu | auto")
-    p.add_argument("--verify", action="store_true", help="reload the written checkpoint and check that it gives the "
-                                                         "same logits as the converted model in memory")
+    p.add_argument("--output_dir", required=True, help="folder to write (new, empty, or replaced with --overwrite)")
+    p.add_argument("--overwrite", action="store_true", help="replace OUTPUT_DIR if it exists and is not empty")
+    p.add_argument("--dtype", default="auto", choices=DTYPES,
+                   help="dtype of the float parts (embeddings, norms, transforms): auto = the model's own 16-bit "
+                        "dtype, bfloat16 for a float32 checkpoint (the serving dtype)")
+    p.add_argument("--shard_size", default="2GB", help="ascend: largest safetensors shard (e.g. 2GB, 500MB); larger "
+                                                       "models get -0000i-of-0000n shards and an index file")
+    p.add_argument("--backend", default="auto", help="native: real-quant backend for the conversion: auto | cpu | "
+                                                     "cpu-torch | cuda | npu (the stored format is the same for all)")
+    p.add_argument("--device", default="cpu", help="native: where to load the model: cpu (default) | cuda | npu | "
+                                                   "auto (the ascend export streams on the host)")
+    p.add_argument("--verify", action="store_true", help="native: reload the written checkpoint and check that it "
+                                                         "gives the same logits as the converted model in memory")
     p.set_defaults(func=run)
     return p
 
 
-def run(args: argparse.Namespace) -> int:
+def _dtypes(args, model_path: str):
+    """(dtype to load the model in, dtype of the exported float parts)."""
     import torch
 
-    from ..device import resolve_device
-    from ..matrices import load_matrices
+    from ..realquant.ascend import serving_dtype, source_dtype
+
+    own = source_dtype(model_path)
+    out = serving_dtype(own) if args.dtype == "auto" else getattr(torch, args.dtype)
+    return own, out
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..matrices import check_identity, read_matrices
+    from ..models import resolve_model_path
+    from ..config import parse_config
+    from ..errors import MatrixFileError
+    from ..realquant.ascend import check_config, check_fused_skips, check_target, parse_size
+
+    source = resolve_model_path(args.model_path)
+    check_target(args.output_dir, source, args.overwrite)  # before anything slow
+    shard_bytes = parse_size(args.shard_size)
+    payload = read_matrices(args.flat_matrix_path)
+    if not payload.get("complete", True):
+        raise MatrixFileError(f"Matrix file {args.flat_matrix_path!r} is a partial (resume) checkpoint; finish the "
+                              "calibration with the same --output_dir first.")
+    cfg = parse_config(payload["config"])
+    if args.format == "ascend":
+        check_config(cfg)
+        check_fused_skips(cfg, sorted(int(i) for i in payload["layers"]))
+    load_dtype, out_dtype = _dtypes(args, str(source))
     from ..models import load_model
+
+    device = "cpu" if args.format == "ascend" else args.device
+    if device != "cpu":
+        from ..device import resolve_device
+
+        device = resolve_device(device)
+    print(f"Loading {args.model_path or 'smollm2 (embedded default)'} ({str(load_dtype).replace('torch.', '')}) "
+          f"on {device} ...", file=sys.stderr)
+    loaded = load_model(args.model_path, device=device, dtype=load_dtype)
+    check_identity(payload, loaded.model, args.flat_matrix_path)
+    if args.format == "ascend":
+        return _run_ascend(args, loaded, payload, cfg, source, out_dtype, shard_bytes)
+    return _run_native(args, loaded, payload, source, out_dtype)
+
+
+def _run_ascend(args, loaded, payload, cfg, source, dtype, shard_bytes: int) -> int:
+    from ..realquant.ascend import export_ascend
+
+    layers = {int(i): s for i, s in payload["layers"].items()}
+    info = export_ascend(loaded.model, cfg, loaded.tokenizer, args.output_dir, layer_states=layers, consume=True,
+                         overwrite=args.overwrite, source_dir=source, shard_bytes=shard_bytes, dtype=dtype)
+    mib = 2 ** 20
+    print(f"Quantized linears ({info['quantized_linears']}): {info['quantized_linear_bytes'] / mib:.2f} MiB (int4 "
+          f"codes held in int8, scales, transforms) vs {info['quantized_linear_bf16_bytes'] / mib:.2f} MiB in bf16: "
+          f"{info['ratio_to_bf16']:.3f}x")
+    print(f"Ascend folder: {info['output_dir']} ({len(info['files'])} safetensors file(s), "
+          f"{info['weights_bytes'] / mib:.1f} MiB, float parts in {info['dtype']}); serve it with "
+          f"`vllm serve {args.output_dir} --quantization ascend`")
+    print("All done!")
+    return 0
+
+
+def _run_native(args, loaded, payload, source, dtype) -> int:
+    import torch
+
+    from ..matrices import apply_matrices
+    from ..realquant.ascend import StagedFolder, check_target
     from ..realquant.checkpoint import export_checkpoint, load_checkpoint
     from ..realquant.convert import convert_model, memory_sizes
 
-    device = resolve_device(args.device)
-    print(f"Loading {args.model_path or 'smollm2 (embedded default)'} on {device} ...", file=sys.stderr)
-    loaded = load_model(args.model_path, device=device)
-    cfg = load_matrices(args.flat_matrix_path, loaded.model)
+    cfg = apply_matrices(loaded.model, payload, args.flat_matrix_path)
     model = convert_model(loaded.model, args.backend)
     mem = memory_sizes(model)
-    info = export_checkpoint(model, loaded.tokenizer, args.output_dir, cfg)
+    target = check_target(args.output_dir, source, args.overwrite)
+    with StagedFolder(target) as staged:
+        info = export_checkpoint(model, loaded.tokenizer, staged.path, cfg, dtype=dtype)
+        staged.commit()
     mib = 2 ** 20
     print(f"Quantized linears on disk: {info['quantized_linear_bytes'] / mib:.2f} MiB (packed int4 + scales) vs "
           f"{info['quantized_linear_bf16_bytes'] / mib:.2f} MiB in bf16: {info['ratio_to_bf16']:.3f}x")
     print(f"Quantized linears in memory ({mem['backend']} backend, {', '.join(mem['weight_layout'])}): "
           f"{mem['in_memory_bytes'] / mib:.2f} MiB: {mem['ratio_to_bf16']:.3f}x of bf16")
-    print(f"Checkpoint: {info['output_dir']} (model.safetensors {info['file_bytes'] / mib:.1f} MiB)")
+    print(f"Checkpoint: {target} (model.safetensors {info['file_bytes'] / mib:.1f} MiB, float parts in "
+          f"{str(dtype).replace('torch.', '')})")
     if args.verify:
-        reloaded = load_checkpoint(args.output_dir, device=device, backend=args.backend)
+        model = model.to(dtype)
+        reloaded = load_checkpoint(target, device=next(model.parameters()).device, backend=args.backend)
         ids = loaded.tokenizer("FlatQuant keeps the model's outputs close while its weights shrink to four bits.",
-                               return_tensors="pt").input_ids.to(device)
+                               return_tensors="pt").input_ids.to(next(model.parameters()).device)
         with torch.no_grad():
             a = model(input_ids=ids).logits.float()
             b = reloaded.model(input_ids=ids).logits.float()

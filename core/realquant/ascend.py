@@ -61,6 +61,22 @@ def parse_size(text: str | int) -> int:
     return size
 
 
+def source_dtype(model_path: str | os.PathLike) -> torch.dtype:
+    """The dtype a model folder's config.json declares (float32 when it declares none)."""
+    try:
+        config = json.loads((Path(model_path) / "config.json").read_text())
+    except (OSError, ValueError):
+        return torch.float32
+    name = config.get("torch_dtype") or config.get("dtype") if isinstance(config, dict) else None
+    dtype = getattr(torch, name, None) if isinstance(name, str) else None
+    return dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else torch.float32
+
+
+def serving_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The float parts' default export dtype: the model's own 16-bit dtype, bfloat16 for a float32 checkpoint."""
+    return dtype if dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
+
+
 # --- the target folder --------------------------------------------------------------------------------------------
 
 
@@ -386,6 +402,8 @@ def export_ascend(model: nn.Module, cfg, tokenizer, output_dir: str | os.PathLik
         for key, t in rest.items():
             writer.add(key, t.detach().to(dtype).cpu().contiguous(), FLOAT_TYPE)
         for i, layer in enumerate(layers):
+            if consume:
+                layer.float()  # fold and quantize this layer in fp32 (one layer at a time)
             if layer_states is not None and i in layer_states:
                 apply_layer_matrices(layers, i, cfg, layer_states[i])
             for name, t, kind in layer_tensors(layers[i], f"{LAYER_PREFIX}.{i}", dtype, stats):

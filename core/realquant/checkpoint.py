@@ -53,10 +53,11 @@ def _linear_entry(kind: str, m: nn.Module, group: Optional[str]) -> dict:
 
 @torch.no_grad()
 def export_checkpoint(model: nn.Module, tokenizer, output_dir: str | os.PathLike, config=None,
-                      backend: str = "auto") -> dict:
+                      backend: str = "auto", dtype: Optional[torch.dtype] = None) -> dict:
     """Convert ``model`` (folded fake-quant, or already converted) in place if needed and write the checkpoint
-    folder. ``config``: the FlatQuantConfig (or its dict) recorded in quant_config.json. Returns the summary that
-    is also stored there under "sizes" plus the written paths."""
+    folder. ``config``: the FlatQuantConfig (or its dict) recorded in quant_config.json. ``dtype``: the float
+    parts' dtype on disk (default: as they are; per-channel scales stay fp32). Returns the summary that is also
+    stored there under "sizes" plus the written paths."""
     from safetensors.torch import save
 
     from .convert import convert_model, is_real_quant
@@ -114,6 +115,11 @@ def export_checkpoint(model: nn.Module, tokenizer, output_dir: str | os.PathLike
         seen[ident] = key
         tensors[key] = t.detach().cpu().contiguous()
 
+    if dtype is not None:
+        tensors = {n: t.to(dtype) if t.is_floating_point() and not n.endswith(".w_scale") else t
+                   for n, t in tensors.items()}
+        q_bytes = sum(t.numel() * t.element_size() for n, t in tensors.items() if n.rpartition(".")[0] in handled
+                      and modules[n.rpartition(".")[0]]["kind"] == "realquant")
     sizes = {"quantized_linear_bytes": q_bytes, "quantized_linear_bf16_bytes": bf16_bytes,
              "ratio_to_bf16": (q_bytes / bf16_bytes) if bf16_bytes else None,
              "file_bytes": None}
