@@ -48,6 +48,8 @@ def register(subparsers) -> argparse.ArgumentParser:
                    help="skip timing one forward of the original vs the real int4 model")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output_dir", default=None, help="default: ./outputs/<model name>")
+    p.add_argument("--export", choices=("native", "ascend"), default=None,
+                   help="also write OUTPUT_DIR/checkpoint (native int4) or OUTPUT_DIR/ascend (vllm-ascend layout)")
     from ..evaluate import add_eval_args
 
     add_eval_args(p)  # --eval [sections], --tasks, --tasks_data_dir, --limit, --ppl_data, ...
@@ -92,6 +94,10 @@ def run(args: argparse.Namespace) -> int:
         cali_bsz=args.cali_bsz, flat_lr=args.flat_lr, device=args.device, ppl_data=args.ppl_data,
         ppl_seqlen=args.ppl_seqlen, ppl_max_windows=args.ppl_max_windows, skip_ppl=args.skip_ppl,
         skip_rtn=args.no_rtn, output_dir=output_dir, max_layers=args.max_layers, seed=args.seed, resume=args.resume)
+    if args.export == "ascend":
+        from ..realquant.ascend import prepare_quantize
+
+        prepare_quantize(opts)  # W4A4 only; a skip_layers entry splitting q/k/v or gate/up is widened to the group
     progress = _TqdmProgress()
     try:
         result = run_quantize(opts, on_event=progress)
@@ -120,6 +126,10 @@ def run(args: argparse.Namespace) -> int:
                                 Reporter(progress), rtn=result.rtn)
         for line in summary_lines(results):
             print(line)
+    if args.export:
+        from ..realquant.ascend import export_quantized
+
+        print(f"Exported ({args.export}): {export_quantized(result, args.export)['output_dir']}")
     print(f"Saved {result.matrix_path} and {result.output_dir / 'report.json'}")
     print("All done!")
     return 0

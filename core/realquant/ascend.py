@@ -42,8 +42,8 @@ DEFAULT_SHARD_BYTES = 2 * 2 ** 30
 LAYER_PREFIX = "model.layers"
 GROUP_PARENTS = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "gate_proj": "mlp",
                  "up_proj": "mlp"}
-NOT_EXPORTED_NOTE = ("note: the run's fake-quant {what} setting is not part of the exported model (vllm-ascend has no "
-                     "FlatQuant method for it): exported FLOAT, in the original basis.")
+NOT_EXPORTED_NOTE = ("note: the run's fake-quant {what} setting(s) are not part of the exported model (vllm-ascend has "
+                     "no FlatQuant method for them): exported FLOAT, in the original basis.")
 
 
 def parse_size(text: str | int) -> int:
@@ -186,11 +186,11 @@ class ExportStats:
     quantized_linears: int = 0
     quantized_bytes: int = 0
     quantized_bf16_bytes: int = 0
-    notes: list[str] = field(default_factory=list)
+    not_exported: set = field(default_factory=set)
 
-    def note(self, line: str) -> None:
-        if line not in self.notes:
-            self.notes.append(line)
+    @property
+    def notes(self) -> list[str]:
+        return [NOT_EXPORTED_NOTE.format(what=" and ".join(sorted(self.not_exported)))] if self.not_exported else []
 
 
 def _group_transform(layer: nn.Module, member: str):
@@ -244,7 +244,7 @@ def _linear_tensors(name: str, m: nn.Module, layer: nn.Module, member: str, dtyp
     if state["trans_left"] is not None:  # o_proj with use_o_quant: undo the online transform, W = W'·(P1 ⊗ P2)ᵀ
         weight = kronecker_matmul(weight.double(), state["trans_left"].double().t(),
                                   state["trans_right"].double().t())
-        stats.note(NOT_EXPORTED_NOTE.format(what="o_proj (use_o_quant)"))
+        stats.not_exported.add("o_proj (use_o_quant)")
     own = {"weight": weight.to(dtype).cpu()}
     if state["bias"] is not None:
         own["bias"] = state["bias"].to(dtype).cpu()
@@ -273,7 +273,7 @@ def layer_tensors(layer: nn.Module, prefix: str, dtype: torch.dtype, stats: Expo
                     for k, t in m.norm.state_dict().items()]
             done.append(name)
         elif isinstance(m, KVCacheQuantizer):
-            stats.note(NOT_EXPORTED_NOTE.format(what="kv-cache (use_kcache_quant/use_vcache_quant)"))
+            stats.not_exported.add("kv-cache (use_kcache_quant/use_vcache_quant)")
             done.append(name)
     for key, t in layer.state_dict().items():
         if not any(key.startswith(d + ".") for d in done):
@@ -425,3 +425,49 @@ def export_ascend(model: nn.Module, cfg, tokenizer, output_dir: str | os.PathLik
             "quantized_linear_bytes": stats.quantized_bytes, "quantized_linear_bf16_bytes": stats.quantized_bf16_bytes,
             "ratio_to_bf16": ratio, "weights_bytes": writer.total, "dtype": str(dtype).replace("torch.", ""),
             "notes": stats.notes}
+
+
+# --- straight from a quantize run (CLI `quantize --export`, GUI) ------------------------------------------------
+
+
+def prepare_quantize(options, say: Callable[[str], None] = print) -> None:
+    """Before calibrating for an ascend export: refuse non-W4A4 configs and widen skip_layers entries that split a
+    fused group (q/k/v, gate/up) to the whole group, with one note per group. ``options``: QuantizeOptions."""
+    if options.load_matrix:
+        return  # the matrix file's config decides; the exporter refuses a split group with a message
+    from transformers import AutoConfig
+
+    from ..models import resolve_model_path
+
+    cfg = options.resolved_config()
+    check_config(cfg)
+    n = int(AutoConfig.from_pretrained(resolve_model_path(options.model_path), local_files_only=True).num_hidden_layers)
+    skip, messages = widen_skip_layers(cfg, range(min(n, options.max_layers or n)))
+    if messages:
+        options.skip_layers = skip
+        for line in messages:
+            say(line)
+
+
+def export_quantized(result, fmt: str, say: Callable[[str], None] = print) -> dict:
+    """Write ``result`` (a QuantizeResult: folded fake-quant model in memory, not modified) as
+    ``<output_dir>/ascend`` or ``<output_dir>/checkpoint`` (native), replacing an earlier export there."""
+    import copy
+
+    from .checkpoint import export_checkpoint
+
+    source = Path(result.original.path) if Path(result.original.path).is_dir() else None
+    if source is None:
+        from ..models import resolve_model_path
+
+        source = resolve_model_path(result.original.path)
+    dtype = serving_dtype(source_dtype(source))
+    if fmt == "ascend":
+        return export_ascend(result.quantized, result.config, result.tokenizer, Path(result.output_dir) / "ascend",
+                             overwrite=True, source_dir=source, dtype=dtype, say=say)
+    target = check_target(Path(result.output_dir) / "checkpoint", source, overwrite=True)
+    with StagedFolder(target) as staged:
+        info = export_checkpoint(copy.deepcopy(result.quantized), result.tokenizer, staged.path, result.config,
+                                 dtype=dtype)
+        staged.commit()
+    return dict(info, output_dir=str(target))

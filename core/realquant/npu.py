@@ -1,9 +1,11 @@
 """Ascend NPU backend, written against the documented torch_npu API (it cannot run on this machine).
 
-- weights: ``npu_convert_weight_to_int4pack`` (int32 codes [N, K] -> int32 [N, K/8], 8 int4 per word); the matmul
+- weights: ``npu_convert_weight_to_int4pack(..., inner_k_tiles=1)`` (int32 codes [N, K] -> int32 [N, K/8], 8 int4 per
+  word), as vllm-ascend packs them; the matmul
   takes its transpose view, the layout torch_npu documents for x2 of shape (k//8, n).
 - activations with an online transform (down_proj): ``npu_kronecker_quant(x[T, a, b], P1, P2, clip_ratio)``
-  computes P1·(X·P2) and per-token int4 codes in one kernel; our transform is leftᵀ·X·right, so P1 = leftᵀ,
+  computes P1·(X·P2) and per-token int4 codes in one kernel (``dst_dtype=torch.int32``, at most 32768 tokens per
+  call: larger inputs are split, as vllm-ascend does); our transform is leftᵀ·X·right, so P1 = leftᵀ,
   P2 = right. Without a transform (q/k/v, gate/up: the norm already applied it): ``npu_dynamic_quant(x,
   dst_type=torch.quint4x2)`` when there is no clip ratio, else the same kernel with identity factors.
 - GEMM: ``npu_quant_matmul(x1, x2, scale, pertoken_scale=..., output_dtype=bf16|fp16)``, int32-packed int4 inputs,
@@ -17,6 +19,7 @@ shape and scale logic of this backend runs and is tested on any machine: ``NpuBa
 from __future__ import annotations
 
 import importlib
+import warnings
 from typing import Optional
 
 import torch
@@ -25,14 +28,32 @@ from ..device import npu_available
 from .backends import ActQuant, Backend, QuantizedInput, quantize_per_token, register_backend, transform_input
 from .packing import pack_int4_as_int32, unpack_int4_from_int32
 
-# npu_kronecker_quant limits (CANN FlatQuant op): factor sizes up to 256, the right factor a multiple of 8
-# (int32 output). Outside them the transform runs as two matmuls and the plain quantizer follows.
-_KRON_MAX = 256
+# npu_kronecker_quant limits (CANN FlatQuant op), called as vllm-ascend calls it: factor sizes up to 256, the right
+# factor a multiple of 8 (int32 output, dst_dtype=torch.int32), at most 32768 tokens per call (larger inputs are
+# split). Older CANN releases also want the right factor a multiple of 16 (warned once). Outside the limits the
+# transform runs as two matmuls and the plain quantizer follows.
+KRON_MAX_FACTOR = 256
+KRON_MAX_TOKENS = 32768
+_warned: set = set()
 
 
 def _kron_fits(left: torch.Tensor, right: torch.Tensor) -> bool:
     a, b = left.shape[0], right.shape[0]
-    return a <= _KRON_MAX and b <= _KRON_MAX and b % 8 == 0
+    fits = a <= KRON_MAX_FACTOR and b <= KRON_MAX_FACTOR and b % 8 == 0
+    if fits and b % 16 and b not in _warned:
+        _warned.add(b)
+        warnings.warn(f"npu_kronecker_quant: right factor {b} is not a multiple of 16; CANN releases before "
+                      "8.2 may reject it.", stacklevel=3)
+    return fits
+
+
+def kronecker_quant_chunked(ops, x: torch.Tensor, p1: torch.Tensor, p2: torch.Tensor, clip: float):
+    """npu_kronecker_quant over x [T, a, b] in calls of at most KRON_MAX_TOKENS tokens; outputs concatenated."""
+    outs = [ops.npu_kronecker_quant(chunk, p1, p2, clip_ratio=clip, dst_dtype=torch.int32)
+            for chunk in torch.split(x, KRON_MAX_TOKENS, dim=0)]
+    if len(outs) == 1:
+        return outs[0]
+    return torch.cat([q for q, _ in outs]), torch.cat([s for _, s in outs])
 
 
 class TorchReferenceOps:
@@ -51,6 +72,10 @@ class TorchReferenceOps:
                             clip_ratio: Optional[float] = None, dst_dtype=None):
         """x [T, a, b] -> (int32 [T, a, b/8] int4 codes, fp32 [T] scales); scale = clip·absmax/7."""
         t, a, b = x.shape
+        if t > KRON_MAX_TOKENS or max(a, b) > KRON_MAX_FACTOR or b % 8:
+            raise RuntimeError(f"npu_kronecker_quant: [{t}, {a}, {b}] is outside the kernel's limits")
+        if dst_dtype not in (None, torch.int32):
+            raise RuntimeError("npu_kronecker_quant: dst_dtype must be torch.int32 for int4 output")
         y = torch.matmul(kronecker_p1, torch.matmul(x, kronecker_p2)).reshape(t, a * b)
         q, s = quantize_per_token(y, 4, 1.0 if clip_ratio is None else float(clip_ratio))
         return pack_int4_as_int32(q).reshape(t, a, b // 8), s.reshape(t)
@@ -107,7 +132,8 @@ class NpuBackend(Backend):
 
     def prepare_weight(self, codes, w_bits, a_bits=4):
         if self._int4(w_bits, a_bits, codes.shape[1]):
-            return {"qweight_int4": self.ops.npu_convert_weight_to_int4pack(codes.to(torch.int32).contiguous())}
+            packed = self.ops.npu_convert_weight_to_int4pack(codes.to(torch.int32).contiguous(), inner_k_tiles=1)
+            return {"qweight_int4": packed}
         return {"qweight": codes.to(torch.int8).contiguous()}
 
     def weight_codes(self, tensors, out_features, in_features):
@@ -122,8 +148,8 @@ class NpuBackend(Backend):
         if "qweight_int4" in tensors:
             if act.left is not None and _kron_fits(act.left, act.right):
                 a, b = act.left.shape[0], act.right.shape[0]
-                q, s = self.ops.npu_kronecker_quant(x.reshape(m, a, b), act.left.t().to(x.dtype),
-                                                    act.right.to(x.dtype), clip_ratio=act.clip or 1.0)
+                q, s = kronecker_quant_chunked(self.ops, x.reshape(m, a, b), act.left.t().to(x.dtype),
+                                               act.right.to(x.dtype), act.clip or 1.0)
                 return QuantizedInput(q.reshape(m, k // 8), s.reshape(m).float())
             x = transform_input(x, act)
             if act.clip is None:
