@@ -327,42 +327,6 @@ def test_bad_checkpoints_are_refused(tmp_path, tiny_qwen3, smollm2):
         load_checkpoint(ck)
 
 
-def test_export_command_writes_a_loadable_checkpoint(tiny_qwen3_dir, tiny_qwen3, tmp_path, capsys):
-    from core.cli import main
-    from core.flat import flat_state
-    from core.matrices import build_payload, save_matrices
-    from core.models import load_model
-
-    cfg = parse_config(None)
-    model = copy.deepcopy(tiny_qwen3)
-    apply_flat_structure(model, cfg)
-    states = {}
-    for i, layer in enumerate(model.model.layers):
-        for t in iter_transforms(layer):
-            t.freeze()
-        states[i] = flat_state(layer)
-    matrix = save_matrices(tmp_path / "flat_matrices.pth", build_payload(model, cfg, states, complete=True))
-    out = tmp_path / "export"
-    rc = main(["export", "--model_path", str(tiny_qwen3_dir), "--flat_matrix_path", str(matrix),
-               "--output_dir", str(out), "--verify"])
-    text = capsys.readouterr().out
-    assert rc == 0 and "identical logits" in text and "All done!" in text
-    assert (out / "model.safetensors").exists() and (out / "tokenizer.json").exists()
-    assert read_manifest(out)["sizes"]["ratio_to_bf16"] <= 0.3
-    # no original weights needed: the folder alone gives the converted model's logits
-    fake = load_model(str(tiny_qwen3_dir)).model
-    from core.matrices import load_matrices
-
-    load_matrices(matrix, fake)
-    ids = torch.randint(0, 100, (1, 6))
-    with torch.no_grad():
-        ref = convert_model(fake)(input_ids=ids).logits
-        assert torch.equal(load_checkpoint(out).model(input_ids=ids).logits, ref)
-    rc = main(["export", "--model_path", str(tiny_qwen3_dir), "--flat_matrix_path", str(tmp_path / "nope.pth"),
-               "--output_dir", str(out)])
-    assert rc == 2 and "does not exist" in capsys.readouterr().err
-
-
 def test_report_time_diff_writes_the_seed_numbers(tiny_qwen3, smollm2, tmp_path):
     res = report_time_diff(tiny_qwen3, _fake_model(tiny_qwen3), smollm2.tokenizer, str(tmp_path), seqlen=8,
                            repeats=1)

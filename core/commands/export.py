@@ -131,7 +131,7 @@ def _run_native(args, loaded, payload, source, dtype) -> int:
     print(f"Checkpoint: {target} (model.safetensors {info['file_bytes'] / mib:.1f} MiB, float parts in "
           f"{str(dtype).replace('torch.', '')})")
     if args.verify:
-        model = model.to(dtype)
+        _cast_like_a_load(model, dtype)
         reloaded = load_checkpoint(target, device=next(model.parameters()).device, backend=args.backend)
         ids = loaded.tokenizer("FlatQuant keeps the model's outputs close while its weights shrink to four bits.",
                                return_tensors="pt").input_ids.to(next(model.parameters()).device)
@@ -146,3 +146,13 @@ def _run_native(args, loaded, payload, source, dtype) -> int:
         print("Verified: the reloaded checkpoint gives identical logits.")
     print("All done!")
     return 0
+
+
+def _cast_like_a_load(model, dtype) -> None:
+    """model.to(dtype) as load_checkpoint builds it: rotary frequencies computed in fp32, and the fp32 per-channel
+    scales with their fp32 values (RealQuantLinear._apply keeps their dtype but rounds them through ``dtype``)."""
+    keep = {(m, n): b for m in model.modules() for n, b in m._buffers.items()
+            if b is not None and n in ("inv_freq", "original_inv_freq", "w_scale")}
+    model.to(dtype)
+    for (m, n), b in keep.items():
+        m._buffers[n] = b

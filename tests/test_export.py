@@ -1,0 +1,93 @@
+"""`python -m core export --format native` (the default): the project's own real-quant checkpoint, written in the
+serving dtype, staged and renamed, and refused for targets that would lose data."""
+import copy
+import errno
+
+import torch
+
+from core.cli import main
+from core.config import parse_config
+from core.flat import apply_flat_structure, flat_state, iter_transforms
+from core.matrices import build_payload, load_matrices, save_matrices
+from core.models import load_model
+from core.realquant.checkpoint import load_checkpoint, read_manifest
+from core.realquant.convert import convert_model
+
+
+def _matrix(tmp_path, model):
+    cfg = parse_config(None)
+    wrapped = copy.deepcopy(model)
+    apply_flat_structure(wrapped, cfg)
+    states = {}
+    for i, layer in enumerate(wrapped.model.layers):
+        for t in iter_transforms(layer):
+            t.freeze()
+        states[i] = flat_state(layer)
+    return save_matrices(tmp_path / "flat_matrices.pth", build_payload(model, cfg, states, complete=True))
+
+
+def test_export_command_writes_a_loadable_checkpoint(tiny_qwen3_dir, tiny_qwen3, tmp_path, capsys):
+    matrix = _matrix(tmp_path, tiny_qwen3)
+    out = tmp_path / "export"
+    rc = main(["export", "--model_path", str(tiny_qwen3_dir), "--flat_matrix_path", str(matrix),
+               "--output_dir", str(out), "--verify", "--dtype", "float32"])
+    text = capsys.readouterr().out
+    assert rc == 0 and "identical logits" in text and "All done!" in text
+    assert (out / "model.safetensors").exists() and (out / "tokenizer.json").exists()
+    assert read_manifest(out)["sizes"]["ratio_to_bf16"] <= 0.3
+    # no original weights needed: the folder alone gives the converted model's logits
+    fake = load_model(str(tiny_qwen3_dir)).model
+    load_matrices(matrix, fake)
+    ids = torch.randint(0, 100, (1, 6))
+    with torch.no_grad():
+        ref = convert_model(fake)(input_ids=ids).logits
+        assert torch.equal(load_checkpoint(out).model(input_ids=ids).logits, ref)
+    rc = main(["export", "--model_path", str(tiny_qwen3_dir), "--flat_matrix_path", str(tmp_path / "nope.pth"),
+               "--output_dir", str(tmp_path / "other")])
+    assert rc == 2 and "does not exist" in capsys.readouterr().err
+
+
+def test_default_export_keeps_float_parts_in_the_serving_dtype(tiny_qwen3_dir, tiny_qwen3, tmp_path, capsys):
+    """A float32 checkpoint exports its float parts in bfloat16 (issue 13: the zip was twice the model's size)."""
+    matrix = _matrix(tmp_path, tiny_qwen3)
+    fp32, auto = tmp_path / "fp32", tmp_path / "auto"
+    for out, extra in ((fp32, ["--dtype", "float32"]), (auto, [])):
+        assert main(["export", "--model_path", str(tiny_qwen3_dir), "--flat_matrix_path", str(matrix),
+                     "--output_dir", str(out), "--verify"] + extra) == 0
+    capsys.readouterr()
+    assert read_manifest(auto)["dtype"] == "bfloat16" and read_manifest(fp32)["dtype"] == "float32"
+    size = {p: (p / "model.safetensors").stat().st_size for p in (fp32, auto)}
+    assert size[auto] < 0.6 * size[fp32]
+    reloaded = load_checkpoint(auto).model
+    assert reloaded.model.embed_tokens.weight.dtype == torch.bfloat16
+    assert reloaded.model.layers[0].mlp.down_proj.w_scale.dtype == torch.float32
+
+
+def test_native_export_refuses_targets_that_lose_data(tiny_qwen3_dir, tiny_qwen3, tmp_path, capsys, monkeypatch):
+    matrix = _matrix(tmp_path, tiny_qwen3)
+    base = ["export", "--model_path", str(tiny_qwen3_dir), "--flat_matrix_path", str(matrix), "--output_dir"]
+
+    def refused(args, match):
+        rc = main(args)
+        err = capsys.readouterr().err
+        errors = [line for line in err.splitlines() if line.startswith("error:")]
+        assert rc == 2 and len(errors) == 1 and match in errors[0] and "Traceback" not in err, err
+
+    refused(base + [str(tiny_qwen3_dir), "--overwrite"], "source model")  # would overwrite the source weights
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "x").write_text("keep")
+    refused(base + [str(busy)], "--overwrite")
+    file_target = tmp_path / "afile"
+    file_target.write_text("")
+    refused(base + [str(file_target)], "is a file")
+
+    import core.report
+
+    def full_disk(path, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(core.report, "atomic_write_bytes", full_disk)
+    monkeypatch.setattr("core.realquant.checkpoint.atomic_write_bytes", full_disk)
+    refused(base + [str(busy), "--overwrite"], "No space left on device")
+    assert (busy / "x").read_text() == "keep" and not list(tmp_path.glob(".busy*"))
