@@ -10,7 +10,7 @@ from core.progress import Reporter
 
 from .context import AppContext
 from .runner import Job
-from .runs import CHECKPOINT_DIR
+from .runs import ASCEND_DIR, ASCEND_ZIP, CHECKPOINT_DIR, CHECKPOINT_ZIP
 from .settings import CONFIG_FILE, GuiSettings
 
 GUI_SETTINGS_FILE = "gui_settings.json"
@@ -109,24 +109,25 @@ def start_evaluate(ctx: AppContext, sections: list[str], ppl_seqlen: int, ppl_wi
     return ctx.runner.start("evaluate", target, "evaluate " + ", ".join(sections))
 
 
-def start_export(ctx: AppContext) -> Job:
-    """Write the real-quant (packed int4) checkpoint of the quantized model into <run>/checkpoint/ and zip it."""
+def start_export(ctx: AppContext, fmt: str = "native") -> Job:
+    """Write the quantized model into <run>/checkpoint/ (native packed int4) or <run>/ascend/ (vllm-ascend's
+    W4A4_FLATQUANT_DYNAMIC layout) and zip it."""
     ws = _workspace(ctx)
 
     def target(job: Job) -> dict:
-        import copy
-
-        from core.realquant import export_checkpoint
+        from core.realquant.ascend import export_quantized
 
         job.output_dir = ws["output_dir"]
         reporter = Reporter(ctx.runner.callback(job), job.cancel)
-        out = Path(ws["output_dir"]) / CHECKPOINT_DIR
-        reporter.emit("convert", f"exporting the packed int4 checkpoint to {out}")
-        # Export works on a copy: the fake-quant model stays as it is for the Compare tab.
-        export_checkpoint(copy.deepcopy(ws["quantized"]), ws["tokenizer"], str(out), ws["config"])
+        subdir, name = (ASCEND_DIR, ASCEND_ZIP) if fmt == "ascend" else (CHECKPOINT_DIR, CHECKPOINT_ZIP)
+        out = Path(ws["output_dir"]) / subdir
+        reporter.emit("convert", f"exporting the {fmt} W4A4 folder to {out}")
+        # the fake-quant model stays as it is for the Compare tab (the exporters copy or only read it)
+        export_quantized(ws["quantized"], ws["config"], ws["tokenizer"], ws["original"].path, out, fmt,
+                         say=lambda line: reporter.emit("convert", line))
         job.cancel.check()
-        zipped = ctx.store.zip_checkpoint(ws["run_id"])
-        reporter.emit("done", f"checkpoint written to {out} and zipped to {zipped}")
+        zipped = ctx.store.zip_checkpoint(ws["run_id"], subdir, name)
+        reporter.emit("done", f"{fmt} export written to {out} and zipped to {zipped}")
         return {"run_id": ws["run_id"], "output_dir": ws["output_dir"], "checkpoint": zipped}
 
-    return ctx.runner.start("export", target, "export checkpoint")
+    return ctx.runner.start("export", target, f"export {fmt}")

@@ -14,7 +14,9 @@ MATRIX_NAME = "flat_matrices.pth"
 REPORT_NAME = "report.json"
 CHECKPOINT_DIR = "checkpoint"
 CHECKPOINT_ZIP = "quantized_checkpoint.zip"
-ARTIFACT_NAMES = (MATRIX_NAME, REPORT_NAME, CHECKPOINT_ZIP)
+ASCEND_DIR = "ascend"  # the vllm-ascend (W4A4_FLATQUANT_DYNAMIC) export
+ASCEND_ZIP = "ascend_w4a4_flatquant.zip"
+ARTIFACT_NAMES = (MATRIX_NAME, REPORT_NAME, CHECKPOINT_ZIP, ASCEND_ZIP)
 _RUN_ID = re.compile(r"^\d{8}-\d{6}(-\d+)?$")
 
 
@@ -70,16 +72,16 @@ class RunStore:
         """Every downloadable file of a run (its known artifacts that exist)."""
         return [p for p in (self.artifact(run_id, n) for n in ARTIFACT_NAMES) if p]
 
-    def zip_checkpoint(self, run_id: str) -> Optional[str]:
-        """Zip <run>/checkpoint/ into <run>/quantized_checkpoint.zip so it downloads as one file. Stored, not
+    def zip_checkpoint(self, run_id: str, subdir: str = CHECKPOINT_DIR, name: str = CHECKPOINT_ZIP) -> Optional[str]:
+        """Zip <run>/checkpoint/ (or <run>/ascend/ into ASCEND_ZIP) so it downloads as one file. Stored, not
         deflated: safetensors of packed int4 and float weights barely compress, and deflate takes minutes."""
         folder = self.run_dir(run_id)
-        if folder is None or not (folder / CHECKPOINT_DIR).is_dir():
+        if folder is None or not (folder / subdir).is_dir():
             return None
-        target = folder / CHECKPOINT_ZIP
-        tmp = folder / (CHECKPOINT_ZIP + ".partial")
+        target = folder / name
+        tmp = folder / (name + ".partial")
         with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
-            for path in sorted((folder / CHECKPOINT_DIR).rglob("*")):
+            for path in sorted((folder / subdir).rglob("*")):
                 if path.is_file():
                     zf.write(path, path.relative_to(folder).as_posix())
         os.replace(tmp, target)

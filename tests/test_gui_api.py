@@ -148,6 +148,17 @@ def test_short_calibration_then_compare_and_download(app, client, smollm2):
     with torch.no_grad():
         assert torch.isfinite(loaded.model(ids).logits).all()
 
+    # The vllm-ascend folder of the same models: one zip, a folder that follows the layout.
+    from core.realquant.ascend_reference import layout_problems
+
+    msg = client.predict(LANG, api_name="/start_export_ascend")
+    assert msg.startswith("✔"), msg
+    st = wait_finished(client)
+    assert st["status"] == "done", st["error"]
+    ascend_zip = value(client.predict(run_id, "ascend_w4a4_flatquant.zip", api_name="/get_artifact"))
+    shutil.unpack_archive(ascend_zip, Path(ascend_zip).parent / "ascend_unzipped")
+    assert layout_problems(Path(ascend_zip).parent / "ascend_unzipped" / "ascend") == []
+
     # Load matrices instead of calibrating, from an upload of the downloaded file.
     no_ppl = GuiSettings(**{**QUICK, "ppl_windows": 0})
     msg = client.predict(*no_ppl.values(), handle_file(matrices), "", LANG, api_name="/load_matrices")

@@ -12,7 +12,7 @@ from core.progress import Reporter
 from flatgui import charts
 from flatgui.i18n import LANGS, STRINGS, lang_code, t
 from flatgui.runner import BusyError, JobRunner, format_event, readable_error
-from flatgui.runs import ARTIFACT_NAMES, CHECKPOINT_ZIP, MATRIX_NAME, REPORT_NAME, RunStore
+from flatgui.runs import ARTIFACT_NAMES, ASCEND_ZIP, CHECKPOINT_ZIP, MATRIX_NAME, REPORT_NAME, RunStore
 from flatgui.settings import GuiSettings
 
 # --- runner --------------------------------------------------------------------------------------------------------
@@ -222,7 +222,7 @@ def test_run_store_serves_only_known_files_inside_runs(tmp_path):
     assert store.artifact(run.name, "../outside.json") is None
     assert store.artifact(run.name, CHECKPOINT_ZIP) is None  # not exported yet
     assert set(store.files(run.name)) == {str((run / n).resolve()) for n in (MATRIX_NAME, REPORT_NAME)}
-    assert set(ARTIFACT_NAMES) == {MATRIX_NAME, REPORT_NAME, CHECKPOINT_ZIP}
+    assert set(ARTIFACT_NAMES) == {MATRIX_NAME, REPORT_NAME, CHECKPOINT_ZIP, ASCEND_ZIP}
     second = store.new_run()  # same second: a suffix keeps both
     assert second != run and store.list_runs()[0] in (second.name, run.name)
 

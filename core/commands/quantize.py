@@ -129,7 +129,10 @@ def run(args: argparse.Namespace) -> int:
     if args.export:
         from ..realquant.ascend import export_quantized
 
-        print(f"Exported ({args.export}): {export_quantized(result, args.export)['output_dir']}")
+        folder = result.output_dir / ("ascend" if args.export == "ascend" else "checkpoint")
+        info = export_quantized(result.quantized, result.config, result.tokenizer, result.original.path, folder,
+                                args.export)
+        print(f"Exported ({args.export}): {info['output_dir']}")
     print(f"Saved {result.matrix_path} and {result.output_dir / 'report.json'}")
     print("All done!")
     return 0

@@ -449,25 +449,23 @@ def prepare_quantize(options, say: Callable[[str], None] = print) -> None:
             say(line)
 
 
-def export_quantized(result, fmt: str, say: Callable[[str], None] = print) -> dict:
-    """Write ``result`` (a QuantizeResult: folded fake-quant model in memory, not modified) as
-    ``<output_dir>/ascend`` or ``<output_dir>/checkpoint`` (native), replacing an earlier export there."""
+def export_quantized(quantized: nn.Module, cfg, tokenizer, source: str, output_dir: str | os.PathLike, fmt: str,
+                     say: Callable[[str], None] = print) -> dict:
+    """Write a folded fake-quant model held in memory (a quantize run's result; not modified) to ``output_dir``
+    in ``fmt`` (ascend | native), replacing an earlier export there. ``source``: the model's path (or 'smollm2'),
+    refused as a target; its config.json dtype decides the float parts' dtype (see serving_dtype)."""
     import copy
 
+    from ..models import resolve_model_path
     from .checkpoint import export_checkpoint
 
-    source = Path(result.original.path) if Path(result.original.path).is_dir() else None
-    if source is None:
-        from ..models import resolve_model_path
-
-        source = resolve_model_path(result.original.path)
-    dtype = serving_dtype(source_dtype(source))
+    source_dir = resolve_model_path(source)
+    dtype = serving_dtype(source_dtype(source_dir))
     if fmt == "ascend":
-        return export_ascend(result.quantized, result.config, result.tokenizer, Path(result.output_dir) / "ascend",
-                             overwrite=True, source_dir=source, dtype=dtype, say=say)
-    target = check_target(Path(result.output_dir) / "checkpoint", source, overwrite=True)
+        return export_ascend(quantized, cfg, tokenizer, output_dir, overwrite=True, source_dir=source_dir,
+                             dtype=dtype, say=say)
+    target = check_target(output_dir, source_dir, overwrite=True)
     with StagedFolder(target) as staged:
-        info = export_checkpoint(copy.deepcopy(result.quantized), result.tokenizer, staged.path, result.config,
-                                 dtype=dtype)
+        info = export_checkpoint(copy.deepcopy(quantized), tokenizer, staged.path, cfg, dtype=dtype)
         staged.commit()
     return dict(info, output_dir=str(target))

@@ -1,4 +1,5 @@
-"""Artifacts tab: download flat_matrices.pth, report.json and the quantized checkpoint of one run.
+"""Artifacts tab: download flat_matrices.pth, report.json, the quantized checkpoint and the vllm-ascend folder of
+one run.
 
 Only RunStore.artifact() turns a run id into a file path, and it only returns known names inside that run's
 folder; launch() gets allowed_paths=[runs root] and nothing else.
@@ -13,7 +14,7 @@ import gradio as gr
 from .. import jobs
 from ..context import AppContext
 from ..i18n import lang_code, t
-from ..runs import CHECKPOINT_ZIP, MATRIX_NAME, REPORT_NAME
+from ..runs import ASCEND_ZIP, CHECKPOINT_ZIP, MATRIX_NAME, REPORT_NAME
 from .common import OK, fail
 
 
@@ -46,10 +47,24 @@ def get_artifact(ctx: AppContext, run_id: str, name: str):
     return path
 
 
-def start_export(ctx: AppContext, lang_value):
+def ascend_button(ctx: AppContext, run_id):
+    """The vllm-ascend zip of one run (its own events keep show_run's outputs as the API knows them)."""
+    return _button(ctx.store.artifact(run_id, ASCEND_ZIP))
+
+
+def finished_ascend_button(ctx: AppContext, _finished):
+    """After a job: the zip of that job's run (as app.after_job picks it)."""
+    import os
+
+    run_id = os.path.basename(ctx.runner.snapshot().get("output_dir") or "") or None
+    runs = ctx.store.list_runs()
+    return ascend_button(ctx, run_id if run_id in runs else (runs[0] if runs else None))
+
+
+def start_export(ctx: AppContext, lang_value, fmt: str = "native"):
     lang = lang_code(lang_value)
     try:
-        job = jobs.start_export(ctx)
+        job = jobs.start_export(ctx, fmt)
     except Exception as exc:  # a message for the page; the server keeps serving
         return fail(exc)
     return OK + t("started_elsewhere", lang, id=job.id)
@@ -80,6 +95,11 @@ def build(ctx: AppContext) -> None:
         with gr.Row():
             mgr.add("export", gr.Button(t("export"), elem_id="export_btn"), value="export")
             mgr.add("export_msg", gr.Markdown(elem_id="export_msg"))
+        with gr.Row():
+            mgr.add("export_ascend", gr.Button(t("export_ascend"), elem_id="export_ascend_btn"), value="export_ascend")
+            a = ascend_button(ctx, first)
+            mgr.add("dl_ascend", gr.DownloadButton(t("dl_ascend"), value=a["value"], interactive=a["interactive"],
+                                                   elem_id="dl_ascend"), label="dl_ascend")
         mgr.add("run_files", gr.File(value=files, file_count="multiple", interactive=False, label=t("run_files"),
                                      elem_id="run_files"), label="run_files")
         mgr.add("report_json", gr.Code(value=report, language="json", label=t("report"), interactive=False,
@@ -95,6 +115,14 @@ def wire(ctx: AppContext) -> None:
                                   api_name="artifacts_refresh", concurrency_limit=None)
     mgr["export"].click(bind(start_export, ctx), inputs=mgr["language"], outputs=mgr["export_msg"],
                         api_name="start_export", concurrency_limit=None)
+    mgr["export_ascend"].click(bind(start_export, ctx, fmt="ascend"), inputs=mgr["language"],
+                               outputs=mgr["export_msg"], api_name="start_export_ascend", concurrency_limit=None)
+    for event in (mgr["artifact_run"].input, mgr["artifact_refresh"].click):
+        event(bind(ascend_button, ctx), inputs=mgr["artifact_run"], outputs=mgr["dl_ascend"],
+              api_visibility="private", concurrency_limit=None)
+    if "finished_job" in mgr:  # after a job (an export included) the newest run's zip becomes downloadable
+        mgr["finished_job"].change(bind(finished_ascend_button, ctx), inputs=mgr["finished_job"],
+                                   outputs=mgr["dl_ascend"], api_visibility="private", show_progress="hidden")
     # API only (scripts, tests): one named artifact of one run, through the same RunStore gate.
     artifact_file = gr.File(visible=False)
     run_box, name_box, fetch = gr.Textbox(visible=False), gr.Textbox(visible=False), gr.Button(visible=False)
