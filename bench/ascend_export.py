@@ -111,8 +111,8 @@ def smollm2(args, tmp: Path) -> dict:
 
 def qwen3(args, tmp: Path) -> dict:
     from core.config import parse_config
-    from core.flat import apply_flat_structure, flat_state, fold_model, iter_transforms
-    from core.matrices import build_payload, save_matrices
+    from core.flat import fold_model
+    from core.matrices import build_payload, save_matrices, uncalibrated_states
     from core.models import build_random_qwen3, load_model
     from core.realquant import convert_model
 
@@ -121,13 +121,7 @@ def qwen3(args, tmp: Path) -> dict:
     model.save_pretrained(tmp / "q3")
     tok.save_pretrained(tmp / "q3")
     cfg = parse_config({"algorithm": {"flatquant": {"lac": True}}})
-    wrapped = copy.deepcopy(model)
-    apply_flat_structure(wrapped, cfg)
-    states = {}
-    for i, layer in enumerate(wrapped.model.layers):
-        for t in iter_transforms(layer):
-            t.freeze()
-        states[i] = flat_state(layer)
+    wrapped, states = uncalibrated_states(model, cfg)
     matrix = save_matrices(tmp / "q3.pth", build_payload(model, cfg, states, complete=True))
     fold_model(wrapped)
     out = tmp / "q3_fp32"

@@ -34,6 +34,23 @@ def build_payload(model: nn.Module, cfg: FlatQuantConfig, layer_states: dict[int
     }
 
 
+def uncalibrated_states(model: nn.Module, cfg: FlatQuantConfig) -> tuple[nn.Module, dict[int, dict]]:
+    """A wrapped copy of ``model`` with its random-orthogonal starting transforms frozen, and its per-layer states:
+    a valid, uncalibrated matrix payload (``build_payload(model, cfg, states, True)``) for tests and benches."""
+    import copy
+
+    from .flat import flat_state, iter_transforms
+
+    wrapped = copy.deepcopy(model)
+    apply_flat_structure(wrapped, cfg)
+    states = {}
+    for i, layer in enumerate(decoder_layers(wrapped)):
+        for t in iter_transforms(layer):
+            t.freeze()
+        states[i] = flat_state(layer)
+    return wrapped, states
+
+
 def save_matrices(path: str | os.PathLike, payload: dict) -> Path:
     buf = io.BytesIO()
     torch.save(payload, buf)
@@ -105,4 +122,4 @@ def load_matrices(path: str | os.PathLike, model: nn.Module) -> FlatQuantConfig:
 
 
 __all__ = ["MATRIX_FILE", "RESUME_FILE", "build_payload", "save_matrices", "read_matrices", "load_matrices",
-           "apply_matrices", "apply_layer_matrices", "check_identity", "apply_flat_structure"]
+           "apply_matrices", "apply_layer_matrices", "uncalibrated_states", "check_identity", "apply_flat_structure"]

@@ -12,9 +12,8 @@ import torch
 
 from core.cli import main
 from core.config import parse_config
-from core.flat import apply_flat_structure, flat_state, fold_model, iter_transforms
-from core.matrices import build_payload, save_matrices
-from core.models import decoder_layers
+from core.flat import fold_model
+from core.matrices import build_payload, save_matrices, uncalibrated_states
 from core.realquant import convert_model
 from core.realquant.ascend import export_ascend, parse_size, widen_skip_layers
 from core.realquant.ascend_reference import (DESCRIPTION_FILE, INDEX_FILE, QUANT_TYPE, WEIGHTS_FILE, layout_problems,
@@ -28,20 +27,8 @@ def _rel(a, b):
     return float((a.float() - b.float()).abs().max() / b.float().abs().max())
 
 
-def _states(model, cfg):
-    """Frozen FlatQuant structure of every layer (random orthogonal transforms: a valid uncalibrated model)."""
-    wrapped = copy.deepcopy(model)
-    apply_flat_structure(wrapped, cfg)
-    states = {}
-    for i, layer in enumerate(decoder_layers(wrapped)):
-        for t in iter_transforms(layer):
-            t.freeze()
-        states[i] = flat_state(layer)
-    return wrapped, states
-
-
 def _matrix_file(path, model, cfg):
-    _, states = _states(model, cfg)
+    _, states = uncalibrated_states(model, cfg)
     return save_matrices(path, build_payload(model, cfg, states, complete=True))
 
 
@@ -118,7 +105,7 @@ def test_smollm2_export_equals_the_real_quant_model_on_wikitext(smol_calibrated,
 def test_tiny_qwen3_export_from_memory_equals_real_quant(tiny_qwen3, smollm2, shared_data, tmp_path):
     cfg = parse_config(None)
     cfg.lac = True  # a learned activation clip (sigmoid(4) here) must reach clip_ratio
-    wrapped, _ = _states(tiny_qwen3, cfg)
+    wrapped, _ = uncalibrated_states(tiny_qwen3, cfg)
     fold_model(wrapped)
     ids = _text_ids(smollm2.tokenizer, shared_data, 128)
     with torch.no_grad():
@@ -165,7 +152,7 @@ def _rewrite(folder, edit_tensors=None, edit_desc=None):
 
 def test_layout_validator_catches_broken_folders(tiny_qwen3, tmp_path):
     cfg = parse_config(None)
-    wrapped, _ = _states(tiny_qwen3, cfg)
+    wrapped, _ = uncalibrated_states(tiny_qwen3, cfg)
     fold_model(wrapped)
     good = tmp_path / "good"
     export_ascend(wrapped, cfg, None, good, dtype=torch.float32, say=lambda s: None)

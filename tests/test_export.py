@@ -1,14 +1,12 @@
 """`python -m core export --format native` (the default): the project's own real-quant checkpoint, written in the
 serving dtype, staged and renamed, and refused for targets that would lose data."""
-import copy
 import errno
 
 import torch
 
 from core.cli import main
 from core.config import parse_config
-from core.flat import apply_flat_structure, flat_state, iter_transforms
-from core.matrices import build_payload, load_matrices, save_matrices
+from core.matrices import build_payload, load_matrices, save_matrices, uncalibrated_states
 from core.models import load_model
 from core.realquant.checkpoint import load_checkpoint, read_manifest
 from core.realquant.convert import convert_model
@@ -16,13 +14,7 @@ from core.realquant.convert import convert_model
 
 def _matrix(tmp_path, model):
     cfg = parse_config(None)
-    wrapped = copy.deepcopy(model)
-    apply_flat_structure(wrapped, cfg)
-    states = {}
-    for i, layer in enumerate(wrapped.model.layers):
-        for t in iter_transforms(layer):
-            t.freeze()
-        states[i] = flat_state(layer)
+    _, states = uncalibrated_states(model, cfg)
     return save_matrices(tmp_path / "flat_matrices.pth", build_payload(model, cfg, states, complete=True))
 
 
