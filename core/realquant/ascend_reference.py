@@ -228,10 +228,17 @@ def check_layout(folder: str | os.PathLike) -> None:
 
 
 class ReferenceW4A4Linear(nn.Module):
-    """One W4A4_FLATQUANT_DYNAMIC linear computed as the server describes it, in fp32 (the integer GEMM exactly)."""
+    """One W4A4_FLATQUANT_DYNAMIC linear computed as the server describes it, in fp32 (the integer GEMM exactly).
 
-    def __init__(self, tensors: dict[str, torch.Tensor]):
+    The layout fixes the product P1·X·P2, not the order of its two matmuls. Both orders agree to fp32 rounding, but
+    a W4A4 model amplifies rounding: one int4 code that rounds the other way changes the next layers' codes, and
+    over a few hundred tokens and 30 layers the logits drift as far as from a 1e-7 perturbation of the input
+    (measured in bench/ascend_export.py). So by default the reference multiplies (P1·X)·P2, which rounds as this
+    project's CPU path does and makes the end-to-end comparison exact; ``right_first`` takes P1·(X·P2)."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor], right_first: bool = False):
         super().__init__()
+        self.right_first = right_first
         w = tensors["weight"]
         self.out_features, self.in_features = w.shape
         self.a, self.b = server_factors(self.in_features)
@@ -246,7 +253,11 @@ class ReferenceW4A4Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         xx = x.float().reshape(-1, self.a, self.b)
-        y = torch.matmul(self.left_t, torch.matmul(xx, self.right)).reshape(xx.shape[0], -1)  # P1 · (X · P2)
+        if self.right_first:  # P1 · (X · P2), the fused kernel's documented form
+            y = torch.matmul(self.left_t, torch.matmul(xx, self.right))
+        else:  # (P1 · X) · P2: the same product, rounded as the project's CPU path rounds it
+            y = torch.matmul(torch.matmul(self.left_t, xx), self.right)
+        y = y.reshape(xx.shape[0], -1)
         s = y.abs().amax(dim=-1, keepdim=True) * self.clip / 7.0
         s = torch.where(s > 0, s, torch.ones_like(s))
         q = torch.clamp(torch.round(y / s), -8, 7)
@@ -258,9 +269,9 @@ class ReferenceW4A4Linear(nn.Module):
 
 
 @torch.no_grad()
-def load_reference(folder: str | os.PathLike, check: bool = True):
+def load_reference(folder: str | os.PathLike, check: bool = True, right_first: bool = False):
     """(model, tokenizer or None): the folder as a transformers model in fp32 whose quantized linears are
-    ReferenceW4A4Linear. ``check`` validates the layout first."""
+    ReferenceW4A4Linear (``right_first``: see there). ``check`` validates the layout first."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     folder = Path(folder)
@@ -276,7 +287,7 @@ def load_reference(folder: str | os.PathLike, check: bool = True):
         own = {k: tensors.pop(f"{p}.{k}") for k in LINEAR_KEYS}
         if f"{p}.bias" in tensors:
             own["bias"] = tensors.pop(f"{p}.bias")
-        model.set_submodule(p, ReferenceW4A4Linear(own))
+        model.set_submodule(p, ReferenceW4A4Linear(own, right_first))
     result = model.load_state_dict({k: v.float() for k, v in tensors.items()}, strict=False)
     if result.unexpected_keys:
         raise LayoutError(f"tensors the model does not have: {result.unexpected_keys[:3]}")
