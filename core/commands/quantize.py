@@ -120,6 +120,9 @@ def run(args: argparse.Namespace) -> int:
                                 Reporter(progress), rtn=result.rtn)
         for line in summary_lines(results):
             print(line)
-    print(f"Saved {result.matrix_path} and {result.output_dir / 'report.json'}")
+    if args.load_matrix:
+        print(f"Loaded {result.matrix_path}; saved {result.output_dir / 'report.json'}")
+    else:
+        print(f"Saved {result.matrix_path} and {result.output_dir / 'report.json'}")
     print("All done!")
     return 0
