@@ -46,6 +46,37 @@ def read_model_config(model_path: Optional[str]) -> tuple[Path, dict]:
     return path, json.loads((path / "config.json").read_text(encoding="utf-8"))
 
 
+def check_model_weights(path: Path, model_cfg: dict) -> None:
+    """Every decoder-layer linear has a weight in the folder's safetensors files (read from their headers only), so
+    a folder whose weights were overwritten (e.g. by an export into it) is refused instead of loading random init."""
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            keys = set(json.loads(index.read_text(encoding="utf-8"))["weight_map"])
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise ModelLoadError(f"{path.name}/{index.name} is unreadable ({type(exc).__name__}); restore the file "
+                                 "saved by transformers.") from exc
+    else:
+        files = sorted(path.glob("*.safetensors"))
+        if not files:
+            return  # other formats (pytorch_model.bin) are checked by transformers when it loads them
+        from safetensors import safe_open
+
+        keys = set()
+        for f in files:
+            try:
+                with safe_open(str(f), framework="pt") as fh:
+                    keys.update(fh.keys())
+            except Exception as exc:  # SafetensorError, OSError: a truncated or foreign file
+                raise ModelLoadError(f"{path.name}/{f.name} is not a readable safetensors file; restore the model's "
+                                     "weights.") from exc
+    missing = [n for n in model_layer_names(model_cfg)[:-1] if f"{n}.weight" not in keys]
+    if missing:
+        raise ModelLoadError(f"Model folder {path.name!r} lacks {len(missing)} layer weight(s) (e.g. {missing[0]}); "
+                             "it is not a complete transformers checkpoint (was an export written into it?). Restore "
+                             "the original model files.")
+
+
 def model_layer_names(model_cfg: dict) -> list[str]:
     """Every linear FlatQuant may quantize or skip, named as skip_layers entries are matched against."""
     n = int(model_cfg.get("num_hidden_layers") or 0)
@@ -168,10 +199,11 @@ def validate_quantize_options(options) -> FlatQuantConfig:
     options.check()
     cfg = options.resolved_config()
     resolve_device(options.device)
-    _, model_cfg = read_model_config(options.model_path)
+    model_dir, model_cfg = read_model_config(options.model_path)
     check_seqlen(model_cfg, options.seqlen, "--seqlen")
     if not options.skip_ppl:
         check_seqlen(model_cfg, options.ppl_seqlen, "--ppl_seqlen")
+    check_model_weights(model_dir, model_cfg)
     if options.load_matrix:
         payload = check_matrix_file(options.flat_matrix_path, model_cfg)
         cfg = _parse_payload_config(payload, options.flat_matrix_path)
