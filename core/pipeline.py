@@ -227,6 +227,7 @@ def run_quantize(options: QuantizeOptions, on_event: Optional[ProgressCallback] 
             ppl[name] = perplexity_from_ids(model, ids, options.ppl_seqlen, max_windows=options.ppl_max_windows,
                                             reporter=reporter, label=name)
             reporter.emit("ppl", f"PPL {name}: {ppl[name]:.3f}")
+            update_report(out_dir, dict(report, ppl=ppl))  # a cancel during the next model keeps this number
         report["ppl"] = ppl
     report["calibration"]["peak_rss_mb"] = round(peak_rss_mb(), 1)
     report["total_seconds"] = round(time.monotonic() - t_start, 2)

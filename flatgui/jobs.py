@@ -1,6 +1,7 @@
 """The device jobs the GUI can start. Each is a thin call into core, run by the JobRunner in its thread."""
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 from typing import Optional
@@ -9,6 +10,7 @@ from core.errors import FlatQuantError
 from core.progress import Reporter
 
 from .context import AppContext
+from .jobprogress import plan_for
 from .runner import Job
 from .runs import CHECKPOINT_DIR
 from .settings import CONFIG_FILE, GuiSettings
@@ -30,6 +32,23 @@ def check_matrix_file(path: str) -> None:
     except Exception as exc:  # torch's unpickler raises assorted errors on garbage bytes
         raise MatrixFileError(f"Matrix file {Path(path).name!r} is corrupt or not a FlatQuant Studio matrix file "
                               f"({type(exc).__name__}); upload the flat_matrices.pth a calibration wrote.") from exc
+
+
+@contextlib.contextmanager
+def cancel_inside_forward(cancel, *models):
+    """Check the job's cancel token before every decoder layer of these models, so a cancel lands within one
+    layer's forward in any stage (perplexity windows, lm-eval requests, latency runs, generation)."""
+    from core.models import decoder_layers
+
+    handles = []
+    for model in models:
+        if model is not None:
+            handles += [layer.register_forward_pre_hook(lambda *_: cancel.check()) for layer in decoder_layers(model)]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
 
 
 def start_quantize(ctx: AppContext, settings: GuiSettings, matrix_path: Optional[str] = None) -> Job:
@@ -55,7 +74,9 @@ def start_quantize(ctx: AppContext, settings: GuiSettings, matrix_path: Optional
         return {"run_id": run_dir.name, "output_dir": str(run_dir), "matrix_path": str(result.matrix_path)}
 
     title = "load matrices" if matrix_path else f"calibrate {settings.model_path}"
-    return ctx.runner.start("load_matrices" if matrix_path else "calibrate", target, title)
+    kind = "load_matrices" if matrix_path else "calibrate"
+    ppl_parts = 3 if settings.ppl_windows else 0  # original, FlatQuant, RTN
+    return ctx.runner.start(kind, target, title, plan=plan_for(kind, ppl_parts=ppl_parts))
 
 
 def _workspace(ctx: AppContext) -> dict:
@@ -102,11 +123,13 @@ def start_evaluate(ctx: AppContext, sections: list[str], ppl_seqlen: int, ppl_wi
                               tasks_data_dir=str(tasks_dir) if tasks_dir else None,
                               quant_config=ws["config"].to_amct_dict() if ws.get("config") is not None else None,
                               **GUI_LATENCY)
-        evaluate_pair(ws["original"].model, ws["quantized"], ws["tokenizer"], options,
-                      Reporter(ctx.runner.callback(job), job.cancel), rtn=ws.get("rtn"))
+        with cancel_inside_forward(job.cancel, ws["original"].model, ws["quantized"], ws.get("rtn")):
+            evaluate_pair(ws["original"].model, ws["quantized"], ws["tokenizer"], options,
+                          Reporter(ctx.runner.callback(job), job.cancel), rtn=ws.get("rtn"))
         return {"run_id": ws["run_id"], "output_dir": ws["output_dir"], "sections": list(sections)}
 
-    return ctx.runner.start("evaluate", target, "evaluate " + ", ".join(sections))
+    return ctx.runner.start("evaluate", target, "evaluate " + ", ".join(sections),
+                            plan=plan_for("evaluate", ppl_parts=3, sections=tuple(sections)))
 
 
 def start_export(ctx: AppContext) -> Job:

@@ -44,6 +44,7 @@ class Job:
     error: Optional[str] = None
     result: Any = None  # small, JSON-able summary; model objects go to JobRunner.workspace
     output_dir: Optional[str] = None
+    plan: list = field(default_factory=list)  # the job's stages, for the job-wide bar (flatgui.jobprogress)
     events: list = field(default_factory=list)  # milestone events (dicts)
     step_events: collections.deque = field(default_factory=lambda: collections.deque(maxlen=MAX_STEP_EVENTS))
     log: collections.deque = field(default_factory=lambda: collections.deque(maxlen=MAX_LOG_LINES))
@@ -100,7 +101,7 @@ class JobRunner:
 
     # -- starting and stopping ------------------------------------------------------------------------------
 
-    def start(self, kind: str, target: Callable[[Job], Any], title: str = "") -> Job:
+    def start(self, kind: str, target: Callable[[Job], Any], title: str = "", plan: Optional[list] = None) -> Job:
         """Run ``target(job)`` in a background thread; raise BusyError if another job is running."""
         with self._lock:
             if self._job is not None and self._job.running:
@@ -109,7 +110,7 @@ class JobRunner:
                     f"Busy: a {cur.kind} job ({cur.title or cur.id}) has been running for "
                     f"{time.time() - cur.started:.0f} s. Wait for it to finish or press Cancel."
                 )
-            job = Job(kind=kind, title=title or kind)
+            job = Job(kind=kind, title=title or kind, plan=list(plan or []))
             self._job = job
             job.thread = threading.Thread(target=self._run, args=(job, target), name=f"flatquant-{kind}", daemon=True)
         job.thread.start()
@@ -216,6 +217,7 @@ class JobRunner:
                 "elapsed_s": end - job.started,
                 "error": job.error,
                 "output_dir": job.output_dir,
+                "plan": [dict(p) for p in job.plan],
                 "last_event": dict(job.last_event) if job.last_event else None,
                 "events": [dict(e) for e in job.events],
                 "step_events": [dict(e) for e in job.step_events],

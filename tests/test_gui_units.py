@@ -289,7 +289,7 @@ def test_loss_chart_grows_with_layers():
     steps = [{"stage": "calibrate", "layer": 3, "epoch": e, "steps": 2, "step": s, "loss": 0.1}
              for e in range(2) for s in range(2)]
     fig = charts.loss_figure(events, steps)
-    assert list(fig.data[0].x) == [0, 1, 2] and list(fig.data[1].x) == [1, 2, 3, 4]
+    assert list(fig.data[0].x) == [1, 2, 3] and list(fig.data[1].x) == [1, 2, 3, 4]
     assert not charts.loss_figure([], []).data
 
 
