@@ -66,7 +66,7 @@ def read_matrices(path: str | os.PathLike) -> dict:
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch.load raises many types on garbage (RuntimeError, IndexError, BadZipFile, ...)
-        if isinstance(exc, pickle.UnpicklingError) and "Unsupported global" in str(exc):
+        if isinstance(exc, pickle.UnpicklingError) and "GLOBAL" in str(exc):
             raise MatrixFileError(f"Matrix file {path.name!r} holds objects other than tensors and plain values and "
                                   "was refused (unsafe pickle); use a file written by FlatQuant Studio.") from exc
         raise MatrixFileError(f"Matrix file {path.name!r} is corrupt or truncated (not a file torch.save wrote); "

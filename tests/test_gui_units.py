@@ -261,7 +261,8 @@ def _bars(fig):
 def test_ppl_chart_groups_by_seqlen_and_model():
     assert charts.ppl_table(REPORT)["seqlen 2048"] == {"original": 18.0, "quantized": 19.5}
     fig = charts.ppl_figure(REPORT)
-    assert list(fig.data[0].x) == ["seqlen 512", "seqlen 2048"]
+    assert list(fig.data[0].x) == [t("seqlen_n", n=512), t("seqlen_n", n=2048)]
+    assert fig.layout.yaxis.type == "log"  # RTN's tall bar must not flatten the others
     assert _bars(fig)[t("original")] == [20.5, 18.0] and _bars(fig)[t("rtn")] == [80.0, None]
     assert fig.data[0].text[0] == "20.50"
     # the quantize pipeline's own shape (no by_seqlen)
@@ -271,7 +272,8 @@ def test_ppl_chart_groups_by_seqlen_and_model():
 
 def test_accuracy_and_latency_charts():
     fig = charts.accuracy_figure(REPORT)
-    assert list(fig.data[0].x) == ["arc_easy", "piqa", "acc_avg"]
+    assert list(fig.data[0].x) == ["arc_easy", "piqa", t("acc_avg")]
+    assert fig.data[0].textposition == "inside" and fig.data[0].textangle == -90
     assert _bars(fig)[t("quantized")] == [58.0, 69.0, 63.5]
     fig = charts.latency_figure(REPORT)
     assert len(fig.data) == 2 * len(charts.LATENCY_METRICS)
