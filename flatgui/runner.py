@@ -18,6 +18,7 @@ from typing import Any, Callable, Optional
 
 from core.errors import FlatQuantError, JobCancelled
 from core.progress import CancelToken, ProgressEvent
+from core.validate import safe_message
 
 log = logging.getLogger("flatgui.runner")
 
@@ -168,6 +169,7 @@ class JobRunner:
         except BaseException as exc:  # noqa: BLE001 - the server must keep serving whatever a job does
             log.error("job %s (%s) crashed:\n%s", job.id, job.kind, traceback.format_exc())
             status, error = "failed", readable_error(exc)
+        error = safe_message(error) if error else error  # a page never shows the server's own paths
         with self._lock:
             job.status, job.error, job.finished = status, error, time.time()
             job.seq += 1

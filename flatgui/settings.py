@@ -17,6 +17,7 @@ from core.errors import ConfigError, DataError, ModelLoadError
 from core.models import DEFAULT_MODEL, read_architecture, resolve_model_path
 
 BITS_CHOICES = (4, 8, 16)
+BIT_FIELDS = ("w_bits", "a_bits", "kv_bits")
 CONFIG_FILE = "flatquant_config.json"  # the run's AMCT-style config, written into every GUI run folder
 DEVICE_CHOICES = ("auto", "cpu", "cuda", "npu")
 
@@ -86,7 +87,8 @@ class GuiSettings:
         return out
 
     def values(self) -> list:
-        return [getattr(self, n) for n in self.field_names()]
+        """The form's values; bit widths as the dropdowns' strings (the API advertises them as strings)."""
+        return [str(getattr(self, n)) if n in BIT_FIELDS else getattr(self, n) for n in self.field_names()]
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)

@@ -146,7 +146,7 @@ def build(ctx: AppContext) -> None:
             mgr.add("acc_load", acc, label="load_matrices_title")
             with gr.Row():
                 mgr.add("matrix_upload", gr.File(label=t("matrix_upload"), file_types=[".pth"], type="filepath",
-                                                 height=90, elem_id="matrix_upload"), label="matrix_upload")
+                                                 height=140, elem_id="matrix_upload"), label="matrix_upload")
                 mgr.add("matrix_path", gr.Textbox(label=t("matrix_path"), elem_id="matrix_path"),
                         label="matrix_path")
             mgr.add("load_matrices", gr.Button(t("load_matrices"), elem_id="load_matrices_btn"),
