@@ -20,6 +20,8 @@ from core.errors import FlatQuantError, JobCancelled
 from core.progress import CancelToken, ProgressEvent
 from core.validate import safe_message
 
+from .joblog import format_entry
+
 log = logging.getLogger("flatgui.runner")
 
 # Step-level events arrive every optimizer step; keep the latest few thousand, but every other event (layer_done,
@@ -59,22 +61,10 @@ class Job:
         return self.status == "running"
 
 
-def format_event(ev: dict) -> str:
+def format_event(ev: dict, lang: str = "en") -> str:
     """One log line per event: '[  12.3s] calibrate  layer 3/30 epoch 1/2 loss 0.0123'. Core's message already
     says where it is; the fields are spelled out only for events without one."""
-    head = f"[{ev.get('elapsed_s') or 0.0:7.1f}s] {ev.get('stage', ''):<10}"
-    if ev.get("message"):
-        return f"{head} {ev['message']}"
-    parts = [head]
-    if ev.get("layer") is not None:
-        parts.append(f"layer {ev['layer'] + 1}/{ev.get('num_layers') or '?'}")
-    if ev.get("epoch") is not None:
-        parts.append(f"epoch {ev['epoch'] + 1}/{ev.get('epochs') or '?'}")
-    if ev.get("step") is not None:
-        parts.append(f"step {ev['step'] + 1}/{ev.get('steps') or '?'}")
-    if ev.get("loss") is not None:
-        parts.append(f"loss {ev['loss']:.4e}")
-    return " ".join(parts)
+    return format_entry({"t": ev.get("elapsed_s"), "event": ev}, lang)
 
 
 def readable_error(exc: BaseException) -> str:
@@ -133,7 +123,7 @@ class JobRunner:
         if job is None or not job.running:
             return False
         job.cancel.cancel()
-        self._append_log(job, "cancel requested; stopping after the current step")
+        self._append_log(job, "log_cancel")
         return True
 
     def wait(self, timeout: Optional[float] = None) -> Optional[Job]:
@@ -174,7 +164,8 @@ class JobRunner:
             job.status, job.error, job.finished = status, error, time.time()
             job.seq += 1
             self.history.append(job)
-        self._append_log(job, f"{job.kind} {status}" + (f": {error}" if error else ""))
+        self._append_log(job, "log_job_end_error" if error else "log_job_end", kind=job.kind, status=status,
+                         error=error or "")
 
     # -- events ---------------------------------------------------------------------------------------------
 
@@ -188,15 +179,16 @@ class JobRunner:
             else:
                 job.events.append(ev)
             job.last_event = ev
-            job.log.append(format_event(ev))
+            job.log.append({"t": ev.get("elapsed_s"), "event": ev})
             job.seq += 1
 
     def callback(self, job: Job) -> Callable[[ProgressEvent], None]:
         return lambda event: self.emit(job, event)
 
-    def _append_log(self, job: Job, line: str) -> None:
+    def _append_log(self, job: Job, key: str, **fields) -> None:
+        """A runner line as an i18n key and its fields, so each page shows it in its own language."""
         with self._lock:
-            job.log.append(f"[{time.time() - job.started:7.1f}s] {line}")
+            job.log.append({"t": time.time() - job.started, "key": key, "fields": fields})
             job.seq += 1
 
     # -- what pages read ------------------------------------------------------------------------------------
@@ -207,7 +199,7 @@ class JobRunner:
             job = self._job
             if job is None:
                 return {"id": None, "status": "idle", "seq": 0, "events": [], "step_events": [], "step_count": 0,
-                        "log": []}
+                        "log": [], "log_entries": []}
             end = job.finished or time.time()
             return {
                 "id": job.id,
@@ -224,6 +216,7 @@ class JobRunner:
                 "events": [dict(e) for e in job.events],
                 "step_events": [dict(e) for e in job.step_events],
                 "step_count": job.step_count,
-                "log": list(job.log),
+                "log": [format_entry(e) for e in job.log],
+                "log_entries": [dict(e) for e in job.log],
                 "result": job.result if isinstance(job.result, (dict, str, type(None))) else None,
             }

@@ -104,7 +104,30 @@ def test_format_event_prefers_core_message():
     ev = {"stage": "calibrate", "elapsed_s": 1.5, "layer": 2, "num_layers": 30, "loss": 0.5, "message": "hello"}
     assert format_event(ev).endswith("hello")
     ev["message"] = ""
-    assert "layer 3/30" in format_event(ev) and "loss 5.0000e-01" in format_event(ev)
+    assert "layer 3 of 30" in format_event(ev) and "loss 5.0000e-01" in format_event(ev)
+    assert "第 3 / 30 层" in format_event(ev, "zh") and "calibrate" not in format_event(ev, "zh")
+
+
+def test_log_lines_in_chinese_keep_numbers_and_drop_english():
+    import re
+
+    from flatgui.joblog import translate_message
+
+    messages = ["layer 3/30 epoch 1/2 loss 0.0123", "layer 2/30 done, loss 0.1515 -> 0.1361",
+                "perplexity original window 8/32", "PPL quantized: 21.500", "PPL rtn @ 512: 80.100",
+                "loading model smollm2 (embedded default) on cpu", "saved /srv/runs/20260101-000000/flat_matrices.pth",
+                "calibration data: Python's bundled documentation text (pydoc_data.topics, ships with CPython)",
+                "timing original, quantized, quantized_real interleaved (3 repeats)",
+                "warning: layer 1: loss rose from 0.1515 to 3.831 (+2428.6%); the learning rate may be too high"]
+    for msg in messages:
+        zh = translate_message(msg, "zh")
+        assert zh, msg
+        words = [w for w in re.findall(r"[A-Za-z][A-Za-z_]+", zh)
+                 if w not in ("PPL", "FlatQuant", "RTN", "int", "token", "flat_lr", "SmolLM", "Instruct", "Python",
+                              "flat_matrices", "pth", "cpu")]
+        assert not words, (msg, zh)
+    assert "0.1515 → 0.1361" in translate_message(messages[1], "zh")
+    assert translate_message("something new", "zh") == ""
 
 
 # --- settings ------------------------------------------------------------------------------------------------------

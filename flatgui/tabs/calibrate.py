@@ -17,6 +17,7 @@ from .. import jobs
 from ..charts import loss_figure
 from ..context import AppContext
 from ..i18n import lang_code, t
+from ..joblog import format_entry
 from ..jobprogress import job_eta, job_fraction
 from ..settings import GuiSettings
 from .common import OK, fail
@@ -82,14 +83,15 @@ def poll(ctx: AppContext, seen: str, lang_value: str):
         return (status, gr.skip(), gr.skip(), gr.skip(), gr.skip(), *(gr.skip() for _ in BUTTONS))
     finished = snap["id"] if snap.get("status") not in ("running", "idle") else gr.skip()
     buttons = [gr.update(interactive=not running) for _ in BUTTONS]
-    return (status, loss_figure(snap["events"], snap["step_events"], lang), "\n".join(snap["log"][-400:]), key,
-            finished, *buttons)
+    log = "\n".join(format_entry(e, lang) for e in snap["log_entries"][-400:])
+    return (status, loss_figure(snap["events"], snap["step_events"], lang), log, key, finished, *buttons)
 
 
 def job_status(ctx: AppContext) -> dict:
     """API: the current job without the step-level events (for scripts and tests)."""
     snap = ctx.runner.snapshot()
     snap.pop("step_events", None)
+    snap.pop("log_entries", None)
     snap["log"] = snap["log"][-50:]
     return snap
 

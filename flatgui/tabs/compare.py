@@ -11,8 +11,9 @@ from ..context import AppContext
 from ..i18n import lang_code, t
 from .common import OK, fail
 
-RUN_COLUMNS = ["run", "model", "W/A", "skip_layers", "layers", "epochs", "nsamples", "calib s",
-               "PPL orig", "PPL FQ", "PPL RTN", "acc orig", "acc FQ", "tok/s orig", "tok/s FQ"]
+# i18n keys of the runs table's columns
+RUN_COLUMNS = ["col_run", "col_model", "col_wa", "col_skip", "col_layers", "col_epochs", "col_nsamples", "col_calib_s",
+               "col_ppl_orig", "col_ppl_fq", "col_ppl_rtn", "col_acc_orig", "col_acc_fq", "col_tps_orig", "col_tps_fq"]
 
 
 def _num(v, digits=2):
@@ -40,8 +41,15 @@ def run_row(run_id: str, report: dict) -> list:
     ]
 
 
-def runs_table(ctx: AppContext) -> list[list]:
-    return [run_row(r, ctx.store.report(r)) for r in ctx.store.list_runs()]
+def run_headers(lang: str) -> list[str]:
+    return [t(k, lang) for k in RUN_COLUMNS]
+
+
+def runs_table(ctx: AppContext, lang: str = "en"):
+    """Every run as a row, headers in the page's language."""
+    import pandas as pd
+
+    return pd.DataFrame([run_row(r, ctx.store.report(r)) for r in ctx.store.list_runs()], columns=run_headers(lang))
 
 
 def charts_for(ctx: AppContext, run_id, lang_value):
@@ -55,7 +63,8 @@ def refresh(ctx: AppContext, run_id, lang_value):
     runs = ctx.store.list_runs()
     if run_id not in runs:
         run_id = runs[0] if runs else None
-    return (gr.update(choices=runs, value=run_id), runs_table(ctx), *charts_for(ctx, run_id, lang_value))
+    return (gr.update(choices=runs, value=run_id), runs_table(ctx, lang_code(lang_value)),
+            *charts_for(ctx, run_id, lang_value))
 
 
 def _side(stats: dict) -> str:
@@ -125,7 +134,7 @@ def build(ctx: AppContext) -> None:
             mgr.add("ppl_plot", gr.Plot(label=t("ppl_chart"), elem_id="ppl_plot"), label="ppl_chart")
             mgr.add("acc_plot", gr.Plot(label=t("acc_chart"), elem_id="acc_plot"), label="acc_chart")
         mgr.add("latency_plot", gr.Plot(label=t("latency_chart"), elem_id="latency_plot"), label="latency_chart")
-        mgr.add("runs_table", gr.Dataframe(headers=RUN_COLUMNS, value=runs_table(ctx), label=t("runs_table"),
+        mgr.add("runs_table", gr.Dataframe(headers=run_headers("en"), value=runs_table(ctx), label=t("runs_table"),
                                            interactive=False, wrap=False, elem_id="runs_table"), label="runs_table")
 
 
@@ -140,5 +149,7 @@ def wire(ctx: AppContext) -> None:
     outputs = [mgr["compare_run"], mgr["runs_table"], mgr["ppl_plot"], mgr["acc_plot"], mgr["latency_plot"]]
     mgr["compare_refresh"].click(bind(refresh, ctx), inputs=[mgr["compare_run"], lang], outputs=outputs,
                                  api_name="compare_refresh", concurrency_limit=None)
+    lang.change(bind(refresh, ctx), inputs=[mgr["compare_run"], lang], outputs=outputs, api_visibility="private",
+                show_progress="hidden")
     mgr["compare_run"].input(bind(charts_for, ctx), inputs=[mgr["compare_run"], lang], outputs=outputs[2:],
                              api_visibility="private", concurrency_limit=None)
