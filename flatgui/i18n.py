@@ -120,6 +120,12 @@ STRINGS: dict[str, dict[str, str]] = {
     "log_cancel": {"en": "cancel requested; stopping after the current step", "zh": "已请求取消，当前步骤后停止"},
     "log_job_end": {"en": "{kind}: {status}", "zh": "{kind}：{status}"},
     "log_job_end_error": {"en": "{kind}: {status}: {error}", "zh": "{kind}：{status}：{error}"},
+    "acc_estimate": {"en": "Accuracy: {n} examples x {tasks} tasks x 2 models, about {minutes} min.",
+                     "zh": "准确率：{n} 个样本 x {tasks} 项任务 x 2 个模型，约 {minutes} 分钟。"},
+    "acc_estimate_long": {"en": "⚠ Accuracy: {n} examples x {tasks} tasks x 2 models, about {minutes} min; lower "
+                                "Examples per task for a quicker look.",
+                          "zh": "⚠ 准确率：{n} 个样本 x {tasks} 项任务 x 2 个模型，约 {minutes} 分钟；"
+                                "想快速看结果可减少每项任务样本数。"},
     "started": {"en": "Started job {id}.", "zh": "任务 {id} 已启动。"},
     "started_elsewhere": {"en": "Started job {id}; its progress shows at the top of the page.",
                           "zh": "任务 {id} 已启动，进度显示在页面顶部。"},

@@ -344,3 +344,40 @@ def test_app_builds_and_relabels_every_registered_component(tmp_path):
     api = {d.api_name for d in demo.fns.values() if d.api_name}
     assert {"start_calibration", "cancel", "load_matrices", "job_status", "generate", "start_evaluate",
             "artifacts_refresh", "get_artifact", "save_settings", "load_settings"} <= api
+
+
+def test_job_wide_progress_moves_through_stages_and_during_perplexity():
+    from flatgui.jobprogress import job_eta, job_fraction, plan_for
+
+    plan = plan_for("calibrate", ppl_parts=3)
+    snap = {"status": "running", "plan": plan, "elapsed_s": 100.0, "events": [], "last_event": None}
+    assert job_fraction(snap) == 0.0
+    load = {"stage": "load", "message": "loading model smollm2 on cpu"}
+    snap.update(events=[load], last_event=load)
+    steps = {"stage": "calibrate", "layer": 1, "num_layers": 2, "epoch": 0, "epochs": 1, "step": 0, "steps": 2}
+    snap.update(last_event=steps)
+    mid_calib = job_fraction(snap)
+    assert 0.05 < mid_calib < 0.75
+    fracs = []
+    events = [load, {"stage": "layer_done", "layer": 1, "num_layers": 2}]
+    for model in ("original", "quantized", "rtn"):
+        for step in (0, 4):
+            ev = {"stage": "ppl", "message": f"perplexity {model} window {step}/8", "step": step, "steps": 8}
+            snap.update(events=events + [ev], last_event=ev)
+            fracs.append(job_fraction(snap))
+        events.append({"stage": "ppl", "message": f"PPL {model}: 20.0"})
+    assert fracs == sorted(fracs) and fracs[0] > mid_calib and fracs[-1] < 1.0 and len(set(fracs)) == len(fracs)
+    assert job_eta(snap, fracs[-1]) == pytest.approx(100.0 * (1 - fracs[-1]) / fracs[-1])
+    assert job_fraction(dict(snap, status="done")) == 1.0
+
+
+def test_accuracy_estimate_before_a_long_run(tmp_path):
+    from flatgui.app import build_app
+    from flatgui.tabs.compare import accuracy_estimate
+
+    _, ctx = build_app(str(tmp_path / "runs"))
+    assert accuracy_estimate(ctx, ["ppl"], 50, "English") == ""
+    long = accuracy_estimate(ctx, ["tasks"], 50, "English")
+    assert long.startswith("⚠") and "50 examples x 6 tasks" in long and "min" in long
+    assert not accuracy_estimate(ctx, ["tasks"], 2, "English").startswith("⚠")
+    assert "分钟" in accuracy_estimate(ctx, ["tasks"], 50, "中文")
