@@ -30,17 +30,17 @@ STRINGS: dict[str, dict[str, str]] = {
               "anywhere inside it (substring rule): 'lm_head' skips the output head, 'down_proj' skips every MLP "
               "down projection, 'layers.0.' skips all of layer 0. Each entry needs a letter or digit.",
         "zh": "逗号分隔。某个线性层的名字等于某一项、或包含某一项（子串规则）时，该层保持全精度："
-              "'lm_head' 跳过输出头，'down_proj' 跳过所有 MLP 的 down 投影，'layers.0.' 跳过第 0 层全部。"
+              "'lm_head' 跳过输出头，'down_proj' 跳过所有 MLP 的下投影，'layers.0.' 跳过第 0 层全部。"
               "每一项至少要有一个字母或数字。"},
     "w_bits": {"en": "Weight bits", "zh": "权重位数"},
     "a_bits": {"en": "Activation bits", "zh": "激活位数"},
     "use_down_quant": {"en": "Quantize down_proj (use_down_quant)", "zh": "量化 down_proj (use_down_quant)"},
     "o_proj_quant": {"en": "Fake-quantize o_proj input (use_o_quant)", "zh": "伪量化 o_proj 输入 (use_o_quant)"},
-    "kv_quant": {"en": "Fake-quantize the KV cache", "zh": "伪量化 KV cache"},
-    "kv_bits": {"en": "KV-cache bits", "zh": "KV cache 位数"},
-    "epochs": {"en": "Epochs per layer", "zh": "每层训练轮数 (epochs)"},
-    "nsamples": {"en": "Calibration samples", "zh": "校准样本数 (nsamples)"},
-    "seqlen": {"en": "Sequence length", "zh": "序列长度 (seqlen)"},
+    "kv_quant": {"en": "Fake-quantize the KV cache", "zh": "伪量化 KV 缓存"},
+    "kv_bits": {"en": "KV-cache bits", "zh": "KV 缓存位数"},
+    "epochs": {"en": "Epochs per layer", "zh": "每层训练轮数"},
+    "nsamples": {"en": "Calibration samples", "zh": "校准样本数"},
+    "seqlen": {"en": "Sequence length", "zh": "序列长度"},
     "flat_lr": {"en": "Learning rate (flat_lr)", "zh": "学习率 (flat_lr)"},
     "cali_bsz": {"en": "Calibration batch size", "zh": "校准批大小 (cali_bsz)"},
     "calib_data": {"en": "Calibration data path", "zh": "校准数据路径"},
@@ -120,12 +120,15 @@ STRINGS: dict[str, dict[str, str]] = {
     "log_cancel": {"en": "cancel requested; stopping after the current step", "zh": "已请求取消，当前步骤后停止"},
     "log_job_end": {"en": "{kind}: {status}", "zh": "{kind}：{status}"},
     "log_job_end_error": {"en": "{kind}: {status}: {error}", "zh": "{kind}：{status}：{error}"},
-    "acc_estimate": {"en": "Accuracy: {n} examples x {tasks} tasks x 2 models, about {minutes} min.",
-                     "zh": "准确率：{n} 个样本 x {tasks} 项任务 x 2 个模型，约 {minutes} 分钟。"},
-    "acc_estimate_long": {"en": "⚠ Accuracy: {n} examples x {tasks} tasks x 2 models, about {minutes} min; lower "
+    "acc_estimate": {"en": "Accuracy: {n} examples × {tasks} tasks × 2 models, about {minutes} min.",
+                     "zh": "准确率：{n} 个样本 × {tasks} 项任务 × 2 个模型，约 {minutes} 分钟。"},
+    "acc_estimate_long": {"en": "⚠ Accuracy: {n} examples × {tasks} tasks × 2 models, about {minutes} min; lower "
                                 "Examples per task for a quicker look.",
-                          "zh": "⚠ 准确率：{n} 个样本 x {tasks} 项任务 x 2 个模型，约 {minutes} 分钟；"
+                          "zh": "⚠ 准确率：{n} 个样本 × {tasks} 项任务 × 2 个模型，约 {minutes} 分钟；"
                                 "想快速看结果可减少每项任务样本数。"},
+    "cancelled_kept": {"en": "Cancelled; the numbers finished before the cancel are kept.",
+                       "zh": "已取消；取消前完成的结果已保留。"},
+    "loaded_cell": {"en": "loaded", "zh": "已加载"},
     "started": {"en": "Started job {id}.", "zh": "任务 {id} 已启动。"},
     "started_elsewhere": {"en": "Started job {id}; its progress shows at the top of the page.",
                           "zh": "任务 {id} 已启动，进度显示在页面顶部。"},

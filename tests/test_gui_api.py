@@ -127,7 +127,7 @@ def test_short_calibration_then_compare_and_download(app, client, smollm2):
     # Compare: the run shows up in the table with its perplexities and the PPL chart has both models.
     sel, table, ppl_plot, acc_plot, lat_plot = map(value, client.predict(run_id, LANG, api_name="/compare_refresh"))
     row = dict(zip(table["headers"], table["data"][0]))
-    assert sel == run_id and row["run"] == run_id and row["PPL orig"] > 1 and row["PPL FQ"] > 1
+    assert sel == run_id and row["run"] == run_id and row["PPL original"] > 1 and row["PPL FlatQuant"] > 1
     assert ppl_plot is not None
 
     # Export the packed int4 checkpoint of the models in memory; it downloads as a zip that core loads back.

@@ -378,6 +378,6 @@ def test_accuracy_estimate_before_a_long_run(tmp_path):
     _, ctx = build_app(str(tmp_path / "runs"))
     assert accuracy_estimate(ctx, ["ppl"], 50, "English") == ""
     long = accuracy_estimate(ctx, ["tasks"], 50, "English")
-    assert long.startswith("⚠") and "50 examples x 6 tasks" in long and "min" in long
+    assert long.startswith("⚠") and "50 examples × 6 tasks" in long and "min" in long
     assert not accuracy_estimate(ctx, ["tasks"], 2, "English").startswith("⚠")
     assert "分钟" in accuracy_estimate(ctx, ["tasks"], 50, "中文")

@@ -56,7 +56,8 @@ def progress_html(snap: dict, lang: str) -> str:
     stage = html.escape(str(ev.get("stage") or ""))
     stage_text = html.escape(t("stage_" + str(ev.get("stage") or ""), lang)) if ev.get("stage") else ""
     detail = html.escape(str(ev.get("message") or "")) if lang == "en" else ""
-    err = f'<div class="fq-error">✖ {html.escape(snap["error"])}</div>' if snap.get("error") else ""
+    error = t("cancelled_kept", lang) if status == "cancelled" else snap.get("error")
+    err = f'<div class="fq-error">✖ {html.escape(error)}</div>' if error else ""
     bar = ""
     if frac is not None:
         bar = f'<div class="fq-bar"><div class="fq-bar-fill" style="width:{100 * frac:.1f}%"></div></div>'

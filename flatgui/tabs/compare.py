@@ -20,7 +20,7 @@ def _num(v, digits=2):
     return round(float(v), digits) if isinstance(v, (int, float)) else None
 
 
-def run_row(run_id: str, report: dict) -> list:
+def run_row(run_id: str, report: dict, lang: str = "en") -> list:
     """One table row per run; every cell is read from report.json (missing sections stay empty)."""
     model, cfg, cal = report.get("model") or {}, report.get("config") or {}, report.get("calibration") or {}
     q = cfg.get("quant_cfg") or {}
@@ -32,7 +32,7 @@ def run_row(run_id: str, report: dict) -> list:
     lat = report.get("latency") or {}
     return [
         run_id, model.get("name"), wa if cfg else None, ",".join(cfg.get("skip_layers") or []),
-        cal.get("max_layers") or model.get("num_hidden_layers") if not cal.get("loaded_from") else "loaded",
+        cal.get("max_layers") or model.get("num_hidden_layers") if not cal.get("loaded_from") else t("loaded_cell", lang),
         algo.get("epochs"), cal.get("nsamples"), _num(cal.get("seconds"), 1),
         _num(first.get("original")), _num(first.get("quantized")), _num(first.get("rtn")),
         _num((acc.get("original") or {}).get("acc_avg")), _num((acc.get("quantized") or {}).get("acc_avg")),
@@ -49,7 +49,8 @@ def runs_table(ctx: AppContext, lang: str = "en"):
     """Every run as a row, headers in the page's language."""
     import pandas as pd
 
-    return pd.DataFrame([run_row(r, ctx.store.report(r)) for r in ctx.store.list_runs()], columns=run_headers(lang))
+    return pd.DataFrame([run_row(r, ctx.store.report(r), lang) for r in ctx.store.list_runs()],
+                        columns=run_headers(lang))
 
 
 def charts_for(ctx: AppContext, run_id, lang_value):
