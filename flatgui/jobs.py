@@ -37,20 +37,25 @@ def check_matrix_file(path: str) -> None:
 
 
 @contextlib.contextmanager
-def cancel_inside_forward(cancel, *models):
-    """Check the job's cancel token before every decoder layer of these models, so a cancel lands within one
-    layer's forward in any stage (perplexity windows, lm-eval requests, latency runs, generation)."""
-    from core.models import decoder_layers
+def cancel_inside_forward(cancel):
+    """While this thread runs a job, check its cancel token before every module's forward (a global hook that
+    acts only in this thread, only once the token is set): a cancel lands within one layer's forward in any stage
+    (calibration, perplexity windows, lm-eval requests, latency runs, generation, export)."""
+    import threading
 
-    handles = []
-    for model in models:
-        if model is not None:
-            handles += [layer.register_forward_pre_hook(lambda *_: cancel.check()) for layer in decoder_layers(model)]
+    import torch
+
+    thread = threading.get_ident()
+
+    def hook(_module, _args):
+        if cancel.cancelled and threading.get_ident() == thread:
+            cancel.check()
+
+    handle = torch.nn.modules.module.register_module_forward_pre_hook(hook)
     try:
         yield
     finally:
-        for h in handles:
-            h.remove()
+        handle.remove()
 
 
 def start_quantize(ctx: AppContext, settings: GuiSettings, matrix_path: Optional[str] = None) -> Job:
@@ -67,7 +72,8 @@ def start_quantize(ctx: AppContext, settings: GuiSettings, matrix_path: Optional
         (run_dir / CONFIG_FILE).write_text(json.dumps(settings.config_dict(), indent=2))
         (run_dir / "command.txt").write_text(settings.cli_command(str(run_dir), matrix_path) + "\n")
         options = QuantizeOptions(**settings.quantize_kwargs(str(run_dir), matrix_path))
-        result = run_quantize(options, on_event=ctx.runner.callback(job), cancel=job.cancel)
+        with cancel_inside_forward(job.cancel):
+            result = run_quantize(options, on_event=ctx.runner.callback(job), cancel=job.cancel)
         ctx.runner.workspace = {
             "original": result.original, "quantized": result.quantized, "rtn": result.rtn,
             "tokenizer": result.tokenizer, "config": result.config, "run_id": run_dir.name,
@@ -97,9 +103,10 @@ def generate(ctx: AppContext, prompt: str, max_new_tokens: int) -> dict:
         from core.report import update_report
 
         job.output_dir = ws["output_dir"]
-        section = compare_generation(ws["original"].model, ws["quantized"], ws["tokenizer"],
-                                     GenerationOptions(prompt=prompt or None, max_new_tokens=int(max_new_tokens)),
-                                     Reporter(ctx.runner.callback(job), job.cancel))
+        with cancel_inside_forward(job.cancel):
+            section = compare_generation(ws["original"].model, ws["quantized"], ws["tokenizer"],
+                                         GenerationOptions(prompt=prompt or None, max_new_tokens=int(max_new_tokens)),
+                                         Reporter(ctx.runner.callback(job), job.cancel))
         update_report(ws["output_dir"], {"generation": section})
         return section
 
@@ -127,7 +134,7 @@ def start_evaluate(ctx: AppContext, sections: list[str], ppl_seqlen: int, ppl_wi
                               **GUI_LATENCY)
         out = {"run_id": ws["run_id"], "output_dir": ws["output_dir"], "sections": list(sections)}
         reporter = Reporter(ctx.runner.callback(job), job.cancel)
-        with cancel_inside_forward(job.cancel, ws["original"].model, ws["quantized"], ws.get("rtn")):
+        with cancel_inside_forward(job.cancel):
             for section in options.sections:  # one at a time: the accuracy section is timed for the next estimate
                 started = time.monotonic()
                 evaluate_pair(ws["original"].model, ws["quantized"], ws["tokenizer"],
