@@ -79,6 +79,9 @@ def build_app(runs_root: str = "runs", runner: Optional[JobRunner] = None, poll_
             api_visibility="private", show_progress="hidden")
         lang.change(lambda v: v, inputs=lang, outputs=mgr["saved_lang"], api_visibility="private",
                     show_progress="hidden")
+        # Messages of earlier clicks were written in the old language: clear them.
+        lang.change(lambda: ("", "", ""), outputs=[mgr["action_msg"], mgr["eval_msg"], mgr["export_msg"]],
+                    api_visibility="private", show_progress="hidden")
         demo.load(model_config.restore, inputs=mgr["saved_settings"], outputs=mgr.settings_components(),
                   api_visibility="private", show_progress="hidden")
         demo.load(lambda v: v if v in LANGS.values() else gr.skip(), inputs=mgr["saved_lang"], outputs=lang,
