@@ -266,9 +266,11 @@ def _close_file_logs(folder: Path) -> None:
                 handler.close()
 
 
-def remove_if_only_logs(folder: Path) -> bool:
-    """Remove a folder this job created when it holds nothing but its own log (an early error)."""
-    if not folder.is_dir() or any(p.name not in _DISPOSABLE and not p.name.endswith(".tmp")
+def remove_if_only_logs(folder: Path, also: Iterable[str] = ()) -> bool:
+    """Remove a folder a job created when it holds nothing but its own log (and the files named in ``also``):
+    an early error leaves no folder behind."""
+    disposable = set(_DISPOSABLE) | set(also)
+    if not folder.is_dir() or any(p.name not in disposable and not p.name.endswith(".tmp")
                                   for p in folder.iterdir()):
         return False
     _close_file_logs(folder)

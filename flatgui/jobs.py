@@ -10,6 +10,7 @@ from typing import Optional
 
 from core.errors import FlatQuantError
 from core.progress import Reporter
+from core.validate import remove_if_only_logs
 
 from .context import AppContext
 from .jobprogress import plan_for
@@ -72,8 +73,13 @@ def start_quantize(ctx: AppContext, settings: GuiSettings, matrix_path: Optional
         (run_dir / CONFIG_FILE).write_text(json.dumps(settings.config_dict(), indent=2))
         (run_dir / "command.txt").write_text(settings.cli_command(str(run_dir), matrix_path) + "\n")
         options = QuantizeOptions(**settings.quantize_kwargs(str(run_dir), matrix_path))
-        with cancel_inside_forward(job.cancel):
-            result = run_quantize(options, on_event=ctx.runner.callback(job), cancel=job.cancel)
+        try:
+            with cancel_inside_forward(job.cancel):
+                result = run_quantize(options, on_event=ctx.runner.callback(job), cancel=job.cancel)
+        except BaseException:
+            # nothing measured or saved yet (an early error, a cancel during calibration): no empty run is left
+            remove_if_only_logs(run_dir, also=(GUI_SETTINGS_FILE, CONFIG_FILE, "command.txt"))
+            raise
         ctx.runner.workspace = {
             "original": result.original, "quantized": result.quantized, "rtn": result.rtn,
             "tokenizer": result.tokenizer, "config": result.config, "run_id": run_dir.name,

@@ -278,3 +278,23 @@ def test_safe_message_hides_server_paths(tmp_path):
     out = safe_message(msg, roots=[runs])
     assert "'20260101-000000/flat_matrices.pth'" in out and "secret.py" in out
     assert str(tmp_path) not in out and "/usr/lib" not in out
+
+
+@pytest.mark.parametrize("case", ["matrix_all_nan", "matrix_random_bytes", "matrix_other_model",
+                                  "model_config_json_not_object", "output_dir_is_a_file"])
+def test_evaluate_command_checks_before_loading(case, tmp_path, capsys, monkeypatch, matrix_file, tiny_qwen3_dir):
+    def refuse(*_a, **_k):
+        raise AssertionError("the model was loaded before the input was validated")
+
+    monkeypatch.setattr("core.models.load_model", refuse)
+    monkeypatch.setattr("core.pipeline.load_model", refuse)
+    ctx = SimpleNamespace(tmp=tmp_path, monkeypatch=monkeypatch, matrix_file=matrix_file, qwen3_dir=tiny_qwen3_dir)
+    make_args, needle = PRELOAD_CASES[case]
+    args = make_args(ctx)
+    args = [a for a in args if a != "--load_matrix"]
+    if "--output_dir" not in args:
+        args += ["--output_dir", str(tmp_path / "out")]
+    code = cli.main(["evaluate", "--eval", "ppl", *args])
+    _, err = capsys.readouterr()
+    assert_one_error(code, err, needle)
+    assert not (tmp_path / "out").exists()
