@@ -14,7 +14,7 @@ from core.validate import remove_if_only_logs
 
 from .context import AppContext
 from .jobprogress import plan_for
-from .runner import Job
+from .runner import Job, log
 from .runs import CHECKPOINT_DIR
 from .settings import CONFIG_FILE, GuiSettings
 
@@ -100,23 +100,60 @@ def _workspace(ctx: AppContext) -> dict:
     return ws
 
 
-def generate(ctx: AppContext, prompt: str, max_new_tokens: int) -> dict:
-    """Both models on one prompt (a short job, waited for); the section also goes into the run's report."""
+def real_int4_model(ws: dict):
+    """The quantized model as real int4 (packed weights, integer GEMMs), converted once per run and kept in the
+    workspace; (model, "real") or, when no int4 backend runs here, the fake-quant model and "fake"."""
+    if ws.get("quantized_real") is None:
+        import copy
+
+        from core.realquant.convert import convert_model
+
+        try:
+            ws["quantized_real"] = convert_model(copy.deepcopy(ws["quantized"]))
+        except Exception:  # noqa: BLE001 - no int4 kernel for this device: say so and use the fake-quant model
+            log.exception("real int4 conversion failed; generating with the fake-quant model")
+            ws["quantized_real"] = False
+    return (ws["quantized_real"], "real") if ws["quantized_real"] is not False else (ws["quantized"], "fake")
+
+
+class _LiveText:
+    """A transformers streamer that appends finished text pieces to one entry of a shared dict."""
+
+    def __new__(cls, tokenizer, live: dict, key: str):
+        from transformers import TextStreamer
+
+        class Streamer(TextStreamer):
+            def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+                live[key] = live.get(key, "") + text
+
+        return Streamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+
+
+def start_generate(ctx: AppContext, prompt: str, max_new_tokens: int) -> tuple[Job, dict]:
+    """Both models on one prompt, streamed: the original, then the real int4 model (labelled). Returns the job and
+    the live dict ({original, quantized, quantized_kind, section}) the page reads while it runs; the section also
+    goes into the run's report."""
     ws = _workspace(ctx)
+    live: dict = {"original": "", "quantized": "", "quantized_kind": None, "section": None}
 
     def target(job: Job) -> dict:
         from core.generation import GenerationOptions, compare_generation
         from core.report import update_report
 
         job.output_dir = ws["output_dir"]
+        reporter = Reporter(ctx.runner.callback(job), job.cancel)
+        quantized, kind = real_int4_model(ws)
+        live["quantized_kind"] = kind
         with cancel_inside_forward(job.cancel):
-            section = compare_generation(ws["original"].model, ws["quantized"], ws["tokenizer"],
+            section = compare_generation(ws["original"].model, quantized, ws["tokenizer"],
                                          GenerationOptions(prompt=prompt or None, max_new_tokens=int(max_new_tokens)),
-                                         Reporter(ctx.runner.callback(job), job.cancel))
+                                         reporter, streamer_for=lambda label: _LiveText(ws["tokenizer"], live, label))
+        section["quantized_model"] = "real int4 (core.realquant)" if kind == "real" else "fake quant"
         update_report(ws["output_dir"], {"generation": section})
-        return section
+        live["section"] = section
+        return {"run_id": ws["run_id"], "output_dir": ws["output_dir"], "quantized_model": kind}
 
-    return ctx.runner.run_sync("generate", target, "generate")
+    return ctx.runner.start("generate", target, "generate"), live
 
 
 def start_evaluate(ctx: AppContext, sections: list[str], ppl_seqlen: int, ppl_windows: Optional[int],

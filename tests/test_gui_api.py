@@ -123,6 +123,8 @@ def test_short_calibration_then_compare_and_download(app, client, smollm2):
     orig, orig_stats, quant, quant_stats = client.predict("Name three colors.", 8, LANG, api_name="/generate")
     assert orig and quant and not orig.startswith("✖")
     assert "tokens/s" in orig_stats and "tokens/s" in quant_stats
+    generation = json.loads((Path(st["output_dir"]) / "report.json").read_text())["generation"]
+    assert generation["quantized_model"].startswith("real int4") and generation["quantized"]["text"] == quant
 
     # Compare: the run shows up in the table with its perplexities and the PPL chart has both models.
     sel, table, ppl_plot, acc_plot, lat_plot = map(value, client.predict(run_id, LANG, api_name="/compare_refresh"))

@@ -381,3 +381,15 @@ def test_accuracy_estimate_before_a_long_run(tmp_path):
     assert long.startswith("⚠") and "50 examples × 6 tasks" in long and "min" in long
     assert not accuracy_estimate(ctx, ["tasks"], 2, "English").startswith("⚠")
     assert "分钟" in accuracy_estimate(ctx, ["tasks"], 50, "中文")
+
+
+def test_gui_job_failing_before_the_model_loads_leaves_no_run(tmp_path):
+    from flatgui import jobs
+    from flatgui.app import build_app
+
+    _, ctx = build_app(str(tmp_path / "runs"))
+    jobs.start_quantize(ctx, GuiSettings(seqlen=100000))
+    ctx.runner.wait(60)
+    snap = ctx.runner.snapshot()
+    assert snap["status"] == "failed" and "max_position_embeddings" in snap["error"]
+    assert ctx.store.list_runs() == []

@@ -2,8 +2,11 @@
 from __future__ import annotations
 
 import functools
+import time
 
 import gradio as gr
+
+from core.errors import FlatQuantError
 
 from .. import jobs
 from ..charts import accuracy_figure, accuracy_table, latency_figure, ppl_figure, ppl_table
@@ -68,21 +71,35 @@ def refresh(ctx: AppContext, run_id, lang_value):
             *charts_for(ctx, run_id, lang_value))
 
 
-def _side(stats: dict) -> str:
+def _side(stats: dict, lang: str = "en") -> str:
     if not stats:
         return ""
     tps = stats.get("tokens_per_s")
-    return (f"**{tps:.1f} tokens/s** · {stats.get('new_tokens')} new tokens in {stats.get('seconds', 0):.2f} s"
+    return (t("gen_stats", lang, tps=f"{tps:.1f}", n=stats.get("new_tokens"), s=f"{stats.get('seconds', 0):.2f}")
             if tps is not None else "")
 
 
 def generate(ctx: AppContext, prompt, max_new_tokens, lang_value):
+    """Stream both models' answers into the page as they are generated (the FlatQuant side runs the real int4
+    model, and its label says which model ran)."""
+    lang = lang_code(lang_value)
     try:
-        section = jobs.generate(ctx, prompt, max_new_tokens)
+        job, live = jobs.start_generate(ctx, prompt, max_new_tokens)
     except Exception as exc:  # a message for the page; the server keeps serving
-        return fail(exc), "", "", ""
-    o, q = section.get("original") or {}, section.get("quantized") or {}
-    return o.get("text", ""), _side(o), q.get("text", ""), _side(q)
+        yield fail(exc), "", "", ""
+        return
+    while True:
+        running = job.running
+        section = live.get("section") or {}
+        quant_stats = _side(section.get("quantized"), lang)
+        if live.get("quantized_kind") == "fake":  # no int4 kernel here: the box's label would be wrong, say so
+            quant_stats = f"{quant_stats} · {t('fake_fallback', lang)}"
+        yield live["original"], _side(section.get("original"), lang), live["quantized"], quant_stats
+        if not running:
+            break
+        time.sleep(0.25)
+    if job.status != "done":
+        yield fail(FlatQuantError(job.error or job.status)), "", live["quantized"], ""
 
 
 # Seconds per (example, task) for both models on SmolLM2-135M on a 2-vCPU CPU (issue 13: 2 examples x 6 tasks took
@@ -144,8 +161,8 @@ def build(ctx: AppContext) -> None:
                                                    elem_id="gen_original"), label="original")
                 mgr.add("gen_original_stats", gr.Markdown(elem_id="gen_original_stats"))
             with gr.Column():
-                mgr.add("gen_quantized", gr.Textbox(label=t("quantized"), lines=6, interactive=False,
-                                                    elem_id="gen_quantized"), label="quantized")
+                mgr.add("gen_quantized", gr.Textbox(label=t("quantized_real"), lines=6, interactive=False,
+                                                    elem_id="gen_quantized"), label="quantized_real")
                 mgr.add("gen_quantized_stats", gr.Markdown(elem_id="gen_quantized_stats"))
         with gr.Row():
             mgr.add("eval_sections", gr.CheckboxGroup(
