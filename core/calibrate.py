@@ -165,7 +165,8 @@ def train_layer(layer: nn.Module, index: int, num_layers: int, inps: torch.Tenso
     for p in layer.parameters():
         p.requires_grad_(False)
     with torch.no_grad(), autocast_for(layer, dtype):  # the first batch again, after the last step: the trend
-        last_loss = float(F.mse_loss(run_layer(layer, inps[:bsz].to(device), layer_kwargs).float(), fp_outs[:bsz].to(device)))
+        last_loss = float(F.mse_loss(run_layer(layer, inps[:bsz].to(device), layer_kwargs).float(),
+                                     fp_outs[:bsz].to(device)))
     return LayerResult(index, first_loss, last_loss, time.monotonic() - start, losses)
 
 

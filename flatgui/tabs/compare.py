@@ -35,7 +35,8 @@ def run_row(run_id: str, report: dict, lang: str = "en") -> list:
     lat = report.get("latency") or {}
     return [
         run_id, model.get("name"), wa if cfg else None, ",".join(cfg.get("skip_layers") or []),
-        cal.get("max_layers") or model.get("num_hidden_layers") if not cal.get("loaded_from") else t("loaded_cell", lang),
+        (cal.get("max_layers") or model.get("num_hidden_layers")) if not cal.get("loaded_from")
+        else t("loaded_cell", lang),
         algo.get("epochs"), cal.get("nsamples"), _num(cal.get("seconds"), 1),
         _num(first.get("original")), _num(first.get("quantized")), _num(first.get("rtn")),
         _num((acc.get("original") or {}).get("acc_avg")), _num((acc.get("quantized") or {}).get("acc_avg")),

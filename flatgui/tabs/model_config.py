@@ -99,7 +99,8 @@ def build(ctx: AppContext) -> None:
                                                 elem_id="o_proj_quant"), label="o_proj_quant")
             mgr.add("kv_quant", gr.Checkbox(value=s.kv_quant, label=t("kv_quant"), elem_id="kv_quant"),
                     label="kv_quant")
-            mgr.add("kv_bits", gr.Dropdown(choices=["4", "8"], value=str(s.kv_bits), label=t("kv_bits"), elem_id="kv_bits"),
+            mgr.add("kv_bits", gr.Dropdown(choices=["4", "8"], value=str(s.kv_bits), label=t("kv_bits"),
+                                           elem_id="kv_bits"),
                     label="kv_bits")
         with gr.Row():
             mgr.add("epochs", gr.Number(value=s.epochs, precision=0, minimum=0, label=t("epochs"),
