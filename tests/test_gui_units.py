@@ -393,3 +393,16 @@ def test_gui_job_failing_before_the_model_loads_leaves_no_run(tmp_path):
     snap = ctx.runner.snapshot()
     assert snap["status"] == "failed" and "max_position_embeddings" in snap["error"]
     assert ctx.store.list_runs() == []
+
+
+def test_bit_fields_are_advertised_and_accepted_as_strings(tmp_path):
+    from flatgui.app import build_app
+
+    _, ctx = build_app(str(tmp_path / "runs"))
+    for name in ("w_bits", "a_bits", "kv_bits"):
+        info = ctx.mgr[name].api_info()
+        assert info["type"] == "string" and all(isinstance(v, str) for v in info["enum"]), info
+        # what an API client sends, straight from the advertised enum, passes the component and the settings
+        assert ctx.mgr[name].preprocess(info["enum"][0]) == info["enum"][0]
+    values = GuiSettings().values()
+    assert GuiSettings.from_values(*values) == GuiSettings()

@@ -298,3 +298,11 @@ def test_evaluate_command_checks_before_loading(case, tmp_path, capsys, monkeypa
     _, err = capsys.readouterr()
     assert_one_error(code, err, needle)
     assert not (tmp_path / "out").exists()
+
+
+def test_calibration_jsonl_that_is_not_json_is_one_error_line(tmp_path, capsys):
+    bad = tmp_path / "calib.jsonl"
+    bad.write_text('{"text": "fine"}\nnot json at all\n')
+    code, _, err = run_main(capsys, *TINY, "--calib_data", str(bad), "--output_dir", str(tmp_path / "out"))
+    assert_one_error(code, err, "calib.jsonl line 2 is not JSON")
+    assert not (tmp_path / "out").exists()
