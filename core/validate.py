@@ -28,8 +28,9 @@ LAYER_LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "se
                  "mlp.up_proj", "mlp.down_proj")
 # A layer whose loss ends more than this factor above where it started is reported (log, report.json, GUI).
 LOSS_RISE_TOLERANCE = 1.0
-_WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS, errno.EFBIG, errno.EIO,
-                 errno.ENOTDIR, errno.EISDIR, errno.EEXIST}
+# Always a failed write; the others (permissions, a file in the way) only when they name a file in the output folder.
+_FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG}
+_WRITE_ERRNOS = _FULL_ERRNOS | {errno.EACCES, errno.EPERM, errno.EIO, errno.ENOTDIR, errno.EISDIR, errno.EEXIST}
 # Files a job writes into its output folder that may be removed when the job fails before writing anything else.
 _DISPOSABLE = ("quantize.log",)
 
@@ -305,7 +306,7 @@ def guarded_job(kept_name: Optional[str] = None) -> Callable:
             try:
                 return fn(options, *args, **kwargs)
             except OSError as exc:
-                if exc.errno not in _WRITE_ERRNOS:
+                if not _is_write_error(exc, out_dir):
                     raise
                 _cleanup(out_dir, existed)
                 raise write_error(exc, out_dir, out_dir / kept_name if kept_name else None) from exc
@@ -316,6 +317,16 @@ def guarded_job(kept_name: Optional[str] = None) -> Callable:
         return run
 
     return wrap
+
+
+def _is_write_error(exc: OSError, out_dir: Path) -> bool:
+    if exc.errno in _FULL_ERRNOS:
+        return True
+    name = getattr(exc, "filename", None)
+    if exc.errno not in _WRITE_ERRNOS or not name:
+        return False
+    path, folder = Path(name).resolve(), out_dir.resolve()
+    return path == folder or folder in path.parents
 
 
 def _cleanup(out_dir: Path, existed: bool) -> None:

@@ -22,6 +22,7 @@ CSS = """
 .fq-bar-fill { height: 100%; background: #ea580c; transition: width .4s; }
 .fq-stage { color: var(--body-text-color-subdued); font-size: .9em; }
 .fq-error { color: #b91c1c; font-weight: 600; margin-top: 4px; }
+.fq-warning { color: #b45309; margin-top: 4px; }
 #fq-status { padding: 8px 12px; border: 1px solid var(--border-color-primary); border-radius: 8px; }
 button:disabled, button[disabled] { opacity: .45 !important; cursor: not-allowed !important; filter: grayscale(70%); }
 """

@@ -133,6 +133,9 @@ STRINGS: dict[str, dict[str, str]] = {
                   "zh": "**{tps} token/秒** · {s} 秒生成 {n} 个新 token"},
     "fake_fallback": {"en": "no int4 kernel on this device: the fake-quant model answered",
                       "zh": "此设备没有 int4 内核：由伪量化模型生成"},
+    "loss_rose_layers": {"en": "The loss ended higher than it started in {n} layer(s) ({layers}); the learning rate "
+                                "may be too high.",
+                         "zh": "{n} 层的损失结束时高于开始时（第 {layers} 层）；学习率可能过高。"},
     "started": {"en": "Started job {id}.", "zh": "任务 {id} 已启动。"},
     "started_elsewhere": {"en": "Started job {id}; its progress shows at the top of the page.",
                           "zh": "任务 {id} 已启动，进度显示在页面顶部。"},

@@ -406,3 +406,15 @@ def test_bit_fields_are_advertised_and_accepted_as_strings(tmp_path):
         assert ctx.mgr[name].preprocess(info["enum"][0]) == info["enum"][0]
     values = GuiSettings().values()
     assert GuiSettings.from_values(*values) == GuiSettings()
+
+
+def test_status_line_shows_loss_warnings_and_cancel_text():
+    from flatgui.tabs.calibrate import progress_html
+
+    snap = {"id": "j1", "kind": "calibrate", "status": "cancelled", "seq": 3, "elapsed_s": 12.0, "error": "x",
+            "events": [{"stage": "warning", "layer": 1, "message": "warning: layer 2: loss rose"}],
+            "last_event": {"stage": "ppl", "message": "perplexity quantized window 4/8", "step": 4, "steps": 8},
+            "plan": []}
+    out = progress_html(snap, "zh")
+    assert "第 2 层" in out and t("cancelled_kept", "zh") in out and "perplexity" not in out
+    assert 'data-elapsed="12.0"' in out

@@ -56,6 +56,12 @@ def progress_html(snap: dict, lang: str) -> str:
     stage = html.escape(str(ev.get("stage") or ""))
     stage_text = html.escape(t("stage_" + str(ev.get("stage") or ""), lang)) if ev.get("stage") else ""
     detail = html.escape(str(ev.get("message") or "")) if lang == "en" else ""
+    rose = [str((e.get("layer") or 0) + 1) for e in snap.get("events") or [] if e.get("stage") == "warning"]
+    warn = ""
+    if rose:  # layers whose loss ended higher than it started (core.validate.check_trained_layer)
+        text = t("loss_rose_layers", lang, n=len(rose), layers=", ".join(rose))
+        warn = f'<div class="fq-warning">⚠ {html.escape(text)}</div>'
+
     error = t("cancelled_kept", lang) if status == "cancelled" else snap.get("error")
     err = f'<div class="fq-error">✖ {html.escape(error)}</div>' if error else ""
     bar = ""
@@ -66,7 +72,7 @@ def progress_html(snap: dict, lang: str) -> str:
     elapsed = float(snap.get("elapsed_s") or 0.0)
     return (f'<div id="fq-status" data-status="{status}" data-job="{snap.get("id")}" data-seq="{snap.get("seq")}" '
             f'data-layer="{layer}" data-stage="{stage}" data-frac="{frac_attr}" data-elapsed="{elapsed:.1f}">'
-            f"{line}{bar}<div class='fq-stage'>{stage_text}{': ' + detail if detail else ''}</div>{err}</div>")
+            f"{line}{bar}<div class='fq-stage'>{stage_text}{': ' + detail if detail else ''}</div>{warn}{err}</div>")
 
 
 BUTTONS = ("start", "load_matrices", "generate", "evaluate", "export")
