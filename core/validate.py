@@ -15,13 +15,13 @@ import os
 import shutil
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, Callable, Iterable, Optional
-
-import torch
+from typing import Callable, Iterable, Optional
 
 from .config import FlatQuantConfig, parse_config
+from .device import resolve_device
 from .errors import CalibrationError, ConfigError, DataError, MatrixFileError, ModelLoadError, OutputError
 from .matrices import non_finite_tensors, read_matrices
+from .models import identity_of, read_architecture, resolve_model_path
 
 # The linears of one decoder layer, as FlatQuant names them (model.layers.{i}.<part>); Llama and Qwen3 agree.
 LAYER_LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
@@ -40,8 +40,6 @@ _DISPOSABLE = ("quantize.log",)
 
 def read_model_config(model_path: Optional[str]) -> tuple[Path, dict]:
     """(folder, config.json as a dict) of a local model or the embedded default; ModelLoadError when unreadable."""
-    from .models import read_architecture, resolve_model_path
-
     path = resolve_model_path(model_path)
     read_architecture(path)  # supported architecture, config.json a JSON object
     return path, json.loads((path / "config.json").read_text(encoding="utf-8"))
@@ -114,8 +112,6 @@ def check_seqlen(model_cfg: dict, value: int, option: str) -> None:
 
 def config_identity(model_cfg: dict) -> dict:
     """model_identity() computed from config.json, so a matrix file is matched before the model loads."""
-    from .models import identity_of
-
     archs = model_cfg.get("architectures") or [model_cfg.get("model_type", "unknown")]
     try:
         return identity_of(archs[0], SimpleNamespace(**model_cfg))
@@ -195,8 +191,6 @@ def check_output_dir(output_dir: str | os.PathLike, needed_bytes: int = 0) -> No
 
 def validate_quantize_options(options) -> FlatQuantConfig:
     """Every check on a QuantizeOptions that needs no loaded model; returns the resolved config."""
-    from .device import resolve_device
-
     options.check()
     cfg = options.resolved_config()
     resolve_device(options.device)
