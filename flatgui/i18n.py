@@ -106,6 +106,7 @@ STRINGS: dict[str, dict[str, str]] = {
     "log_eval_done": {"en": "evaluation done", "zh": "评估完成"},
     "log_generate": {"en": "generating with {m} ({n} new tokens max)", "zh": "用{m}生成（最多 {n} 个新 token）"},
     "log_acc_start": {"en": "lm-eval on {m}: {tasks}", "zh": "lm-eval 评估{m}：{tasks}"},
+    "log_acc_progress": {"en": "lm-eval {m}: {a}/{b} requests", "zh": "lm-eval 评估{m}：{a}/{b} 个请求"},
     "log_acc_value": {"en": "{m} accuracy: {acc}", "zh": "{m} 准确率：{acc}"},
     "log_load_model": {"en": "loading model {p} on {d}", "zh": "加载模型 {p}（设备 {d}）"},
     "log_load_matrices": {"en": "loading calibrated matrices from {p}", "zh": "加载已校准的矩阵 {p}"},

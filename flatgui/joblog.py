@@ -22,6 +22,7 @@ _MESSAGES = [
     (r"generating with the (?P<m>\w+) model \((?P<n>\d+) new tokens max\)", "log_generate"),
     (r"lm-eval on (?P<m>\w+): (?P<tasks>.+)", "log_acc_start"),
     (r"(?P<m>\w+) ACC: (?P<acc>.+)", "log_acc_value"),
+    (r"lm-eval (?P<m>\w+): (?P<a>\d+)/(?P<b>\d+) requests", "log_acc_progress"),
     (r"loading model (?P<p>.+) on (?P<d>\S+)", "log_load_model"),
     (r"loading calibrated matrices from (?P<p>.+)", "log_load_matrices"),
     (r"rebuilding the quantized model from (?P<p>.+)", "log_load_matrices"),
