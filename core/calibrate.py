@@ -18,7 +18,7 @@ from .flat import ActivationStats, fold_layer, flat_state, init_weight_clips, it
 from .models import decoder_layers
 from .perplexity import autocast_for
 from .progress import Reporter
-from .validate import check_trained_layer
+from .validate import check_trained_layer, loss_change
 
 
 class _Captured(Exception):
@@ -224,7 +224,8 @@ def calibrate_model(model: nn.Module, samples: torch.Tensor, cfg: FlatQuantConfi
                 for t in iter_transforms(layer):
                     t.freeze()
                 reporter.emit("layer_done", f"layer {i + 1}/{num} done, loss {result.first_loss:.4g} -> "
-                              f"{result.last_loss:.4g}", layer=i, num_layers=num, loss=result.last_loss)
+                              f"{result.last_loss:.4g} ({loss_change(result.first_loss, result.last_loss)})",
+                              layer=i, num_layers=num, loss=result.last_loss)
             state = flat_state(layer)
             check_trained_layer(i, state, result.first_loss, result.last_loss, reporter)
             fold_layer(layer)

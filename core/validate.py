@@ -236,10 +236,17 @@ def check_trained_layer(index: int, state: dict, first_loss: float, last_loss: f
     return warning
 
 
+def loss_change(first_loss: float, last_loss: float) -> str:
+    """'-10.2%': how training moved a layer's loss (small losses hide a real change at 4 digits)."""
+    if not (math.isfinite(first_loss) and math.isfinite(last_loss)) or first_loss == 0:
+        return "n/a"
+    return f"{100 * (last_loss / first_loss - 1):+.1f}%"
+
+
 def loss_rise_warning(index: int, first_loss: float, last_loss: float) -> Optional[str]:
     if math.isfinite(first_loss) and math.isfinite(last_loss) and last_loss > first_loss * LOSS_RISE_TOLERANCE:
         return (f"layer {index + 1}: loss rose from {first_loss:.4g} to {last_loss:.4g} "
-                f"({100 * (last_loss / first_loss - 1):+.1f}%); the learning rate may be too high (--flat_lr)")
+                f"({loss_change(first_loss, last_loss)}); the learning rate may be too high (--flat_lr)")
     return None
 
 

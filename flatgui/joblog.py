@@ -13,7 +13,7 @@ _MESSAGES = [
     (r"layer (?P<i>\d+)/(?P<n>\d+) epoch (?P<e>\d+)/(?P<E>\d+) loss (?P<loss>\S+)", "log_step"),
     (r"capturing layer-0 inputs for (?P<n>\d+) samples", "log_capture"),
     (r"layer (?P<i>\d+)/(?P<n>\d+) restored from the resume checkpoint", "log_restored"),
-    (r"layer (?P<i>\d+)/(?P<n>\d+) done, loss (?P<a>\S+) -> (?P<b>\S+)", "log_layer_done"),
+    (r"layer (?P<i>\d+)/(?P<n>\d+) done, loss (?P<a>\S+) -> (?P<b>\S+) \((?P<pct>[^)]+)\)", "log_layer_done"),
     (r"perplexity of the (?P<m>\w+) model at seqlen (?P<s>\d+)", "log_ppl_start"),
     (r"PPL (?P<m>\w+)(?: @ \d+)?: (?P<v>\S+)", "log_ppl_value"),
     (r"perplexity (?P<m>\w+) window (?P<a>\d+)/(?P<b>\d+)", "log_ppl_window"),

@@ -113,7 +113,7 @@ def test_log_lines_in_chinese_keep_numbers_and_drop_english():
 
     from flatgui.joblog import translate_message
 
-    messages = ["layer 3/30 epoch 1/2 loss 0.0123", "layer 2/30 done, loss 0.1515 -> 0.1361",
+    messages = ["layer 3/30 epoch 1/2 loss 0.0123", "layer 2/30 done, loss 0.1515 -> 0.1361 (-10.2%)",
                 "perplexity original window 8/32", "PPL quantized: 21.500", "PPL rtn @ 512: 80.100",
                 "loading model smollm2 (embedded default) on cpu", "saved /srv/runs/20260101-000000/flat_matrices.pth",
                 "calibration data: Python's bundled documentation text (pydoc_data.topics, ships with CPython)",
@@ -126,7 +126,7 @@ def test_log_lines_in_chinese_keep_numbers_and_drop_english():
                  if w not in ("PPL", "FlatQuant", "RTN", "int", "token", "flat_lr", "SmolLM", "Instruct", "Python",
                               "flat_matrices", "pth", "cpu")]
         assert not words, (msg, zh)
-    assert "0.1515 → 0.1361" in translate_message(messages[1], "zh")
+    assert "0.1515 → 0.1361（-10.2%）" in translate_message(messages[1], "zh")
     assert translate_message("something new", "zh") == ""
 
 
