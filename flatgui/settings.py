@@ -133,7 +133,13 @@ class GuiSettings:
         for name in ("w_bits", "a_bits", "kv_bits"):
             if getattr(self, name) not in BITS_CHOICES:
                 raise ConfigError(f"{name} must be one of {BITS_CHOICES}, got {getattr(self, name)}.")
-        parse_config(self.config_dict())
+        cfg = parse_config(self.config_dict())
+        if self.model_path != DEFAULT_MODEL:  # the model's own limits, from config.json (no weights read)
+            from core.validate import check_seqlen, check_skip_layers, read_model_config
+
+            _, model_cfg = read_model_config(self.model_path)
+            check_seqlen(model_cfg, self.seqlen, "seqlen")
+            check_skip_layers(model_cfg, cfg, self.max_layers or None)
 
     # -- what the engine and the shell see ------------------------------------------------------------------
 

@@ -418,3 +418,13 @@ def test_status_line_shows_loss_warnings_and_cancel_text():
     out = progress_html(snap, "zh")
     assert "第 2 层" in out and t("cancelled_kept", "zh") in out and "perplexity" not in out
     assert 'data-elapsed="12.0"' in out
+
+
+def test_form_checks_the_models_own_limits(tiny_qwen3_dir):
+    with pytest.raises(ConfigError, match="matches no layer"):
+        GuiSettings(model_path=str(tiny_qwen3_dir), skip_layers="lm_head,layers.999").validate()
+    with pytest.raises(ConfigError, match="skips every layer"):
+        GuiSettings(model_path=str(tiny_qwen3_dir), skip_layers="layers.0.", max_layers=1).validate()
+    with pytest.raises(ConfigError, match="max_position_embeddings"):
+        GuiSettings(model_path=str(tiny_qwen3_dir), seqlen=100000).validate()
+    GuiSettings(model_path=str(tiny_qwen3_dir), skip_layers="lm_head,layers.1.").validate()
