@@ -6,6 +6,8 @@ from __future__ import annotations
 import re
 from pathlib import PurePath
 
+from core.validate import safe_message
+
 from .i18n import t
 
 # (pattern over core's English message, i18n key of the Chinese template); the groups fill the template.
@@ -52,8 +54,9 @@ def _name(value: str, lang: str) -> str:
 
 
 def translate_message(message: str, lang: str) -> str:
+    """Core's message in the page's language, without the server's absolute paths ("" when unknown in zh)."""
     if lang == "en" or not message:
-        return message
+        return safe_message(message)
     for pattern, key in _COMPILED:
         m = pattern.match(message)
         if m:

@@ -428,3 +428,16 @@ def test_form_checks_the_models_own_limits(tiny_qwen3_dir):
     with pytest.raises(ConfigError, match="max_position_embeddings"):
         GuiSettings(model_path=str(tiny_qwen3_dir), seqlen=100000).validate()
     GuiSettings(model_path=str(tiny_qwen3_dir), skip_layers="lm_head,layers.1.").validate()
+
+
+def test_log_and_status_hide_server_paths():
+    from flatgui.joblog import format_entry
+    from flatgui.tabs.calibrate import progress_html
+
+    ev = {"stage": "fold", "elapsed_s": 3.0, "message": "saved /srv/flatquant/runs/20260101-000000/flat_matrices.pth"}
+    for lang in ("en", "zh"):
+        line = format_entry({"t": 3.0, "event": ev}, lang)
+        assert "flat_matrices.pth" in line and "/srv" not in line
+        html_out = progress_html({"id": "j", "kind": "calibrate", "status": "running", "seq": 1, "elapsed_s": 3.0,
+                                  "events": [ev], "last_event": ev, "plan": []}, lang)
+        assert "/srv" not in html_out

@@ -17,7 +17,7 @@ from .. import jobs
 from ..charts import loss_figure
 from ..context import AppContext
 from ..i18n import lang_code, t
-from ..joblog import format_entry
+from ..joblog import format_entry, translate_message
 from ..jobprogress import job_eta, job_fraction
 from ..settings import GuiSettings
 from .common import OK, fail
@@ -55,7 +55,7 @@ def progress_html(snap: dict, lang: str) -> str:
     line = " · ".join(parts)
     stage = html.escape(str(ev.get("stage") or ""))
     stage_text = html.escape(t("stage_" + str(ev.get("stage") or ""), lang)) if ev.get("stage") else ""
-    detail = html.escape(str(ev.get("message") or "")) if lang == "en" else ""
+    detail = html.escape(translate_message(str(ev.get("message") or ""), lang))
     rose = [str((e.get("layer") or 0) + 1) for e in snap.get("events") or [] if e.get("stage") == "warning"]
     warn = ""
     if rose:  # layers whose loss ended higher than it started (core.validate.check_trained_layer)
