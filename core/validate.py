@@ -340,11 +340,10 @@ def _cleanup(out_dir: Path, existed: bool) -> None:
 
 def safe_message(message: str, roots: Iterable[str | os.PathLike] = ()) -> str:
     """A message for a GUI user: absolute paths of the server's own files become names relative to the given roots
-    (the runs folder, the working directory), and any other absolute path is cut to its last component."""
+    (e.g. the runs folder), and any other absolute path (temp folders, uploads) is cut to its last component."""
     import re
-    import tempfile
 
     out = message
-    for root in sorted({str(Path(r).resolve()) for r in roots} | {tempfile.gettempdir()}, key=len, reverse=True):
+    for root in sorted({str(Path(r).resolve()) for r in roots}, key=len, reverse=True):
         out = out.replace(root + os.sep, "")
     return re.sub(r"(?<![\w.])/(?:[^\s'\"/:,;()]+/)+([^\s'\"/:,;()]+)", r"\1", out)

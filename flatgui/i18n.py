@@ -88,7 +88,7 @@ STRINGS: dict[str, dict[str, str]] = {
     "stage_warning": {"en": "warning", "zh": "警告"},
     "stage_fold": {"en": "folding", "zh": "融合变换"},
     "stage_ppl": {"en": "perplexity", "zh": "困惑度"},
-    "stage_eval": {"en": "accuracy (lm-eval)", "zh": "准确率 (lm-eval)"},
+    "stage_eval": {"en": "evaluation", "zh": "评估"},
     "stage_latency": {"en": "latency", "zh": "延迟"},
     "stage_gen": {"en": "generation", "zh": "生成"},
     "stage_convert": {"en": "converting to int4", "zh": "转换为 int4"},

@@ -8,7 +8,7 @@ from typing import Optional
 # stage name -> the event stages that belong to it
 STAGE_EVENTS = {
     "load": ("load", "data", "capture"),
-    "calibrate": ("calibrate", "layer_done", "warning"),
+    "calibrate": ("calibrate", "layer_done", "warning", "fold"),
     "ppl": ("ppl",),
     "acc": ("eval", "acc"),
     "latency": ("latency",),
@@ -43,6 +43,11 @@ def _stage_of(event: dict) -> Optional[str]:
 def _within(stage: str, events: list[dict], last: dict, parts: int) -> float:
     """Fraction done inside one stage from its events (the newest step event and the finished parts)."""
     if stage == "calibrate":
+        if any(e.get("stage") == "fold" for e in events):  # every layer is calibrated and saved
+            return 1.0
+        if last.get("stage") not in ("calibrate", "layer_done"):  # e.g. a warning: the last finished layer counts
+            done = [e for e in events if e.get("stage") == "layer_done"]
+            last = done[-1] if done else {}
         if last.get("layer") is None or not last.get("num_layers"):
             return 0.0
         epochs, steps = last.get("epochs") or 1, last.get("steps") or 1

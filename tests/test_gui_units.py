@@ -441,3 +441,16 @@ def test_log_and_status_hide_server_paths():
         html_out = progress_html({"id": "j", "kind": "calibrate", "status": "running", "seq": 1, "elapsed_s": 3.0,
                                   "events": [ev], "last_event": ev, "plan": []}, lang)
         assert "/srv" not in html_out
+
+
+def test_job_fraction_after_calibration_stays_at_the_calibrated_share():
+    from flatgui.jobprogress import job_fraction, plan_for
+
+    events = [{"stage": "load"}] + [{"stage": "layer_done", "layer": i, "num_layers": 4} for i in range(4)]
+    warning = {"stage": "warning", "layer": 3}
+    fold = {"stage": "fold", "message": "saved x"}
+    snap = {"status": "running", "plan": plan_for("calibrate", ppl_parts=3), "events": events + [warning],
+            "last_event": warning}
+    assert job_fraction(snap) == pytest.approx(0.75)
+    snap.update(events=events + [fold], last_event=fold)
+    assert job_fraction(snap) == pytest.approx(0.75)

@@ -128,7 +128,9 @@ def test_browser_flow(tmp_path, smollm2):
         # the text streams in first; the speed line comes when the answer is complete
         page.wait_for_function("() => document.querySelector('#gen_quantized_stats').innerText.includes('tokens/s')",
                                timeout=120_000)
-        before = status_attrs(page)["job"]  # the generation job; the evaluation is a new one
+        # the status line shows the finished generation job (the page polls: wait for it); the evaluation is new
+        before = wait_status(page, lambda a: a["job"] != done["job"] and a["status"] == "done", 30,
+                             "generation job shown")["job"]
         page.locator("#evaluate_btn").click()
         page.wait_for_function("() => document.querySelector('#eval_msg').innerText.includes('Started')",
                                timeout=30_000)
