@@ -48,7 +48,8 @@ def loss_figure(events: list[dict], step_events: list[dict], lang: str = "en") -
     fig.update_xaxes(title_text=t("axis_layer", lang), row=1, col=1)
     fig.update_xaxes(title_text=t("axis_step", lang), row=1, col=2)
     fig.update_xaxes(type="category", row=1, col=1)  # integer layer indices, no 0.5 ticks
-    fig.update_xaxes(tickformat="d", row=1, col=2)
+    steps = max([(e.get("epochs") or 1) * (e.get("steps") or 1) for e in step_events[-1:]] or [1])
+    fig.update_xaxes(tickformat="d", dtick=max(1, -(-steps // 10)), row=1, col=2)  # whole steps, no repeated labels
     fig.update_layout(title=t("loss_chart", lang), showlegend=False, **{k: v for k, v in _LAYOUT.items()
                                                                         if k != "legend"})
     return fig
