@@ -243,6 +243,37 @@ def format_acc_line(acc: dict) -> str:
     return f"ACC: {dict(acc)!r}"
 
 
+def _report_requests(lm, model: nn.Module, reporter: Reporter, label: str):
+    """Progress inside lm-eval: the number of requests comes from the log-likelihood call, each forward of the
+    model advances by its batch rows (an estimate: lm-eval may answer several requests with one row); an 'eval'
+    event (step of steps) goes out per whole percent and at the end, and the cancel token is checked before every
+    forward. Returns the hook handle (remove it when done)."""
+    state = {"done": 0, "total": 0, "pct": -1}
+    loglikelihood = lm.loglikelihood
+
+    def counted(requests, *args, **kwargs):
+        state.update(total=len(requests), done=0, pct=-1)
+        out = loglikelihood(requests, *args, **kwargs)
+        # requests sharing a context share a forward row, so the rows counted may stop short of the total
+        reporter.emit("eval", f"lm-eval {label}: {state['total']}/{state['total']} requests", step=state["total"],
+                      steps=state["total"])
+        return out
+
+    def hook(_module, args, kwargs):
+        reporter.check()
+        ids = args[0] if args else kwargs.get("input_ids")
+        if state["total"] and ids is not None:
+            state["done"] = min(state["total"], state["done"] + int(ids.shape[0]))
+            pct = 100 * state["done"] // state["total"]
+            if pct != state["pct"]:
+                state["pct"] = pct
+                reporter.emit("eval", f"lm-eval {label}: {state['done']}/{state['total']} requests",
+                              step=state["done"], steps=state["total"])
+
+    lm.loglikelihood = counted
+    return model.register_forward_pre_hook(hook, with_kwargs=True)
+
+
 def evaluate_accuracy(model: nn.Module, tokenizer, options: AccuracyOptions | None = None,
                       reporter: Reporter | None = None, label: str = "model") -> dict:
     """Run lm-eval's simple_evaluate on ``model`` (wrapped by HFLM, no reload) and return the report section."""
@@ -268,6 +299,7 @@ def evaluate_accuracy(model: nn.Module, tokenizer, options: AccuracyOptions | No
         # Stock tasks need lm-eval's own index; local-only runs skip it (it takes seconds to build).
         manager = TaskManager(include_path=plan.config_dir, include_defaults=bool(plan.stock))
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=options.batch_size)
+        handle = _report_requests(lm, model, reporter, label)
         try:
             results = lm_eval.simple_evaluate(
                 model=lm, tasks=plan.lm_eval_names(), num_fewshot=options.num_fewshot, limit=options.limit,
@@ -276,6 +308,8 @@ def evaluate_accuracy(model: nn.Module, tokenizer, options: AccuracyOptions | No
         except (FileNotFoundError, ConnectionError) as exc:
             raise DataError(f"lm-eval could not read a task's data: {str(exc).splitlines()[0]}. Pass "
                             "--tasks_data_dir with local files (e.g. ../shared/data/eval).") from exc
+        finally:
+            handle.remove()
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)

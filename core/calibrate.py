@@ -18,6 +18,7 @@ from .flat import ActivationStats, fold_layer, flat_state, init_weight_clips, it
 from .models import decoder_layers
 from .perplexity import autocast_for
 from .progress import Reporter
+from .validate import check_trained_layer, loss_change
 
 
 class _Captured(Exception):
@@ -105,8 +106,8 @@ def _param_groups(layer: nn.Module, cfg: FlatQuantConfig) -> list[dict]:
 @dataclass
 class LayerResult:
     index: int
-    first_loss: float
-    last_loss: float
+    first_loss: float  # the first batch's loss before the first step
+    last_loss: float  # the same batch's loss after the last step
     seconds: float
     losses: list[float] = field(default_factory=list)  # mean loss per epoch
 
@@ -155,6 +156,7 @@ def train_layer(layer: nn.Module, index: int, num_layers: int, inps: torch.Tenso
             for t in transforms:
                 t.cache_matrices(False)
             epoch_loss += value
+            first_loss = value if done == 0 else first_loss
             done += 1
             reporter.emit("calibrate", f"layer {index + 1}/{num_layers} epoch {epoch + 1}/{cfg.epochs} loss {value:.6g}",
                           layer=index, num_layers=num_layers, epoch=epoch, epochs=cfg.epochs, step=step, steps=steps,
@@ -162,7 +164,10 @@ def train_layer(layer: nn.Module, index: int, num_layers: int, inps: torch.Tenso
         losses.append(epoch_loss / steps)
     for p in layer.parameters():
         p.requires_grad_(False)
-    return LayerResult(index, losses[0], losses[-1], time.monotonic() - start, losses)
+    with torch.no_grad(), autocast_for(layer, dtype):  # the first batch again, after the last step: the trend
+        last_loss = float(F.mse_loss(run_layer(layer, inps[:bsz].to(device), layer_kwargs).float(),
+                                     fp_outs[:bsz].to(device)))
+    return LayerResult(index, first_loss, last_loss, time.monotonic() - start, losses)
 
 
 def _oom_guard(exc: BaseException) -> None:
@@ -219,8 +224,10 @@ def calibrate_model(model: nn.Module, samples: torch.Tensor, cfg: FlatQuantConfi
                 for t in iter_transforms(layer):
                     t.freeze()
                 reporter.emit("layer_done", f"layer {i + 1}/{num} done, loss {result.first_loss:.4g} -> "
-                              f"{result.last_loss:.4g}", layer=i, num_layers=num, loss=result.last_loss)
+                              f"{result.last_loss:.4g} ({loss_change(result.first_loss, result.last_loss)})",
+                              layer=i, num_layers=num, loss=result.last_loss)
             state = flat_state(layer)
+            check_trained_layer(i, state, result.first_loss, result.last_loss, reporter)
             fold_layer(layer)
             results.append(result)
             if on_layer_done is not None:

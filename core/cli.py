@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import sys
 from typing import Optional, Sequence
 
@@ -36,6 +37,9 @@ def _check_raw_skip_layers(argv: Sequence[str]) -> None:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    # A log file on a full disk must not print a traceback block per line; the write that matters (the matrix
+    # file, report.json) raises and becomes one error line.
+    logging.raiseExceptions = False
     parser = build_parser()
     try:
         _check_raw_skip_layers(argv)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -179,6 +180,9 @@ def parse_config(cfg: dict | None = None) -> FlatQuantConfig:
         minimum = 0 if key == "epochs" else 1
         if getattr(out, key) < minimum:
             raise ConfigError(f"algorithm.flatquant.{key} must be >= {minimum}, got {getattr(out, key)!r}.")
+    for key in ("flat_lr", "diag_alpha"):
+        if not math.isfinite(getattr(out, key)):
+            raise ConfigError(f"algorithm.flatquant.{key} must be a finite number, got {getattr(out, key)!r}.")
     if not out.flat_lr > 0:
         raise ConfigError(f"algorithm.flatquant.flat_lr must be > 0, got {out.flat_lr!r}.")
     if not 0.0 <= out.diag_alpha <= 1.0:
@@ -196,7 +200,12 @@ def load_config_file(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"Config file {str(path)!r} does not exist.")
-    text = path.read_text()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"Config file {path.name!r} is not UTF-8 text; save it as UTF-8 JSON or YAML.") from exc
+    except OSError as exc:
+        raise ConfigError(f"Config file {path.name!r} cannot be read: {exc.strerror}.") from exc
     try:
         if path.suffix.lower() in (".yaml", ".yml"):
             import yaml
@@ -208,7 +217,8 @@ def load_config_file(path: str | Path) -> dict:
         raise ConfigError(f"Config file {str(path)!r} is not valid {path.suffix.lstrip('.') or 'JSON'}: "
                           f"{str(exc).splitlines()[0]}") from exc
     if not isinstance(data, dict):
-        raise ConfigError(f"Config file {str(path)!r} must hold a mapping like INT4_FLAT_QUANT_CFG.")
+        raise ConfigError(f"Config file {path.name!r} must hold a mapping like INT4_FLAT_QUANT_CFG, "
+                          f"not a {type(data).__name__}.")
     return data
 
 

@@ -52,10 +52,14 @@ def _read_file(path: Path) -> str:
         import json
 
         rows = []
-        for line in raw.splitlines():
+        for number, line in enumerate(raw.splitlines(), 1):
             line = line.strip()
             if line:
-                obj = json.loads(line)
+                try:
+                    obj = json.loads(line)
+                except ValueError as exc:
+                    raise DataError(f"{path.name} line {number} is not JSON ({str(exc).splitlines()[0]}); give one "
+                                    "JSON object with a 'text' field per line, or a .txt file.") from exc
                 rows.append(obj.get("text", "") if isinstance(obj, dict) else str(obj))
         return "\n\n".join(rows)
     return _wikitext_join(raw) if path.suffix == ".raw" else raw

@@ -35,3 +35,7 @@ class CalibrationError(FlatQuantError):
 
 class JobCancelled(FlatQuantError):
     """The job was cancelled through its CancelToken."""
+
+
+class OutputError(FlatQuantError):
+    """The output folder is a file, not writable, or full; the message says what was kept and how to go on."""

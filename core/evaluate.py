@@ -114,6 +114,14 @@ def evaluate_ppl(models: dict[str, nn.Module], tokenizer, options: EvalOptions, 
     dtype = torch.bfloat16
     seqlens = [int(s) for s in options.ppl_seqlens]
     by_seqlen: dict[str, dict] = {str(s): {} for s in seqlens}
+
+    def section() -> dict:
+        return {"unit": "perplexity (exp of the mean next-token NLL over non-overlapping windows; lower is better)",
+                "dataset": label, "tokens": int(ids.numel()), "max_windows": options.ppl_max_windows,
+                "dtype": str(dtype).replace("torch.", ""), "seqlen": seqlens[0],
+                **{name: by_seqlen[str(seqlens[0])].get(name) for name in models},
+                "seqlens": seqlens, "by_seqlen": by_seqlen}
+
     for name, model in models.items():
         max_pos = getattr(getattr(model, "config", None), "max_position_embeddings", None)
         for seqlen in seqlens:
@@ -126,11 +134,8 @@ def evaluate_ppl(models: dict[str, nn.Module], tokenizer, options: EvalOptions, 
                                         label=name)
             by_seqlen[str(seqlen)][name] = value
             reporter.emit("ppl", f"PPL {name} @ {seqlen}: {value:.3f}")
-    return {"unit": "perplexity (exp of the mean next-token NLL over non-overlapping windows; lower is better)",
-            "dataset": label, "tokens": int(ids.numel()), "max_windows": options.ppl_max_windows,
-            "dtype": str(dtype).replace("torch.", ""), "seqlen": seqlens[0],
-            **{name: by_seqlen[str(seqlens[0])].get(name) for name in models},
-            "seqlens": seqlens, "by_seqlen": by_seqlen}
+            _save(options, "ppl", section())  # a cancel later in the section keeps the numbers measured so far
+    return section()
 
 
 def evaluate_acc(models: dict[str, nn.Module], tokenizer, options: EvalOptions, reporter: Reporter) -> dict:

@@ -46,7 +46,7 @@ def _device_of(model: nn.Module) -> torch.device:
 
 
 @torch.inference_mode()
-def generate_text(model: nn.Module, tokenizer, chat_text: str, options: GenerationOptions) -> dict:
+def generate_text(model: nn.Module, tokenizer, chat_text: str, options: GenerationOptions, streamer=None) -> dict:
     """Generate from an already templated text; returns text, token counts, seconds and tokens/s."""
     enc = tokenizer(chat_text, return_tensors="pt", add_special_tokens=False)
     device = _device_of(model)
@@ -60,7 +60,7 @@ def generate_text(model: nn.Module, tokenizer, chat_text: str, options: Generati
     else:  # the model's generation_config may carry sampling knobs; unset them so greedy runs without warnings
         kwargs.update(temperature=None, top_p=None, top_k=None)
     t0 = time.perf_counter()
-    out = model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+    out = model.generate(input_ids=input_ids, attention_mask=attention_mask, streamer=streamer, **kwargs)
     seconds = time.perf_counter() - t0
     new = out[0, input_ids.shape[1]:]
     n_new = int(new.numel())
@@ -74,9 +74,10 @@ def generate_text(model: nn.Module, tokenizer, chat_text: str, options: Generati
 
 
 def compare_generation(original: nn.Module, quantized: Optional[nn.Module], tokenizer,
-                       options: GenerationOptions | None = None, reporter: Reporter | None = None) -> dict:
+                       options: GenerationOptions | None = None, reporter: Reporter | None = None,
+                       streamer_for=None) -> dict:
     """The report's "generation" section: prompt, templated input and both models' outputs (``quantized=None``:
-    the original only)."""
+    the original only). ``streamer_for(label)`` may give a transformers streamer per model (live text)."""
     options = options or GenerationOptions()
     reporter = reporter or Reporter()
     prompt = options.prompt or default_prompt(original)
@@ -94,5 +95,6 @@ def compare_generation(original: nn.Module, quantized: Optional[nn.Module], toke
             continue
         reporter.check()
         reporter.emit("eval", f"generating with the {label} model ({options.max_new_tokens} new tokens max)")
-        section[label] = generate_text(model, tokenizer, chat_text, options)
+        section[label] = generate_text(model, tokenizer, chat_text, options,
+                                       streamer_for(label) if streamer_for else None)
     return section

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from .config import FlatQuantConfig, parse_config
-from .errors import MatrixFileError
+from .errors import CalibrationError, MatrixFileError
 from .flat import apply_flat_structure, fold_layer, load_flat_state, wrap_layer
 from .models import decoder_layers, model_identity
 from .report import atomic_write_bytes
@@ -20,6 +20,17 @@ from .report import atomic_write_bytes
 FORMAT = "flatquant-studio/flat_matrices/1"
 MATRIX_FILE = "flat_matrices.pth"
 RESUME_FILE = "flat_matrices.resume.pth"
+
+
+def non_finite_tensors(tensors: dict) -> list[str]:
+    """Names of the floating tensors in a (nested) dict that hold NaN or inf."""
+    bad = []
+    for key, value in tensors.items():
+        if isinstance(value, dict):
+            bad += [f"{key}.{k}" for k in non_finite_tensors(value)]
+        elif torch.is_tensor(value) and value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            bad.append(str(key))
+    return bad
 
 
 def build_payload(model: nn.Module, cfg: FlatQuantConfig, layer_states: dict[int, dict], complete: bool,
@@ -52,6 +63,12 @@ def uncalibrated_states(model: nn.Module, cfg: FlatQuantConfig) -> tuple[nn.Modu
 
 
 def save_matrices(path: str | os.PathLike, payload: dict) -> Path:
+    """Write atomically; a payload marked complete is refused when any tensor is NaN/inf (never a 'complete' file
+    of garbage)."""
+    bad = non_finite_tensors(payload.get("layers", {}))
+    if bad and payload.get("complete"):
+        raise CalibrationError(f"Calibration produced NaN/inf values ({', '.join(bad[:3])}); nothing was saved. "
+                               "Lower --flat_lr or --epochs, or check the model's weights.")
     buf = io.BytesIO()
     torch.save(payload, buf)
     atomic_write_bytes(path, buf.getvalue())
@@ -65,18 +82,24 @@ def read_matrices(path: str | os.PathLike) -> dict:
         raise MatrixFileError(f"Matrix file {str(path)!r} does not exist; check --flat_matrix_path.")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        raise MatrixFileError(f"Matrix file {str(path)!r} holds objects other than tensors and plain values and was "
-                              "refused (unsafe pickle); use a file written by FlatQuant Studio.") from exc
     except Exception as exc:  # torch.load raises many types on garbage (RuntimeError, IndexError, BadZipFile, ...)
-        raise MatrixFileError(f"Matrix file {str(path)!r} is corrupt or truncated ({type(exc).__name__}); "
+        if isinstance(exc, pickle.UnpicklingError) and "GLOBAL" in str(exc):
+            raise MatrixFileError(f"Matrix file {path.name!r} holds objects other than tensors and plain values and "
+                                  "was refused (unsafe pickle); use a file written by FlatQuant Studio.") from exc
+        raise MatrixFileError(f"Matrix file {path.name!r} is corrupt or truncated (not a file torch.save wrote); "
                               "recalibrate or copy the file again.") from exc
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-        raise MatrixFileError(f"Matrix file {str(path)!r} is not a FlatQuant Studio matrix file (format "
+        raise MatrixFileError(f"Matrix file {path.name!r} is not a FlatQuant Studio matrix file (format "
                               f"{payload.get('format') if isinstance(payload, dict) else type(payload).__name__!r}).")
     for key in ("identity", "config", "layers"):
         if key not in payload:
-            raise MatrixFileError(f"Matrix file {str(path)!r} lacks its {key!r} entry; it is incomplete.")
+            raise MatrixFileError(f"Matrix file {path.name!r} lacks its {key!r} entry; it is incomplete.")
+    if not isinstance(payload["layers"], dict) or not isinstance(payload["identity"], dict):
+        raise MatrixFileError(f"Matrix file {path.name!r} is corrupt (its layers or identity are not a mapping).")
+    bad = non_finite_tensors(payload["layers"])
+    if bad:
+        raise MatrixFileError(f"Matrix file {path.name!r} is corrupt: {len(bad)} tensor(s) hold NaN/inf (e.g. "
+                              f"{bad[0]}); recalibrate with a lower --flat_lr.")
     return payload
 
 
@@ -121,5 +144,6 @@ def load_matrices(path: str | os.PathLike, model: nn.Module) -> FlatQuantConfig:
     return apply_matrices(model, payload, str(path))
 
 
-__all__ = ["MATRIX_FILE", "RESUME_FILE", "build_payload", "save_matrices", "read_matrices", "load_matrices",
-           "apply_matrices", "apply_layer_matrices", "uncalibrated_states", "check_identity", "apply_flat_structure"]
+__all__ = ["MATRIX_FILE", "RESUME_FILE", "build_payload", "non_finite_tensors", "save_matrices", "read_matrices",
+           "load_matrices", "apply_matrices", "apply_layer_matrices", "uncalibrated_states", "check_identity",
+           "apply_flat_structure"]

@@ -91,9 +91,15 @@ def resolve_model_path(model_path: Optional[str]) -> Path:
 
 def read_architecture(path: Path) -> str:
     try:
-        cfg = json.loads((path / "config.json").read_text())
+        cfg = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ModelLoadError(f"{path.name}/config.json is not UTF-8 text; restore the file saved by "
+                             "transformers.") from exc
     except (OSError, ValueError) as exc:
-        raise ModelLoadError(f"Cannot read {path / 'config.json'}: {exc}") from exc
+        raise ModelLoadError(f"Cannot read {path.name}/config.json: {str(exc).splitlines()[0]}") from exc
+    if not isinstance(cfg, dict):
+        raise ModelLoadError(f"{path.name}/config.json holds a JSON {type(cfg).__name__}, not an object; restore the "
+                             "file saved by transformers.")
     archs = cfg.get("architectures") or []
     arch = archs[0] if archs else str(cfg.get("model_type", "unknown"))
     if arch not in SUPPORTED_ARCHITECTURES:
@@ -171,9 +177,13 @@ def layer_parts(layer: nn.Module) -> DecoderLayerParts:
 
 def model_identity(model: nn.Module) -> dict:
     """What a matrix file must match: a file for another model is refused."""
-    cfg = model.config
+    return identity_of(model_architecture(model), model.config)
+
+
+def identity_of(architecture: str, cfg) -> dict:
+    """model_identity from an architecture name and a config object (a model's, or config.json's fields)."""
     return {
-        "architecture": model_architecture(model),
+        "architecture": architecture,
         "hidden_size": int(cfg.hidden_size),
         "intermediate_size": int(cfg.intermediate_size),
         "num_hidden_layers": int(cfg.num_hidden_layers),

@@ -25,6 +25,7 @@ from .models import LoadedModel, load_model, model_identity
 from .perplexity import perplexity_from_ids
 from .progress import CancelToken, ProgressCallback, Reporter
 from .report import update_report
+from .validate import guarded_job, loss_warnings, validate_quantize_options
 
 LOG_FILE = "quantize.log"
 
@@ -143,10 +144,10 @@ def rtn_model(original: nn.Module, cfg: FlatQuantConfig, max_layers: Optional[in
     return model
 
 
+@guarded_job(kept_name=RESUME_FILE)
 def run_quantize(options: QuantizeOptions, on_event: Optional[ProgressCallback] = None,
                  cancel: Optional[CancelToken] = None) -> QuantizeResult:
-    options.check()
-    cfg = options.resolved_config()
+    cfg = validate_quantize_options(options)
     out_dir = Path(options.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     logger = _file_logger(out_dir)
@@ -205,6 +206,7 @@ def run_quantize(options: QuantizeOptions, on_event: Optional[ProgressCallback] 
         resume_path.unlink(missing_ok=True)
         reporter.emit("fold", f"saved {matrix_path}")
         calib.update({"seconds": round(seconds, 2), "data": data_label, "max_layers": options.max_layers,
+                      "warnings": loss_warnings(layer_results),
                       "layers": [{"layer": r.index, "first_loss": r.first_loss, "last_loss": r.last_loss,
                                   "epoch_losses": r.losses, "seconds": round(r.seconds, 3)} for r in layer_results]})
     calib["peak_rss_mb"] = round(peak_rss_mb(), 1)
@@ -225,6 +227,7 @@ def run_quantize(options: QuantizeOptions, on_event: Optional[ProgressCallback] 
             ppl[name] = perplexity_from_ids(model, ids, options.ppl_seqlen, max_windows=options.ppl_max_windows,
                                             reporter=reporter, label=name)
             reporter.emit("ppl", f"PPL {name}: {ppl[name]:.3f}")
+            update_report(out_dir, dict(report, ppl=ppl))  # a cancel during the next model keeps this number
         report["ppl"] = ppl
     report["calibration"]["peak_rss_mb"] = round(peak_rss_mb(), 1)
     report["total_seconds"] = round(time.monotonic() - t_start, 2)

@@ -22,7 +22,9 @@ CSS = """
 .fq-bar-fill { height: 100%; background: #ea580c; transition: width .4s; }
 .fq-stage { color: var(--body-text-color-subdued); font-size: .9em; }
 .fq-error { color: #b91c1c; font-weight: 600; margin-top: 4px; }
+.fq-warning { color: #b45309; margin-top: 4px; }
 #fq-status { padding: 8px 12px; border: 1px solid var(--border-color-primary); border-radius: 8px; }
+button:disabled, button[disabled] { opacity: .45 !important; cursor: not-allowed !important; filter: grayscale(70%); }
 """
 
 
@@ -78,6 +80,9 @@ def build_app(runs_root: str = "runs", runner: Optional[JobRunner] = None, poll_
             api_visibility="private", show_progress="hidden")
         lang.change(lambda v: v, inputs=lang, outputs=mgr["saved_lang"], api_visibility="private",
                     show_progress="hidden")
+        # Messages of earlier clicks were written in the old language: clear them.
+        lang.change(lambda: ("", "", ""), outputs=[mgr["action_msg"], mgr["eval_msg"], mgr["export_msg"]],
+                    api_visibility="private", show_progress="hidden")
         demo.load(model_config.restore, inputs=mgr["saved_settings"], outputs=mgr.settings_components(),
                   api_visibility="private", show_progress="hidden")
         demo.load(lambda v: v if v in LANGS.values() else gr.skip(), inputs=mgr["saved_lang"], outputs=lang,
@@ -86,6 +91,10 @@ def build_app(runs_root: str = "runs", runner: Optional[JobRunner] = None, poll_
         demo.load(functools.partial(compare.refresh, ctx), inputs=[mgr["compare_run"], lang],
                   outputs=[mgr["compare_run"], mgr["runs_table"], mgr["ppl_plot"], mgr["acc_plot"],
                            mgr["latency_plot"]], api_visibility="private", show_progress="hidden")
+        # ... and the Artifacts tab of the newest run, its buttons enabled where the file exists.
+        demo.load(functools.partial(artifacts.refresh, ctx), inputs=mgr["artifact_run"],
+                  outputs=[mgr["artifact_run"], mgr["dl_matrices"], mgr["dl_report"], mgr["dl_checkpoint"],
+                           mgr["run_files"], mgr["report_json"]], api_visibility="private", show_progress="hidden")
     demo.queue(default_concurrency_limit=None)
     return demo, ctx
 

@@ -35,18 +35,21 @@ def loss_figure(events: list[dict], step_events: list[dict], lang: str = "en") -
     fig = make_subplots(rows=1, cols=2, column_widths=[0.6, 0.4],
                         subplot_titles=(t("loss_per_layer", lang), t("loss_per_step", lang)))
     if done:
-        fig.add_trace(go.Scatter(x=[e["layer"] for e in done], y=[e["loss"] for e in done], mode="lines+markers",
-                                 name="layer loss", line=dict(color=QUANTIZED_COLOR)), row=1, col=1)
+        # layers numbered from 1, as in the status line
+        fig.add_trace(go.Scatter(x=[e["layer"] + 1 for e in done], y=[e["loss"] for e in done],
+                                 mode="lines+markers", name=t("loss_per_layer", lang),
+                                 line=dict(color=QUANTIZED_COLOR)), row=1, col=1)
     if step_events:
         layer = step_events[-1].get("layer")
         cur = [e for e in step_events if e.get("layer") == layer and e.get("loss") is not None]
         xs = [(e.get("epoch") or 0) * (e.get("steps") or 1) + (e.get("step") or 0) + 1 for e in cur]
         fig.add_trace(go.Scatter(x=xs, y=[e["loss"] for e in cur], mode="lines+markers",
-                                 name=f"layer {layer} steps", line=dict(color="#0ea5e9")), row=1, col=2)
+                                 name=t("loss_per_step", lang), line=dict(color="#0ea5e9")), row=1, col=2)
     fig.update_xaxes(title_text=t("axis_layer", lang), row=1, col=1)
     fig.update_xaxes(title_text=t("axis_step", lang), row=1, col=2)
     fig.update_xaxes(type="category", row=1, col=1)  # integer layer indices, no 0.5 ticks
-    fig.update_xaxes(tickformat="d", row=1, col=2)
+    steps = max([(e.get("epochs") or 1) * (e.get("steps") or 1) for e in step_events[-1:]] or [1])
+    fig.update_xaxes(tickformat="d", dtick=max(1, -(-steps // 10)), row=1, col=2)  # whole steps, no repeated labels
     fig.update_layout(title=t("loss_chart", lang), showlegend=False, **{k: v for k, v in _LAYOUT.items()
                                                                         if k != "legend"})
     return fig
@@ -57,18 +60,28 @@ SERIES = (("original", "original", ORIGINAL_COLOR), ("quantized", "quantized", Q
 
 
 def _grouped(title: str, categories: list[str], series: dict[str, list], lang: str, fmt: str = "{:.2f}",
-             yaxis: str = "") -> go.Figure:
+             yaxis: str = "", log: bool = False, inside: bool = False) -> go.Figure:
+    """Grouped bars. log: a log y axis (perplexities of very different size stay comparable); inside: the value
+    written vertically inside each bar (many narrow bars: labels never overlap)."""
     fig = go.Figure()
     for key, label_key, color in SERIES:
         ys = series.get(key)
         if not ys or all(v is None for v in ys):
             continue
         fig.add_trace(go.Bar(x=categories, y=ys, name=t(label_key, lang), marker_color=color,
-                             text=[fmt.format(v) if v is not None else "n/a" for v in ys], textposition="outside",
-                             cliponaxis=False))
-    top = max([v for ys in series.values() for v in (ys or []) if v is not None] or [1.0])
+                             text=[fmt.format(v) if v is not None else "—" for v in ys],
+                             textposition="inside" if inside else "outside", textangle=-90 if inside else 0,
+                             insidetextanchor="end", cliponaxis=False))
+    values = [v for ys in series.values() for v in (ys or []) if v is not None and v > 0] or [1.0]
     fig.update_layout(title=title, barmode="group", yaxis_title=yaxis, **_LAYOUT)
-    fig.update_yaxes(range=[0, 1.2 * top])  # room for the numbers above the bars
+    if log:
+        import math
+
+        lo, hi = math.log10(min(values)), math.log10(max(values))
+        fig.update_yaxes(type="log", range=[max(0.0, lo - 0.3), hi + 0.25])  # room for the numbers on top
+    else:
+        fig.update_yaxes(range=[0, 1.2 * max(values)])
+    fig.update_xaxes(tickangle=0, automargin=True)
     return fig
 
 
@@ -97,7 +110,8 @@ def ppl_figure(report: dict, lang: str = "en") -> go.Figure:
         return _empty(t("ppl_chart", lang), t("chart_empty_eval", lang))
     cats = list(rows)
     series = {key: [rows[c].get(key) for c in cats] for key, _, _ in SERIES}
-    return _grouped(t("ppl_chart", lang), cats, series, lang, yaxis="PPL")
+    labels = [t("seqlen_n", lang, n=c.split()[-1]) for c in cats]
+    return _grouped(t("ppl_chart", lang), labels, series, lang, yaxis=t("ppl_axis", lang), log=True)
 
 
 def accuracy_table(report: dict) -> dict[str, dict[str, float]]:
@@ -118,11 +132,12 @@ def accuracy_figure(report: dict, lang: str = "en") -> go.Figure:
     if not tasks:
         return _empty(t("acc_chart", lang), t("chart_empty_eval", lang))
     series = {key: [table.get(key, {}).get(k) for k in tasks] for key, _, _ in SERIES}
-    return _grouped(t("acc_chart", lang), tasks, series, lang, yaxis="%")
+    labels = [t("acc_avg", lang) if k == "acc_avg" else k for k in tasks]
+    return _grouped(t("acc_chart", lang), labels, series, lang, fmt="{:.1f}", yaxis="%", inside=True)
 
 
-LATENCY_METRICS = (("prefill_ms", "prefill ms"), ("decode_ms_per_token", "decode ms/token"),
-                   ("tokens_per_s", "tokens/s"), ("peak_memory_mb", "peak memory MiB"), ("weights_mb", "weights MiB"))
+LATENCY_METRICS = (("prefill_ms", "lat_prefill"), ("decode_ms_per_token", "lat_decode"),
+                   ("tokens_per_s", "lat_tps"), ("peak_memory_mb", "lat_peak"), ("weights_mb", "lat_weights"))
 
 
 def latency_figure(report: dict, lang: str = "en") -> go.Figure:
@@ -133,7 +148,7 @@ def latency_figure(report: dict, lang: str = "en") -> go.Figure:
     metrics = [(k, label) for k, label in LATENCY_METRICS if any(lat[s].get(k) is not None for s, _, _ in sides)]
     if not metrics:
         return _empty(t("latency_chart", lang), t("chart_empty_eval", lang))
-    fig = make_subplots(rows=1, cols=len(metrics), subplot_titles=[label for _, label in metrics])
+    fig = make_subplots(rows=1, cols=len(metrics), subplot_titles=[t(label, lang) for _, label in metrics])
     for i, (metric, _) in enumerate(metrics, start=1):
         values = []
         for key, label_key, color in sides:

@@ -1,15 +1,20 @@
 """The device jobs the GUI can start. Each is a thin call into core, run by the JobRunner in its thread."""
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
+import time
 from pathlib import Path
 from typing import Optional
 
 from core.errors import FlatQuantError
 from core.progress import Reporter
+from core.validate import remove_if_only_logs
 
 from .context import AppContext
-from .runner import Job
+from .jobprogress import plan_for
+from .runner import Job, log
 from .runs import ASCEND_DIR, ASCEND_ZIP, CHECKPOINT_DIR, CHECKPOINT_ZIP
 from .settings import CONFIG_FILE, GuiSettings
 
@@ -32,6 +37,28 @@ def check_matrix_file(path: str) -> None:
                               f"({type(exc).__name__}); upload the flat_matrices.pth a calibration wrote.") from exc
 
 
+@contextlib.contextmanager
+def cancel_inside_forward(cancel):
+    """While this thread runs a job, check its cancel token before every module's forward (a global hook that
+    acts only in this thread, only once the token is set): a cancel lands within one layer's forward in any stage
+    (calibration, perplexity windows, lm-eval requests, latency runs, generation, export)."""
+    import threading
+
+    import torch
+
+    thread = threading.get_ident()
+
+    def hook(_module, _args):
+        if cancel.cancelled and threading.get_ident() == thread:
+            cancel.check()
+
+    handle = torch.nn.modules.module.register_module_forward_pre_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
 def start_quantize(ctx: AppContext, settings: GuiSettings, matrix_path: Optional[str] = None) -> Job:
     """Calibrate (or load matrices) into a new run folder; the models stay in ctx.runner.workspace."""
 
@@ -46,7 +73,13 @@ def start_quantize(ctx: AppContext, settings: GuiSettings, matrix_path: Optional
         (run_dir / CONFIG_FILE).write_text(json.dumps(settings.config_dict(), indent=2))
         (run_dir / "command.txt").write_text(settings.cli_command(str(run_dir), matrix_path) + "\n")
         options = QuantizeOptions(**settings.quantize_kwargs(str(run_dir), matrix_path))
-        result = run_quantize(options, on_event=ctx.runner.callback(job), cancel=job.cancel)
+        try:
+            with cancel_inside_forward(job.cancel):
+                result = run_quantize(options, on_event=ctx.runner.callback(job), cancel=job.cancel)
+        except BaseException:
+            # nothing measured or saved yet (an early error, a cancel during calibration): no empty run is left
+            remove_if_only_logs(run_dir, also=(GUI_SETTINGS_FILE, CONFIG_FILE, "command.txt"))
+            raise
         ctx.runner.workspace = {
             "original": result.original, "quantized": result.quantized, "rtn": result.rtn,
             "tokenizer": result.tokenizer, "config": result.config, "run_id": run_dir.name,
@@ -55,7 +88,9 @@ def start_quantize(ctx: AppContext, settings: GuiSettings, matrix_path: Optional
         return {"run_id": run_dir.name, "output_dir": str(run_dir), "matrix_path": str(result.matrix_path)}
 
     title = "load matrices" if matrix_path else f"calibrate {settings.model_path}"
-    return ctx.runner.start("load_matrices" if matrix_path else "calibrate", target, title)
+    kind = "load_matrices" if matrix_path else "calibrate"
+    ppl_parts = 3 if settings.ppl_windows else 0  # original, FlatQuant, RTN
+    return ctx.runner.start(kind, target, title, plan=plan_for(kind, ppl_parts=ppl_parts))
 
 
 def _workspace(ctx: AppContext) -> dict:
@@ -65,22 +100,60 @@ def _workspace(ctx: AppContext) -> dict:
     return ws
 
 
-def generate(ctx: AppContext, prompt: str, max_new_tokens: int) -> dict:
-    """Both models on one prompt (a short job, waited for); the section also goes into the run's report."""
+def real_int4_model(ws: dict):
+    """The quantized model as real int4 (packed weights, integer GEMMs), converted once per run and kept in the
+    workspace; (model, "real") or, when no int4 backend runs here, the fake-quant model and "fake"."""
+    if ws.get("quantized_real") is None:
+        import copy
+
+        from core.realquant.convert import convert_model
+
+        try:
+            ws["quantized_real"] = convert_model(copy.deepcopy(ws["quantized"]))
+        except Exception:  # noqa: BLE001 - no int4 kernel for this device: say so and use the fake-quant model
+            log.exception("real int4 conversion failed; generating with the fake-quant model")
+            ws["quantized_real"] = False
+    return (ws["quantized_real"], "real") if ws["quantized_real"] is not False else (ws["quantized"], "fake")
+
+
+class _LiveText:
+    """A transformers streamer that appends finished text pieces to one entry of a shared dict."""
+
+    def __new__(cls, tokenizer, live: dict, key: str):
+        from transformers import TextStreamer
+
+        class Streamer(TextStreamer):
+            def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+                live[key] = live.get(key, "") + text
+
+        return Streamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+
+
+def start_generate(ctx: AppContext, prompt: str, max_new_tokens: int) -> tuple[Job, dict]:
+    """Both models on one prompt, streamed: the original, then the real int4 model (labelled). Returns the job and
+    the live dict ({original, quantized, quantized_kind, section}) the page reads while it runs; the section also
+    goes into the run's report."""
     ws = _workspace(ctx)
+    live: dict = {"original": "", "quantized": "", "quantized_kind": None, "section": None}
 
     def target(job: Job) -> dict:
         from core.generation import GenerationOptions, compare_generation
         from core.report import update_report
 
         job.output_dir = ws["output_dir"]
-        section = compare_generation(ws["original"].model, ws["quantized"], ws["tokenizer"],
-                                     GenerationOptions(prompt=prompt or None, max_new_tokens=int(max_new_tokens)),
-                                     Reporter(ctx.runner.callback(job), job.cancel))
+        reporter = Reporter(ctx.runner.callback(job), job.cancel)
+        quantized, kind = real_int4_model(ws)
+        live["quantized_kind"] = kind
+        with cancel_inside_forward(job.cancel):
+            section = compare_generation(ws["original"].model, quantized, ws["tokenizer"],
+                                         GenerationOptions(prompt=prompt or None, max_new_tokens=int(max_new_tokens)),
+                                         reporter, streamer_for=lambda label: _LiveText(ws["tokenizer"], live, label))
+        section["quantized_model"] = "real int4 (core.realquant)" if kind == "real" else "fake quant"
         update_report(ws["output_dir"], {"generation": section})
-        return section
+        live["section"] = section
+        return {"run_id": ws["run_id"], "output_dir": ws["output_dir"], "quantized_model": kind}
 
-    return ctx.runner.run_sync("generate", target, "generate")
+    return ctx.runner.start("generate", target, "generate"), live
 
 
 def start_evaluate(ctx: AppContext, sections: list[str], ppl_seqlen: int, ppl_windows: Optional[int],
@@ -102,11 +175,19 @@ def start_evaluate(ctx: AppContext, sections: list[str], ppl_seqlen: int, ppl_wi
                               tasks_data_dir=str(tasks_dir) if tasks_dir else None,
                               quant_config=ws["config"].to_amct_dict() if ws.get("config") is not None else None,
                               **GUI_LATENCY)
-        evaluate_pair(ws["original"].model, ws["quantized"], ws["tokenizer"], options,
-                      Reporter(ctx.runner.callback(job), job.cancel), rtn=ws.get("rtn"))
-        return {"run_id": ws["run_id"], "output_dir": ws["output_dir"], "sections": list(sections)}
+        out = {"run_id": ws["run_id"], "output_dir": ws["output_dir"], "sections": list(sections)}
+        reporter = Reporter(ctx.runner.callback(job), job.cancel)
+        with cancel_inside_forward(job.cancel):
+            for section in options.sections:  # one at a time: the accuracy section is timed for the next estimate
+                started = time.monotonic()
+                evaluate_pair(ws["original"].model, ws["quantized"], ws["tokenizer"],
+                              dataclasses.replace(options, sections=(section,)), reporter, rtn=ws.get("rtn"))
+                if section == "acc" and options.limit:
+                    out["acc_seconds_per_example"] = (time.monotonic() - started) / (options.limit * len(options.tasks))
+        return out
 
-    return ctx.runner.start("evaluate", target, "evaluate " + ", ".join(sections))
+    return ctx.runner.start("evaluate", target, "evaluate " + ", ".join(sections),
+                            plan=plan_for("evaluate", ppl_parts=3, sections=tuple(sections)))
 
 
 def start_export(ctx: AppContext, fmt: str = "native") -> Job:

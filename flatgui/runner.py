@@ -18,6 +18,9 @@ from typing import Any, Callable, Optional
 
 from core.errors import FlatQuantError, JobCancelled
 from core.progress import CancelToken, ProgressEvent
+from core.validate import safe_message
+
+from .joblog import format_entry
 
 log = logging.getLogger("flatgui.runner")
 
@@ -44,6 +47,7 @@ class Job:
     error: Optional[str] = None
     result: Any = None  # small, JSON-able summary; model objects go to JobRunner.workspace
     output_dir: Optional[str] = None
+    plan: list = field(default_factory=list)  # the job's stages, for the job-wide bar (flatgui.jobprogress)
     events: list = field(default_factory=list)  # milestone events (dicts)
     step_events: collections.deque = field(default_factory=lambda: collections.deque(maxlen=MAX_STEP_EVENTS))
     log: collections.deque = field(default_factory=lambda: collections.deque(maxlen=MAX_LOG_LINES))
@@ -57,22 +61,10 @@ class Job:
         return self.status == "running"
 
 
-def format_event(ev: dict) -> str:
+def format_event(ev: dict, lang: str = "en") -> str:
     """One log line per event: '[  12.3s] calibrate  layer 3/30 epoch 1/2 loss 0.0123'. Core's message already
     says where it is; the fields are spelled out only for events without one."""
-    head = f"[{ev.get('elapsed_s') or 0.0:7.1f}s] {ev.get('stage', ''):<10}"
-    if ev.get("message"):
-        return f"{head} {ev['message']}"
-    parts = [head]
-    if ev.get("layer") is not None:
-        parts.append(f"layer {ev['layer'] + 1}/{ev.get('num_layers') or '?'}")
-    if ev.get("epoch") is not None:
-        parts.append(f"epoch {ev['epoch'] + 1}/{ev.get('epochs') or '?'}")
-    if ev.get("step") is not None:
-        parts.append(f"step {ev['step'] + 1}/{ev.get('steps') or '?'}")
-    if ev.get("loss") is not None:
-        parts.append(f"loss {ev['loss']:.4e}")
-    return " ".join(parts)
+    return format_entry({"t": ev.get("elapsed_s"), "event": ev}, lang)
 
 
 def readable_error(exc: BaseException) -> str:
@@ -100,7 +92,7 @@ class JobRunner:
 
     # -- starting and stopping ------------------------------------------------------------------------------
 
-    def start(self, kind: str, target: Callable[[Job], Any], title: str = "") -> Job:
+    def start(self, kind: str, target: Callable[[Job], Any], title: str = "", plan: Optional[list] = None) -> Job:
         """Run ``target(job)`` in a background thread; raise BusyError if another job is running."""
         with self._lock:
             if self._job is not None and self._job.running:
@@ -109,7 +101,7 @@ class JobRunner:
                     f"Busy: a {cur.kind} job ({cur.title or cur.id}) has been running for "
                     f"{time.time() - cur.started:.0f} s. Wait for it to finish or press Cancel."
                 )
-            job = Job(kind=kind, title=title or kind)
+            job = Job(kind=kind, title=title or kind, plan=list(plan or []))
             self._job = job
             job.thread = threading.Thread(target=self._run, args=(job, target), name=f"flatquant-{kind}", daemon=True)
         job.thread.start()
@@ -131,7 +123,7 @@ class JobRunner:
         if job is None or not job.running:
             return False
         job.cancel.cancel()
-        self._append_log(job, "cancel requested; stopping after the current step")
+        self._append_log(job, "log_cancel")
         return True
 
     def wait(self, timeout: Optional[float] = None) -> Optional[Job]:
@@ -167,11 +159,13 @@ class JobRunner:
         except BaseException as exc:  # noqa: BLE001 - the server must keep serving whatever a job does
             log.error("job %s (%s) crashed:\n%s", job.id, job.kind, traceback.format_exc())
             status, error = "failed", readable_error(exc)
+        error = safe_message(error) if error else error  # a page never shows the server's own paths
         with self._lock:
             job.status, job.error, job.finished = status, error, time.time()
             job.seq += 1
             self.history.append(job)
-        self._append_log(job, f"{job.kind} {status}" + (f": {error}" if error else ""))
+        self._append_log(job, "log_job_end_error" if error else "log_job_end", kind=job.kind, status=status,
+                         error=error or "")
 
     # -- events ---------------------------------------------------------------------------------------------
 
@@ -185,15 +179,16 @@ class JobRunner:
             else:
                 job.events.append(ev)
             job.last_event = ev
-            job.log.append(format_event(ev))
+            job.log.append({"t": ev.get("elapsed_s"), "event": ev})
             job.seq += 1
 
     def callback(self, job: Job) -> Callable[[ProgressEvent], None]:
         return lambda event: self.emit(job, event)
 
-    def _append_log(self, job: Job, line: str) -> None:
+    def _append_log(self, job: Job, key: str, **fields) -> None:
+        """A runner line as an i18n key and its fields, so each page shows it in its own language."""
         with self._lock:
-            job.log.append(f"[{time.time() - job.started:7.1f}s] {line}")
+            job.log.append({"t": time.time() - job.started, "key": key, "fields": fields})
             job.seq += 1
 
     # -- what pages read ------------------------------------------------------------------------------------
@@ -204,7 +199,7 @@ class JobRunner:
             job = self._job
             if job is None:
                 return {"id": None, "status": "idle", "seq": 0, "events": [], "step_events": [], "step_count": 0,
-                        "log": []}
+                        "log": [], "log_entries": []}
             end = job.finished or time.time()
             return {
                 "id": job.id,
@@ -216,10 +211,12 @@ class JobRunner:
                 "elapsed_s": end - job.started,
                 "error": job.error,
                 "output_dir": job.output_dir,
+                "plan": [dict(p) for p in job.plan],
                 "last_event": dict(job.last_event) if job.last_event else None,
                 "events": [dict(e) for e in job.events],
                 "step_events": [dict(e) for e in job.step_events],
                 "step_count": job.step_count,
-                "log": list(job.log),
+                "log": [format_entry(e) for e in job.log],
+                "log_entries": [dict(e) for e in job.log],
                 "result": job.result if isinstance(job.result, (dict, str, type(None))) else None,
             }

@@ -17,6 +17,7 @@ from core.errors import ConfigError, DataError, ModelLoadError
 from core.models import DEFAULT_MODEL, read_architecture, resolve_model_path
 
 BITS_CHOICES = (4, 8, 16)
+BIT_FIELDS = ("w_bits", "a_bits", "kv_bits")
 CONFIG_FILE = "flatquant_config.json"  # the run's AMCT-style config, written into every GUI run folder
 DEVICE_CHOICES = ("auto", "cpu", "cuda", "npu")
 
@@ -86,7 +87,8 @@ class GuiSettings:
         return out
 
     def values(self) -> list:
-        return [getattr(self, n) for n in self.field_names()]
+        """The form's values; bit widths as the dropdowns' strings (the API advertises them as strings)."""
+        return [str(getattr(self, n)) if n in BIT_FIELDS else getattr(self, n) for n in self.field_names()]
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
@@ -131,7 +133,13 @@ class GuiSettings:
         for name in ("w_bits", "a_bits", "kv_bits"):
             if getattr(self, name) not in BITS_CHOICES:
                 raise ConfigError(f"{name} must be one of {BITS_CHOICES}, got {getattr(self, name)}.")
-        parse_config(self.config_dict())
+        cfg = parse_config(self.config_dict())
+        if self.model_path != DEFAULT_MODEL:  # the model's own limits, from config.json (no weights read)
+            from core.validate import check_seqlen, check_skip_layers, read_model_config
+
+            _, model_cfg = read_model_config(self.model_path)
+            check_seqlen(model_cfg, self.seqlen, "seqlen")
+            check_skip_layers(model_cfg, cfg, self.max_layers or None)
 
     # -- what the engine and the shell see ------------------------------------------------------------------
 

@@ -145,3 +145,29 @@ def test_smollm2_six_tasks_limit_50_above_chance(smollm2, eval_dir):
     # chance: ARC 25 %, PIQA 50 %
     assert sec["acc"]["arc_easy"] > 35.0
     assert sec["acc"]["piqa"] > 56.0
+
+
+def test_progress_per_request_and_cancel_inside_lm_eval(tiny_llama, smollm2, eval_dir):
+    from core.errors import JobCancelled
+    from core.progress import CancelToken, Reporter
+
+    events = []
+    sec = evaluate_accuracy(tiny_llama, smollm2.tokenizer,
+                            AccuracyOptions(tasks=("openbookqa",), tasks_data_dir=str(eval_dir), limit=5),
+                            Reporter(events.append), label="original")
+    steps = [(e.step, e.steps) for e in events if e.step is not None]
+    assert steps and steps[-1][0] == steps[-1][1] == 20  # 5 questions x 4 choices, all counted
+    assert [s for s, _ in steps] == sorted(s for s, _ in steps)
+    assert sec["tasks"]["openbookqa"]["samples"] == 5
+    assert not tiny_llama._forward_pre_hooks  # the counting hook is removed
+
+    token = CancelToken()
+
+    def cancel_at_first_progress(e):
+        if e.step is not None:
+            token.cancel()
+
+    with pytest.raises(JobCancelled):
+        evaluate_accuracy(tiny_llama, smollm2.tokenizer,
+                          AccuracyOptions(tasks=("openbookqa",), tasks_data_dir=str(eval_dir), limit=5),
+                          Reporter(cancel_at_first_progress, token))

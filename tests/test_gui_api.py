@@ -123,11 +123,13 @@ def test_short_calibration_then_compare_and_download(app, client, smollm2):
     orig, orig_stats, quant, quant_stats = client.predict("Name three colors.", 8, LANG, api_name="/generate")
     assert orig and quant and not orig.startswith("✖")
     assert "tokens/s" in orig_stats and "tokens/s" in quant_stats
+    generation = json.loads((Path(st["output_dir"]) / "report.json").read_text())["generation"]
+    assert generation["quantized_model"].startswith("real int4") and generation["quantized"]["text"] == quant
 
     # Compare: the run shows up in the table with its perplexities and the PPL chart has both models.
     sel, table, ppl_plot, acc_plot, lat_plot = map(value, client.predict(run_id, LANG, api_name="/compare_refresh"))
     row = dict(zip(table["headers"], table["data"][0]))
-    assert sel == run_id and row["run"] == run_id and row["PPL orig"] > 1 and row["PPL FQ"] > 1
+    assert sel == run_id and row["run"] == run_id and row["PPL original"] > 1 and row["PPL FlatQuant"] > 1
     assert ppl_plot is not None
 
     # Export the packed int4 checkpoint of the models in memory; it downloads as a zip that core loads back.
@@ -172,12 +174,13 @@ def test_short_calibration_then_compare_and_download(app, client, smollm2):
 
 
 def test_bad_inputs_give_messages_and_server_keeps_serving(client, tmp_path):
-    assert "does not exist" in start(client, model_path="/no/such/model")
+    msg = start(client, model_path="/no/such/model")
+    assert "does not exist" in msg and "/no/such" not in msg  # no absolute server path in what the page shows
     assert "no letter or digit" in start(client, skip_layers="--")
     bad = tmp_path / "flat_matrices.pth"
     bad.write_bytes(b"this is not a torch file")
     msg = client.predict(*GuiSettings(**QUICK).values(), handle_file(str(bad)), "", LANG, api_name="/load_matrices")
-    assert msg.startswith("✖") and "corrupt" in msg
+    assert msg.startswith("✖") and "corrupt" in msg and "/" not in msg  # neither gradio's temp path nor ours
     msg = client.predict(*GuiSettings(**QUICK).values(), None, "", LANG, api_name="/load_matrices")
     assert msg.startswith("✖") and "flat_matrices.pth" in msg
     assert status(client)["status"] in ("idle", "done")  # still serving, nothing started

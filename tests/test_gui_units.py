@@ -104,7 +104,30 @@ def test_format_event_prefers_core_message():
     ev = {"stage": "calibrate", "elapsed_s": 1.5, "layer": 2, "num_layers": 30, "loss": 0.5, "message": "hello"}
     assert format_event(ev).endswith("hello")
     ev["message"] = ""
-    assert "layer 3/30" in format_event(ev) and "loss 5.0000e-01" in format_event(ev)
+    assert "layer 3 of 30" in format_event(ev) and "loss 5.0000e-01" in format_event(ev)
+    assert "第 3 / 30 层" in format_event(ev, "zh") and "calibrate" not in format_event(ev, "zh")
+
+
+def test_log_lines_in_chinese_keep_numbers_and_drop_english():
+    import re
+
+    from flatgui.joblog import translate_message
+
+    messages = ["layer 3/30 epoch 1/2 loss 0.0123", "layer 2/30 done, loss 0.1515 -> 0.1361 (-10.2%)",
+                "perplexity original window 8/32", "PPL quantized: 21.500", "PPL rtn @ 512: 80.100",
+                "loading model smollm2 (embedded default) on cpu", "saved /srv/runs/20260101-000000/flat_matrices.pth",
+                "calibration data: Python's bundled documentation text (pydoc_data.topics, ships with CPython)",
+                "timing original, quantized, quantized_real interleaved (3 repeats)",
+                "warning: layer 1: loss rose from 0.1515 to 3.831 (+2428.6%); the learning rate may be too high"]
+    for msg in messages:
+        zh = translate_message(msg, "zh")
+        assert zh, msg
+        words = [w for w in re.findall(r"[A-Za-z][A-Za-z_]+", zh)
+                 if w not in ("PPL", "FlatQuant", "RTN", "int", "token", "flat_lr", "SmolLM", "Instruct", "Python",
+                              "flat_matrices", "pth", "cpu")]
+        assert not words, (msg, zh)
+    assert "0.1515 → 0.1361（-10.2%）" in translate_message(messages[1], "zh")
+    assert translate_message("something new", "zh") == ""
 
 
 # --- settings ------------------------------------------------------------------------------------------------------
@@ -261,7 +284,8 @@ def _bars(fig):
 def test_ppl_chart_groups_by_seqlen_and_model():
     assert charts.ppl_table(REPORT)["seqlen 2048"] == {"original": 18.0, "quantized": 19.5}
     fig = charts.ppl_figure(REPORT)
-    assert list(fig.data[0].x) == ["seqlen 512", "seqlen 2048"]
+    assert list(fig.data[0].x) == [t("seqlen_n", n=512), t("seqlen_n", n=2048)]
+    assert fig.layout.yaxis.type == "log"  # RTN's tall bar must not flatten the others
     assert _bars(fig)[t("original")] == [20.5, 18.0] and _bars(fig)[t("rtn")] == [80.0, None]
     assert fig.data[0].text[0] == "20.50"
     # the quantize pipeline's own shape (no by_seqlen)
@@ -271,7 +295,8 @@ def test_ppl_chart_groups_by_seqlen_and_model():
 
 def test_accuracy_and_latency_charts():
     fig = charts.accuracy_figure(REPORT)
-    assert list(fig.data[0].x) == ["arc_easy", "piqa", "acc_avg"]
+    assert list(fig.data[0].x) == ["arc_easy", "piqa", t("acc_avg")]
+    assert fig.data[0].textposition == "inside" and fig.data[0].textangle == -90
     assert _bars(fig)[t("quantized")] == [58.0, 69.0, 63.5]
     fig = charts.latency_figure(REPORT)
     assert len(fig.data) == 2 * len(charts.LATENCY_METRICS)
@@ -289,7 +314,7 @@ def test_loss_chart_grows_with_layers():
     steps = [{"stage": "calibrate", "layer": 3, "epoch": e, "steps": 2, "step": s, "loss": 0.1}
              for e in range(2) for s in range(2)]
     fig = charts.loss_figure(events, steps)
-    assert list(fig.data[0].x) == [0, 1, 2] and list(fig.data[1].x) == [1, 2, 3, 4]
+    assert list(fig.data[0].x) == [1, 2, 3] and list(fig.data[1].x) == [1, 2, 3, 4]
     assert not charts.loss_figure([], []).data
 
 
@@ -319,3 +344,113 @@ def test_app_builds_and_relabels_every_registered_component(tmp_path):
     api = {d.api_name for d in demo.fns.values() if d.api_name}
     assert {"start_calibration", "cancel", "load_matrices", "job_status", "generate", "start_evaluate",
             "artifacts_refresh", "get_artifact", "save_settings", "load_settings"} <= api
+
+
+def test_job_wide_progress_moves_through_stages_and_during_perplexity():
+    from flatgui.jobprogress import job_eta, job_fraction, plan_for
+
+    plan = plan_for("calibrate", ppl_parts=3)
+    snap = {"status": "running", "plan": plan, "elapsed_s": 100.0, "events": [], "last_event": None}
+    assert job_fraction(snap) == 0.0
+    load = {"stage": "load", "message": "loading model smollm2 on cpu"}
+    snap.update(events=[load], last_event=load)
+    steps = {"stage": "calibrate", "layer": 1, "num_layers": 2, "epoch": 0, "epochs": 1, "step": 0, "steps": 2}
+    snap.update(last_event=steps)
+    mid_calib = job_fraction(snap)
+    assert 0.05 < mid_calib < 0.75
+    fracs = []
+    events = [load, {"stage": "layer_done", "layer": 1, "num_layers": 2}]
+    for model in ("original", "quantized", "rtn"):
+        for step in (0, 4):
+            ev = {"stage": "ppl", "message": f"perplexity {model} window {step}/8", "step": step, "steps": 8}
+            snap.update(events=events + [ev], last_event=ev)
+            fracs.append(job_fraction(snap))
+        events.append({"stage": "ppl", "message": f"PPL {model}: 20.0"})
+    assert fracs == sorted(fracs) and fracs[0] > mid_calib and fracs[-1] < 1.0 and len(set(fracs)) == len(fracs)
+    assert job_eta(snap, fracs[-1]) == pytest.approx(100.0 * (1 - fracs[-1]) / fracs[-1])
+    assert job_fraction(dict(snap, status="done")) == 1.0
+
+
+def test_accuracy_estimate_before_a_long_run(tmp_path):
+    from flatgui.app import build_app
+    from flatgui.tabs.compare import accuracy_estimate
+
+    _, ctx = build_app(str(tmp_path / "runs"))
+    assert accuracy_estimate(ctx, ["ppl"], 50, "English") == ""
+    long = accuracy_estimate(ctx, ["tasks"], 50, "English")
+    assert long.startswith("⚠") and "50 examples × 6 tasks" in long and "min" in long
+    assert not accuracy_estimate(ctx, ["tasks"], 2, "English").startswith("⚠")
+    assert "分钟" in accuracy_estimate(ctx, ["tasks"], 50, "中文")
+
+
+def test_gui_job_failing_before_the_model_loads_leaves_no_run(tmp_path):
+    from flatgui import jobs
+    from flatgui.app import build_app
+
+    _, ctx = build_app(str(tmp_path / "runs"))
+    jobs.start_quantize(ctx, GuiSettings(seqlen=100000))
+    ctx.runner.wait(60)
+    snap = ctx.runner.snapshot()
+    assert snap["status"] == "failed" and "max_position_embeddings" in snap["error"]
+    assert ctx.store.list_runs() == []
+
+
+def test_bit_fields_are_advertised_and_accepted_as_strings(tmp_path):
+    from flatgui.app import build_app
+
+    _, ctx = build_app(str(tmp_path / "runs"))
+    for name in ("w_bits", "a_bits", "kv_bits"):
+        info = ctx.mgr[name].api_info()
+        assert info["type"] == "string" and all(isinstance(v, str) for v in info["enum"]), info
+        # what an API client sends, straight from the advertised enum, passes the component and the settings
+        assert ctx.mgr[name].preprocess(info["enum"][0]) == info["enum"][0]
+    values = GuiSettings().values()
+    assert GuiSettings.from_values(*values) == GuiSettings()
+
+
+def test_status_line_shows_loss_warnings_and_cancel_text():
+    from flatgui.tabs.calibrate import progress_html
+
+    snap = {"id": "j1", "kind": "calibrate", "status": "cancelled", "seq": 3, "elapsed_s": 12.0, "error": "x",
+            "events": [{"stage": "warning", "layer": 1, "message": "warning: layer 2: loss rose"}],
+            "last_event": {"stage": "ppl", "message": "perplexity quantized window 4/8", "step": 4, "steps": 8},
+            "plan": []}
+    out = progress_html(snap, "zh")
+    assert "第 2 层" in out and t("cancelled_kept", "zh") in out and "perplexity" not in out
+    assert 'data-elapsed="12.0"' in out
+
+
+def test_form_checks_the_models_own_limits(tiny_qwen3_dir):
+    with pytest.raises(ConfigError, match="matches no layer"):
+        GuiSettings(model_path=str(tiny_qwen3_dir), skip_layers="lm_head,layers.999").validate()
+    with pytest.raises(ConfigError, match="skips every layer"):
+        GuiSettings(model_path=str(tiny_qwen3_dir), skip_layers="layers.0.", max_layers=1).validate()
+    with pytest.raises(ConfigError, match="max_position_embeddings"):
+        GuiSettings(model_path=str(tiny_qwen3_dir), seqlen=100000).validate()
+    GuiSettings(model_path=str(tiny_qwen3_dir), skip_layers="lm_head,layers.1.").validate()
+
+
+def test_log_and_status_hide_server_paths():
+    from flatgui.joblog import format_entry
+    from flatgui.tabs.calibrate import progress_html
+
+    ev = {"stage": "fold", "elapsed_s": 3.0, "message": "saved /srv/flatquant/runs/20260101-000000/flat_matrices.pth"}
+    for lang in ("en", "zh"):
+        line = format_entry({"t": 3.0, "event": ev}, lang)
+        assert "flat_matrices.pth" in line and "/srv" not in line
+        html_out = progress_html({"id": "j", "kind": "calibrate", "status": "running", "seq": 1, "elapsed_s": 3.0,
+                                  "events": [ev], "last_event": ev, "plan": []}, lang)
+        assert "/srv" not in html_out
+
+
+def test_job_fraction_after_calibration_stays_at_the_calibrated_share():
+    from flatgui.jobprogress import job_fraction, plan_for
+
+    events = [{"stage": "load"}] + [{"stage": "layer_done", "layer": i, "num_layers": 4} for i in range(4)]
+    warning = {"stage": "warning", "layer": 3}
+    fold = {"stage": "fold", "message": "saved x"}
+    snap = {"status": "running", "plan": plan_for("calibrate", ppl_parts=3), "events": events + [warning],
+            "last_event": warning}
+    assert job_fraction(snap) == pytest.approx(0.75)
+    snap.update(events=events + [fold], last_event=fold)
+    assert job_fraction(snap) == pytest.approx(0.75)

@@ -36,6 +36,27 @@ def _printer(event: ProgressEvent) -> None:
 
 def run(args: argparse.Namespace) -> int:
     output_dir = args.output_dir or str(Path("outputs") / time.strftime("eval_%Y%m%d-%H%M%S"))
+    validate_evaluate_args(args, output_dir)
+    return _evaluate(args, output_dir)
+
+
+def validate_evaluate_args(args: argparse.Namespace, output_dir: str) -> None:
+    """What can be checked before a model loads: device, model folder, matrix file (finite, for this model),
+    perplexity text and the output folder."""
+    from ..device import resolve_device
+    from ..validate import check_data_source, check_matrix_file, check_model_weights, check_output_dir, \
+        read_model_config
+
+    resolve_device(args.device)
+    model_dir, model_cfg = read_model_config(args.model_path)
+    check_model_weights(model_dir, model_cfg)
+    if args.flat_matrix_path:
+        check_matrix_file(args.flat_matrix_path, model_cfg)
+    check_data_source(args.ppl_data, "--ppl_data")
+    check_output_dir(output_dir, 4 * 2**20)
+
+
+def _evaluate(args: argparse.Namespace, output_dir: str) -> int:
     reporter = Reporter(_printer)
     quant_config = None
     if args.flat_matrix_path:

@@ -133,6 +133,9 @@ def run(args: argparse.Namespace) -> int:
         info = export_quantized(result.quantized, result.config, result.tokenizer, result.original.path, folder,
                                 args.export)
         print(f"Exported ({args.export}): {info['output_dir']}")
-    print(f"Saved {result.matrix_path} and {result.output_dir / 'report.json'}")
+    if args.load_matrix:
+        print(f"Loaded {result.matrix_path}; saved {result.output_dir / 'report.json'}")
+    else:
+        print(f"Saved {result.matrix_path} and {result.output_dir / 'report.json'}")
     print("All done!")
     return 0

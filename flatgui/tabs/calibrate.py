@@ -17,6 +17,8 @@ from .. import jobs
 from ..charts import loss_figure
 from ..context import AppContext
 from ..i18n import lang_code, t
+from ..joblog import format_entry, translate_message
+from ..jobprogress import job_eta, job_fraction
 from ..settings import GuiSettings
 from .common import OK, fail
 
@@ -29,56 +31,74 @@ def fmt_seconds(s) -> str:
 
 
 def progress_html(snap: dict, lang: str) -> str:
-    """Status line + a bar. data-* attributes let the browser test read the state without parsing text."""
+    """Status line, the job-wide bar (all stages) and the current stage. data-* attributes let the browser test
+    read the state without parsing text (data-frac: the job-wide fraction, data-elapsed: seconds)."""
     status = snap.get("status", "idle")
     if status == "idle":
         return f'<div id="fq-status" data-status="idle">{html.escape(t("idle", lang))}</div>'
     ev = snap.get("last_event") or {}
-    parts = [f"<b>{html.escape(t('status_' + status, lang))}</b>: {html.escape(snap.get('title') or '')}"]
-    frac = None
-    if ev.get("layer") is not None and ev.get("num_layers"):
+    title = snap.get("kind") and t("job_" + snap["kind"], lang)
+    parts = [f"<b>{html.escape(t('status_' + status, lang))}</b>: {html.escape(title or snap.get('title') or '')}"]
+    if ev.get("layer") is not None and ev.get("num_layers") and ev.get("stage") in ("calibrate", "layer_done"):
         parts.append(html.escape(t("layer_of", lang, i=ev["layer"] + 1, n=ev["num_layers"])))
-        epochs, steps = ev.get("epochs") or 1, ev.get("steps") or 1
-        within = ((ev.get("epoch") or 0) + ((ev.get("step") or 0) + 1) / steps) / epochs if ev.get("step") is not None \
-            else (1.0 if ev.get("stage") == "layer_done" else 0.0)
-        frac = min(1.0, (ev["layer"] + within) / ev["num_layers"])
-    if ev.get("epoch") is not None and ev.get("epochs"):
-        parts.append(html.escape(t("epoch_of", lang, i=ev["epoch"] + 1, n=ev["epochs"])))
-    if ev.get("loss") is not None:
-        parts.append(f"{t('loss', lang)} {ev['loss']:.4e}")
+        if ev.get("epoch") is not None and ev.get("epochs"):
+            parts.append(html.escape(t("epoch_of", lang, i=ev["epoch"] + 1, n=ev["epochs"])))
+        if ev.get("loss") is not None:
+            parts.append(f"{t('loss', lang)} {ev['loss']:.5g}")
+    frac = job_fraction(snap)
+    eta = job_eta(snap, frac)
     parts.append(f"{t('elapsed', lang)} {fmt_seconds(snap.get('elapsed_s'))}")
-    if status == "running" and ev.get("eta_s") is not None:
-        parts.append(f"{t('eta', lang)} {fmt_seconds(ev['eta_s'])}")
-    if status == "done":
-        frac = 1.0
+    if eta is not None:
+        parts.append(f"{t('eta', lang)} {fmt_seconds(eta)}")
+    if frac is not None:
+        parts.append(f"{100 * frac:.0f}%")
     line = " · ".join(parts)
     stage = html.escape(str(ev.get("stage") or ""))
-    msg = html.escape(str(ev.get("message") or ""))
-    err = f'<div class="fq-error">✖ {html.escape(snap["error"])}</div>' if snap.get("error") else ""
+    stage_text = html.escape(t("stage_" + str(ev.get("stage") or ""), lang)) if ev.get("stage") else ""
+    detail = html.escape(translate_message(str(ev.get("message") or ""), lang))
+    rose = [str((e.get("layer") or 0) + 1) for e in snap.get("events") or [] if e.get("stage") == "warning"]
+    warn = ""
+    if rose:  # layers whose loss ended higher than it started (core.validate.check_trained_layer)
+        text = t("loss_rose_layers", lang, n=len(rose), layers=", ".join(rose))
+        warn = f'<div class="fq-warning">⚠ {html.escape(text)}</div>'
+
+    error = t("cancelled_kept", lang) if status == "cancelled" else snap.get("error")
+    err = f'<div class="fq-error">✖ {html.escape(error)}</div>' if error else ""
     bar = ""
     if frac is not None:
-        bar = (f'<div class="fq-bar"><div class="fq-bar-fill" style="width:{100 * frac:.1f}%"></div></div>')
+        bar = f'<div class="fq-bar"><div class="fq-bar-fill" style="width:{100 * frac:.1f}%"></div></div>'
+    layer = ev.get("layer") if ev.get("layer") is not None else ""
+    frac_attr = "" if frac is None else f"{frac:.4f}"
+    elapsed = float(snap.get("elapsed_s") or 0.0)
     return (f'<div id="fq-status" data-status="{status}" data-job="{snap.get("id")}" data-seq="{snap.get("seq")}" '
-            f'data-layer="{ev.get("layer") if ev.get("layer") is not None else ""}" data-stage="{stage}">'
-            f"{line}{bar}<div class='fq-stage'>{stage}: {msg}</div>{err}</div>")
+            f'data-layer="{layer}" data-stage="{stage}" data-frac="{frac_attr}" data-elapsed="{elapsed:.1f}">'
+            f"{line}{bar}<div class='fq-stage'>{stage_text}{': ' + detail if detail else ''}</div>{warn}{err}</div>")
+
+
+BUTTONS = ("start", "load_matrices", "generate", "evaluate", "export")
 
 
 def poll(ctx: AppContext, seen: str, lang_value: str):
-    """Timer tick: re-render only when the runner's job changed since this page last looked."""
+    """Timer tick. The status line is redrawn on every tick while a job runs (elapsed time and ETA move even
+    when no event arrives); the chart, the log and the buttons only when the job changed."""
     lang = lang_code(lang_value)
     snap = ctx.runner.snapshot()
+    running = snap.get("status") == "running"
     key = f"{snap.get('id')}:{snap.get('seq')}:{lang}"
+    status = progress_html(snap, lang) if running or key != seen else gr.skip()
     if key == seen:
-        return gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip()
+        return (status, gr.skip(), gr.skip(), gr.skip(), gr.skip(), *(gr.skip() for _ in BUTTONS))
     finished = snap["id"] if snap.get("status") not in ("running", "idle") else gr.skip()
-    return (progress_html(snap, lang), loss_figure(snap["events"], snap["step_events"], lang),
-            "\n".join(snap["log"][-400:]), key, finished)
+    buttons = [gr.update(interactive=not running) for _ in BUTTONS]
+    log = "\n".join(format_entry(e, lang) for e in snap["log_entries"][-400:])
+    return (status, loss_figure(snap["events"], snap["step_events"], lang), log, key, finished, *buttons)
 
 
 def job_status(ctx: AppContext) -> dict:
     """API: the current job without the step-level events (for scripts and tests)."""
     snap = ctx.runner.snapshot()
     snap.pop("step_events", None)
+    snap.pop("log_entries", None)
     snap["log"] = snap["log"][-50:]
     return snap
 
@@ -135,7 +155,7 @@ def build(ctx: AppContext) -> None:
             mgr.add("acc_load", acc, label="load_matrices_title")
             with gr.Row():
                 mgr.add("matrix_upload", gr.File(label=t("matrix_upload"), file_types=[".pth"], type="filepath",
-                                                 height=90, elem_id="matrix_upload"), label="matrix_upload")
+                                                 height=140, elem_id="matrix_upload"), label="matrix_upload")
                 mgr.add("matrix_path", gr.Textbox(label=t("matrix_path"), elem_id="matrix_path"),
                         label="matrix_path")
             mgr.add("load_matrices", gr.Button(t("load_matrices"), elem_id="load_matrices_btn"),
@@ -155,6 +175,10 @@ def wire(ctx: AppContext) -> None:
                                outputs=mgr["action_msg"], api_name="load_matrices", concurrency_limit=None)
     timer = gr.Timer(ctx.poll_seconds)
     outputs = [mgr["progress"], mgr["loss_plot"], mgr["log"], mgr["seen"], mgr["finished_job"]]
+    outputs += [mgr[name] for name in BUTTONS]
     timer.tick(bind(poll, ctx), inputs=[mgr["seen"], lang], outputs=outputs, show_progress="hidden",
                api_visibility="private", concurrency_limit=None)
+    # The log follows its newest line.
+    mgr["log"].change(None, js="() => { const t = document.querySelector('#job_log textarea'); "
+                               "if (t) t.scrollTop = t.scrollHeight; }", api_visibility="private")
     gr.api(bind(job_status, ctx), api_name="job_status", concurrency_limit=None)

@@ -3,9 +3,8 @@ from __future__ import annotations
 
 import logging
 
-import gradio as gr
-
 from core.errors import FlatQuantError
+from core.validate import safe_message
 
 from ..runner import BusyError, readable_error
 
@@ -16,11 +15,11 @@ ERR = "✖"
 
 
 def fail(exc: BaseException) -> str:
-    """A toast plus the returned line; user errors keep core's message, anything else is logged in full."""
+    """The one line the page shows next to the button (no toast: an error is shown once); user errors keep core's
+    message without the server's own paths, anything else is logged in full."""
     if isinstance(exc, (FlatQuantError, BusyError)):
         text = str(exc)
     else:
         log.exception("handler failed")
         text = readable_error(exc)
-    gr.Warning(text)
-    return f"{ERR} {text}"
+    return f"{ERR} {safe_message(text)}"

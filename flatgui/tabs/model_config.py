@@ -91,15 +91,16 @@ def build(ctx: AppContext) -> None:
                                           elem_id="skip_layers"), label="skip_layers", info="skip_layers_info")
         with gr.Row():
             for name, key in (("w_bits", "w_bits"), ("a_bits", "a_bits")):
-                mgr.add(name, gr.Dropdown(choices=list(BITS_CHOICES), value=getattr(s, name), label=t(key),
-                                          elem_id=name), label=key)
+                mgr.add(name, gr.Dropdown(choices=[str(b) for b in BITS_CHOICES], value=str(getattr(s, name)),
+                                          label=t(key), elem_id=name), label=key)
             mgr.add("use_down_quant", gr.Checkbox(value=s.use_down_quant, label=t("use_down_quant"),
                                                   elem_id="use_down_quant"), label="use_down_quant")
             mgr.add("o_proj_quant", gr.Checkbox(value=s.o_proj_quant, label=t("o_proj_quant"),
                                                 elem_id="o_proj_quant"), label="o_proj_quant")
             mgr.add("kv_quant", gr.Checkbox(value=s.kv_quant, label=t("kv_quant"), elem_id="kv_quant"),
                     label="kv_quant")
-            mgr.add("kv_bits", gr.Dropdown(choices=[4, 8], value=s.kv_bits, label=t("kv_bits"), elem_id="kv_bits"),
+            mgr.add("kv_bits", gr.Dropdown(choices=["4", "8"], value=str(s.kv_bits), label=t("kv_bits"),
+                                           elem_id="kv_bits"),
                     label="kv_bits")
         with gr.Row():
             mgr.add("epochs", gr.Number(value=s.epochs, precision=0, minimum=0, label=t("epochs"),
@@ -126,7 +127,7 @@ def build(ctx: AppContext) -> None:
         with gr.Row():
             mgr.add("save_settings", gr.Button(t("save_settings"), size="sm"), value="save_settings")
             mgr.add("settings_file", gr.File(label=t("settings_file"), file_types=[".json"], type="filepath",
-                                             height=90, elem_id="settings_file"), label="settings_file")
+                                             height=140, elem_id="settings_file"), label="settings_file")
 
 
 def wire(ctx: AppContext) -> None:

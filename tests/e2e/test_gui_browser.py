@@ -125,8 +125,12 @@ def test_browser_flow(tmp_path, smollm2):
         page.wait_for_function(
             "() => document.querySelector('#gen_quantized textarea').value.length > 0"
             " && document.querySelector('#gen_original textarea').value.length > 0", timeout=120_000)
-        assert "tokens/s" in page.locator("#gen_quantized_stats").inner_text()
-        before = status_attrs(page)["job"]  # the generation job; the evaluation is a new one
+        # the text streams in first; the speed line comes when the answer is complete
+        page.wait_for_function("() => document.querySelector('#gen_quantized_stats').innerText.includes('tokens/s')",
+                               timeout=120_000)
+        # the status line shows the finished generation job (the page polls: wait for it); the evaluation is new
+        before = wait_status(page, lambda a: a["job"] != done["job"] and a["status"] == "done", 30,
+                             "generation job shown")["job"]
         page.locator("#evaluate_btn").click()
         page.wait_for_function("() => document.querySelector('#eval_msg').innerText.includes('Started')",
                                timeout=30_000)
@@ -158,3 +162,121 @@ def test_browser_flow(tmp_path, smollm2):
 
         context.close()
         assert not external, f"the page contacted other hosts: {sorted(set(external))}"
+
+
+# Words the Chinese page may still show: product, model, format and unit names.
+NAMES = {"flatquant", "studio", "smollm", "instruct", "hugging", "face", "llamaforcausallm", "qwen3forcausallm", "rtn",
+         "ppl", "token", "tokens", "json", "zip", "mib", "ms", "kv", "mlp", "auto", "npu", "cuda", "cpu", "python",
+         "wikitext", "lm", "eval", "int", "pth", "txt", "raw", "api", "gradio", "w4a4", "amct",
+         "english",  # the language switch names each language in itself
+         "core", "quantize"}  # the equivalent command line (`python -m core quantize ...`) is code
+
+
+def english_words(text: str) -> list[str]:
+    """Words of two or more Latin letters that are not names: identifiers (with _ . / - or digits) count as names."""
+    import re
+
+    out = []
+    for token in text.split():
+        if re.search(r"[_./0-9\\-]", token):
+            continue
+        out += [w for w in re.findall(r"[A-Za-z]{2,}", token) if w.lower() not in NAMES]
+    return out
+
+
+def _finished_run(runs_root: Path, matrix_file: Path) -> str:
+    """A run folder as an earlier calibration leaves it (matrix file and report), so a fresh page has artifacts."""
+    run = runs_root / "20260101-000000"
+    run.mkdir(parents=True)
+    shutil.copy(matrix_file, run / "flat_matrices.pth")
+    (run / "report.json").write_text('{"model": {"name": "SmolLM2-135M-Instruct"}, "ppl": {"seqlen": 512, '
+                                     '"original": 20.5, "quantized": 22.0, "rtn": 900.0}}')
+    return run.name
+
+
+def test_progress_cancel_artifacts_and_chinese(tmp_path):
+    """Issue 13, acceptance 2: elapsed time advances without new events, the job-wide bar moves during perplexity,
+    a cancel during perplexity lands within 5 s and keeps the finished numbers, Artifacts is enabled on a fresh
+    page, and the Chinese page shows no English words other than names."""
+    import json
+
+    from core import cli
+
+    calibrated = tmp_path / "calibrated"
+    assert cli.main(["quantize", "--max_layers", "1", "--nsamples", "2", "--seqlen", "64", "--epochs", "1",
+                     "--no_ppl", "--no_time_diff", "--output_dir", str(calibrated)]) == 0
+    runs = tmp_path / "runs"
+    _finished_run(runs, calibrated / "flat_matrices.pth")
+    with running_app(runs, tmp_path / "app.log") as url, playwright_api.sync_playwright() as pw:
+        context = pw.chromium.launch_persistent_context(
+            str(tmp_path / "profile"), executable_path=CHROMIUM, args=ARGS, headless=True, locale="zh-CN",
+            viewport={"width": 1400, "height": 1000})
+        page = context.pages[0] if context.pages else context.new_page()
+        page.goto(url)
+        page.get_by_role("tab", name="Model & config").wait_for()
+
+        # Artifacts on a fresh page: the earlier run is selected and its downloads are enabled, no Refresh needed.
+        open_tab(page, "Artifacts")
+        page.wait_for_function("() => { const b = document.querySelector('#dl_matrices');"
+                               " return b && !b.disabled && !b.querySelector('button:disabled'); }", timeout=30_000)
+        assert page.locator("#dl_report").is_enabled()
+        assert page.locator("#dl_checkpoint").is_disabled()  # no checkpoint exported in that run
+
+        # A calibration whose perplexity runs long enough to watch and to cancel.
+        open_tab(page, "Model & config")
+        for elem_id, value in (("nsamples", 4), ("seqlen", 512), ("epochs", 1), ("max_layers", 1),
+                               ("ppl_windows", 64)):
+            fill(page, elem_id, value)
+        page.wait_for_function("() => document.querySelector('#cli_preview').innerText.includes('--max_layers 1')")
+        open_tab(page, "Calibrate")
+        page.locator("#start_btn").click()
+        wait_status(page, lambda a: a["status"] == "running", 60, "job running")
+        page.wait_for_function("() => document.querySelector('#start_btn').disabled", timeout=10_000)
+
+        # Sample the status line: elapsed must advance between two samples with the same event count (seq), and
+        # the job-wide fraction must grow while the stage is perplexity.
+        samples = []
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline:
+            el = page.locator("#fq-status")
+            samples.append((el.get_attribute("data-seq"), float(el.get_attribute("data-elapsed") or 0),
+                            el.get_attribute("data-stage"), float(el.get_attribute("data-frac") or 0),
+                            el.inner_text()))
+            if "quantized window" in samples[-1][4]:  # the original model's PPL is finished
+                break
+            page.wait_for_timeout(250)
+        else:
+            raise AssertionError(f"perplexity of the quantized model never started: {samples[-1]}")
+        same_seq = [(a[1], b[1]) for a, b in zip(samples, samples[1:]) if a[0] == b[0] and b[1] > a[1]]
+        assert same_seq, "elapsed time did not advance between events"
+        ppl_fracs = [s[3] for s in samples if s[2] == "ppl"]
+        assert len(set(ppl_fracs)) >= 3 and ppl_fracs == sorted(ppl_fracs) and 0 < ppl_fracs[-1] < 1
+
+        t0 = time.monotonic()
+        page.locator("#cancel_btn").click()
+        wait_status(page, lambda a: a["status"] == "cancelled", 10, "cancelled")
+        assert time.monotonic() - t0 <= 5.0
+        assert not page.locator("#start_btn").is_disabled()
+        # The finished original-model perplexity is kept in the run's report and shows in the runs table.
+        run_dir = sorted(p for p in runs.iterdir() if p.name != "20260101-000000")[-1]
+        report = json.loads((run_dir / "report.json").read_text())
+        assert report["ppl"]["original"] > 1 and report["ppl"].get("quantized") is None
+        assert (run_dir / "flat_matrices.pth").exists()
+        open_tab(page, "Compare")
+        page.wait_for_function(f"() => document.querySelector('#runs_table').innerText.includes('{run_dir.name}')",
+                               timeout=30_000)
+        page.screenshot(path=str(tmp_path / "cancelled.png"), full_page=True)
+
+        # Chinese: every tab's rendered text, with the finished job's status line and the charts.
+        page.get_by_label("中文").check()
+        page.get_by_role("tab", name="模型与配置").wait_for()
+        for tab in ("模型与配置", "校准", "对比", "产物下载"):
+            page.get_by_role("tab", name=tab).click()
+            page.wait_for_timeout(1500)
+            text = page.locator("body").inner_text()
+            # a file's content and a file list are names and data, not the page's words
+            for code in ("#report_json", "#run_files"):
+                if page.locator(code).is_visible():
+                    text = text.replace(page.locator(code).inner_text(), "")
+            assert not english_words(text), (tab, sorted(set(english_words(text))))
+        context.close()
