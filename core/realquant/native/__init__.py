@@ -25,6 +25,7 @@ from typing import Optional
 
 import torch
 
+from ...device import cpu_flags
 from ..backends import QuantizedInput
 
 _SOURCE = Path(__file__).with_name("fq_kernels.c")
@@ -34,17 +35,6 @@ _REQUIRED_CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vn
 _ABI = 2
 _lock = threading.Lock()
 _loaded: dict[str, object] = {}
-
-
-def cpu_flags() -> set[str]:
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
 
 
 def unsupported_reason() -> Optional[str]:
