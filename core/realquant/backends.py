@@ -20,7 +20,7 @@ import torch
 
 from ..device import npu_available
 from ..errors import ConfigError
-from ..quantizer import qmax
+from ..quantizer import code_matmul, qmax
 from ..transforms import kronecker_matmul
 
 _EPS = 1e-8  # core.quantizer.sym_scale's floor: an all-zero token gets scale 1e-8 and codes 0
@@ -173,11 +173,12 @@ class TorchCpuBackend(Backend):
 
     def quantize(self, x, act, tensors):
         q, s = quantize_per_token(transform_input(x, act), act.bits, act.clip)
-        return QuantizedInput(q, s)
+        return QuantizedInput(q, s, {"bits": act.bits})
 
     def matmul(self, qx, tensors, out_features, w_scale, bias, out_dtype):
-        # [N, K] read as its transpose: oneDNN takes the column-major B directly (fastest at M = 1 and large M).
-        acc = torch._int_mm(qx.q, tensors["qweight"].t())
+        # torch._int_mm where it is fast ([N, K] read as its transpose: oneDNN takes the column-major B directly),
+        # else the exact fp32 GEMM of the codes (CPUs without VNNI); the int8-held codes may be 8-bit ones
+        acc = code_matmul(qx.q, tensors["qweight"], qx.extra["bits"], 8)
         return rescale(acc, qx.scale, w_scale, bias, out_dtype)
 
 

@@ -144,7 +144,7 @@ class FrozenQuantLinear(nn.Module):
             x = kronecker_matmul(x, self.trans_left.to(x.dtype), self.trans_right.to(x.dtype))
         clip = None if self.a_clip is None else torch.tensor(self.a_clip, dtype=torch.float32, device=x.device)
         if self.w_codes is not None and self.a_bits < 16:
-            return integer_linear(x, self.w_codes, self.w_scale, self.bias, self.a_bits, clip)
+            return integer_linear(x, self.w_codes, self.w_scale, self.bias, self.a_bits, clip, self.w_bits)
         if self.a_bits < 16:
             x = fake_quant_sym(x, self.a_bits, dim=-1, clip_ratio=clip)
         weight = self.weight if self.w_codes is None else dequantize_weight(self.w_codes, self.w_scale)
