@@ -11,7 +11,8 @@ Sections
           this CPU has native bf16, fp32 through MKL and through oneDNN) and RealQuantLinear on the `cpu` backend's
           native code paths of --isas (and `cpu-torch` with --backends cpu,cpu-torch), including the activation
           transform, quantization and rescale. Speedups are against the fastest float variant of the same row.
-  model   prefill (one plain forward of 1 x --prompt tokens) and decode (ms per token over --decode greedy steps
+  model   prefill (1 x --prompt tokens through the decoder, logits of the last one: what generate() and
+          llama-bench's pp test compute) and decode (ms per token over --decode greedy steps
           with the KV cache after that prompt, core.latency.greedy_decode) of a LLaMA-2-7B-shaped model with
           random weights and --layers decoder layers (speed does not depend on weight values; SmolLM2 too with
           --models 7b,smollm2): the float original in --originals dtypes (auto: this CPU's compute dtype, i.e. bf16
@@ -19,9 +20,6 @@ Sections
           in the compute dtype). With --llama_cpp DIR, the same model (same shapes, same random weights) is written
           as GGUF, quantized to Q4_0 with DIR's llama-quantize, and llama-bench runs it with the same threads in
           every round (pp = prompt tokens/s, tg = decode tokens/s after a prompt of the same length).
-          The prefill is timed without logits_to_keep: with it, transformers slices the last hidden state into a
-          [1, 1, 4096] view whose strides make torch.matmul take its bmm path, which copies the transposed
-          32000 x 4096 lm_head weight on every call; decode steps are not affected.
 
 Every number is a median over the rounds; inside a round the variants run back to back (A, B, C, A, B, C, ...), so
 the machine's drift (shared vCPUs, other jobs) hits all of them alike. Each configuration (OMP wait policy, torch
@@ -230,11 +228,16 @@ def _model_set(base, originals: list, isas: list[str], auto: str, backends: list
 
 
 def _prefill_ms(model, ids) -> float:
+    """Prompt processing as generate() and llama-bench do it: the decoder over every prompt token (KV cache
+    filled), logits of the last token only. The last hidden state is sliced by hand: transformers' logits_to_keep
+    makes a [1, 1, H] view whose strides send torch.matmul down its bmm path, which copies the transposed lm_head
+    weight on every call (seconds at 32000 x 4096, in every model alike)."""
     import torch
 
     with torch.inference_mode():
         t0 = time.perf_counter()
-        model(input_ids=ids, use_cache=True)  # one plain forward: all logits, as the sample's "one forward"
+        hidden = model.model(input_ids=ids, use_cache=True).last_hidden_state
+        model.lm_head(hidden[:, -1, :])
         return (time.perf_counter() - t0) * 1e3
 
 
@@ -331,7 +334,7 @@ def run_llama_bench(root: Path, gguf_path: Path, threads: int, prompt: int, deco
 
 def bench_model(repeats: int, warmup: int, layers: int, prompt: int, decode: int, originals, isas, auto,
                 backends, model_names, llama_cpp, threads) -> list[dict]:
-    """Prefill: one plain forward of the prompt (``_prefill_ms``). Decode: core.latency.greedy_decode (the
+    """Prefill: the prompt through the decoder, last-token logits (``_prefill_ms``). Decode: core.latency.greedy_decode (the
     evaluation code path: one prefill, then ``decode`` single-token steps with the KV cache). Both interleaved."""
     import gc
 
