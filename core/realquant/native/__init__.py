@@ -228,17 +228,22 @@ class NativeKernels:
         return unpack_weight(tensors["qweight_vnni"], n, k)
 
     # activations -------------------------------------------------------------------------------------------------
-    def quantize(self, x: torch.Tensor, bits: int, clip: Optional[float]) -> QuantizedInput:
+    @staticmethod
+    def _activation_buffers(x: torch.Tensor, what: str):
+        """(x as contiguous fp32/bf16 [M, K], K, K rounded up to 8, codes [M, Kp], scales [M, 1], code sums [M])."""
         if x.dim() != 2:
-            raise ValueError("quantize expects a 2-D [tokens, features] tensor")
+            raise ValueError(f"{what} expects a 2-D [tokens, features] tensor")
         if x.dtype not in (torch.float32, torch.bfloat16):
             x = x.float()
         x = x.contiguous()
         m, k = x.shape
         kp = -(-k // 8) * 8
-        q = torch.empty(m, kp, dtype=torch.int8)
-        scale = torch.empty(m, 1, dtype=torch.float32)
-        rowsum = torch.empty(m, dtype=torch.int32)
+        return (x, k, kp, torch.empty(m, kp, dtype=torch.int8), torch.empty(m, 1, dtype=torch.float32),
+                torch.empty(m, dtype=torch.int32))
+
+    def quantize(self, x: torch.Tensor, bits: int, clip: Optional[float]) -> QuantizedInput:
+        x, k, kp, q, scale, rowsum = self._activation_buffers(x, "quantize")
+        m = x.shape[0]
         self.lib.fq_quantize(x.data_ptr(), int(x.dtype == torch.bfloat16), m, k, k, 2 ** (bits - 1) - 1,
                              1.0 if clip is None else float(clip), int(clip is not None), q.data_ptr(), kp,
                              scale.data_ptr(), rowsum.data_ptr(), torch.get_num_threads())
@@ -297,13 +302,8 @@ class NativeKernels:
                right: Optional[torch.Tensor], tensors: dict[str, torch.Tensor], n: int, w_scale: torch.Tensor,
                bias: Optional[torch.Tensor], out_dtype: torch.dtype) -> torch.Tensor:
         """``matmul(quantize(kron(x)))`` in one native call (identical results): the decode-step path."""
-        if x.dim() != 2:
-            raise ValueError("linear expects a 2-D [tokens, features] tensor")
-        if x.dtype not in (torch.float32, torch.bfloat16):
-            x = x.float()
-        x = x.contiguous()
-        m, k = x.shape
-        kp = -(-k // 8) * 8
+        x, k, kp, q, scale, rowsum = self._activation_buffers(x, "linear")
+        m = x.shape[0]
         w = tensors["qweight_vnni"]
         kb, ws, b, bf16, out = self._gemm_operands(w, m, kp, n, w_scale, bias, out_dtype)
         lp = rp = xt = work = None
@@ -315,9 +315,6 @@ class NativeKernels:
             lp, rp = left.float().contiguous(), right.float().contiguous()
             xt = torch.empty_like(x)
             work = torch.empty(a * bb + bb, dtype=torch.float32)
-        q = torch.empty(m, kp, dtype=torch.int8)
-        scale = torch.empty(m, 1, dtype=torch.float32)
-        rowsum = torch.empty(m, dtype=torch.int32)
         self.lib.fq_linear(x.data_ptr(), int(x.dtype == torch.bfloat16), m, k, _ptr(lp), _ptr(rp), a, bb, _ptr(xt),
                            _ptr(work), 2 ** (bits - 1) - 1, 1.0 if clip is None else float(clip),
                            int(clip is not None), q.data_ptr(), kp, scale.data_ptr(), rowsum.data_ptr(),
