@@ -55,14 +55,25 @@ def cpu_flags() -> frozenset[str]:
 
 
 def cpu_model() -> str:
-    """The CPU model name of /proc/cpuinfo (or platform.processor())."""
+    """The CPU model name of /proc/cpuinfo, with its family/model/stepping where given (e.g. "AMD EPYC (family 26
+    model 2 stepping 1)": family 26 is Zen 5), else platform.processor()."""
+    fields: dict[str, str] = {}
     try:
         with open("/proc/cpuinfo") as fh:
             for line in fh:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
+                key, _, value = line.partition(":")
+                key = key.strip()
+                if key in ("model name", "cpu family", "model", "stepping", "CPU implementer", "CPU part"):
+                    fields.setdefault(key, value.strip())
+                if not line.strip() and fields:
+                    break  # first processor only
     except OSError:
         pass
+    if "model name" in fields:
+        ids = " ".join(f"{k.replace('cpu ', '')} {fields[k]}" for k in ("cpu family", "model", "stepping") if k in fields)
+        return f"{fields['model name']} ({ids})" if ids else fields["model name"]
+    if "CPU part" in fields:  # aarch64
+        return f"ARM implementer {fields.get('CPU implementer')} part {fields['CPU part']}"
     import platform
 
     return platform.processor() or platform.machine()
