@@ -10,7 +10,9 @@ Sections
           86x128 online Kronecker transform), M = --tokens (default 1 and 512): the float originals (bf16 where
           this CPU has native bf16, fp32 through MKL and through oneDNN) and RealQuantLinear on the `cpu` backend's
           native code paths of --isas (and `cpu-torch` with --backends cpu,cpu-torch), including the activation
-          transform, quantization and rescale. Speedups are against the fastest float variant of the same row.
+          transform, quantization and rescale. A 256 MiB buffer is written before each timed call, so weights come
+          from memory as in a whole model (else a variant that follows one with the same weights finds them in
+          L3). Speedups are against the fastest float variant of the same row.
   model   prefill (1 x --prompt tokens through the decoder, logits of the last one: what generate() and
           llama-bench's pp test compute) and decode (ms per token over --decode greedy steps
           with the KV cache after that prompt, core.latency.greedy_decode) of a LLaMA-2-7B-shaped model with
@@ -47,6 +49,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 SHAPES = {"qkv/o 4096->4096": (4096, 4096, False), "gate/up 4096->11008": (4096, 11008, False),
           "down 11008->4096 (+transform)": (11008, 4096, True)}
+FLUSH_BYTES = 256 << 20  # written before each timed call: larger than any L3 here
 # flags worth a glance in the printout (the JSON keeps every flag)
 KEY_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx_vnni", "avx512_bf16",
              "amx_bf16", "amx_int8", "asimddp", "sve")
@@ -145,6 +148,7 @@ def bench_linear(repeats: int, warmup: int, tokens, isas, auto, backends) -> lis
     import torch
 
     rows = []
+    flush = torch.zeros(FLUSH_BYTES // 4)
     for shape, (k, n, transform) in SHAPES.items():
         variants = _linear_variants(k, n, transform, isas, auto, backends)
         for m in tokens:
@@ -154,6 +158,9 @@ def bench_linear(repeats: int, warmup: int, tokens, isas, auto, backends) -> lis
             with torch.inference_mode():
                 for rnd in range(warmup + repeats):
                     for name, (fn, dt, _, _) in variants.items():
+                        # weights come from memory, as in a model much larger than the caches (a 4096 x 11008 int4
+                        # matrix fits this CPU's 32 MiB L3: without this, whichever variant runs second is cached)
+                        flush.add_(1)
                         t0 = time.perf_counter()
                         fn(xs[dt])
                         dt_ms = (time.perf_counter() - t0) * 1e3
