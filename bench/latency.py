@@ -339,6 +339,11 @@ def run_llama_bench(root: Path, gguf_path: Path, threads: int, prompt: int, deco
     return out
 
 
+def _paired(ref: list, ours: list) -> float:
+    """Median over rounds of ref / ours (time ratios of the same round)."""
+    return statistics.median(a / b for a, b in zip(ref, ours))
+
+
 def bench_model(repeats: int, warmup: int, layers: int, prompt: int, decode: int, originals, isas, auto,
                 backends, model_names, llama_cpp, threads) -> list[dict]:
     """Prefill: the prompt through the decoder, last-token logits (``_prefill_ms``). Decode: core.latency.greedy_decode (the
@@ -402,9 +407,14 @@ def bench_model(repeats: int, warmup: int, layers: int, prompt: int, decode: int
                    "prefill_speedup": med[fastest["prefill"]]["prefill"] / pre,
                    "decode_speedup": med[fastest["decode"]]["decode"] / dec,
                    "prefill_runs_ms": r["prefill"], "decode_runs_ms": r["decode"]}
+            # per-round ratios (variants of a round run back to back): steadier than a ratio of medians when the
+            # machine's load swings between rounds
+            row["paired_speedup"] = {k: _paired(runs[fastest[k]][k], r[k]) for k in ("prefill", "decode")}
             if llama is not None:
                 row["vs_llama_cpp"] = {"prefill": med["llama.cpp Q4_0"]["prefill"] / pre,
                                        "decode": med["llama.cpp Q4_0"]["decode"] / dec}
+                row["vs_llama_cpp_paired"] = {k: _paired(runs["llama.cpp Q4_0"][k], r[k])
+                                              for k in ("prefill", "decode")}
             if variant == "llama.cpp Q4_0":
                 row["llama_tg_depth"], row["llama_build"] = r.get("tg_depth"), r.get("build")
             rows.append(row)
@@ -467,15 +477,19 @@ def _print_tables(results: dict) -> None:
         if "model" in res:
             print(f"\n### Model level, {policy} (speedups vs the fastest float original; vs llama.cpp: its time / "
                   f"ours)\n")
+            print("(x: ratio of medians / median of per-round ratios)\n")
             print("| model | variant | prefill ms | prefill tok/s | decode ms/token | weights MiB | prefill x | "
                   "decode x | vs llama.cpp prefill | vs llama.cpp decode |")
             print("|---|---|---|---|---|---|---|---|---|---|")
+            nan = float("nan")
             for r in res["model"]:
-                vl = r.get("vs_llama_cpp") or {}
+                vl, vp = r.get("vs_llama_cpp") or {}, r.get("vs_llama_cpp_paired") or {}
+                ps = r["paired_speedup"]
                 print(f"| {r['model']} | {r['variant']} | {r['prefill_ms']:.1f} | {r['prefill_tokens_per_s']:.1f} | "
-                      f"{r['decode_ms_per_token']:.2f} | {r['weights_mib']:.0f} | {r['prefill_speedup']:.2f} | "
-                      f"{r['decode_speedup']:.2f} | {vl.get('prefill', float('nan')):.2f} | "
-                      f"{vl.get('decode', float('nan')):.2f} |")
+                      f"{r['decode_ms_per_token']:.2f} | {r['weights_mib']:.0f} | "
+                      f"{r['prefill_speedup']:.2f} / {ps['prefill']:.2f} | {r['decode_speedup']:.2f} / "
+                      f"{ps['decode']:.2f} | {vl.get('prefill', nan):.2f} / {vp.get('prefill', nan):.2f} | "
+                      f"{vl.get('decode', nan):.2f} / {vp.get('decode', nan):.2f} |")
 
 
 def main() -> None:
