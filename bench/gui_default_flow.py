@@ -5,6 +5,10 @@ job status like the page does, and reports the wall time of the whole job, its s
 how fast the server answers status polls while the job runs (the page must stay responsive).
 
     python bench/gui_default_flow.py [--runs_root /tmp/gui_bench_runs] [--epochs N --nsamples N ...]
+
+It prints the CPU, its flags, the compute dtype and the native code path first. The app inherits the environment:
+FLATQUANT_COMPUTE_DTYPE=fp32 FLATQUANT_NATIVE_ISA=avx2 FLATQUANT_INT_GEMM=float runs the code paths an AVX2-only CPU
+gets (on this CPU's hardware: not a measurement of such a CPU).
 """
 from __future__ import annotations
 
@@ -55,6 +59,15 @@ def main() -> None:
             time.sleep(1.0)
         wall = time.monotonic() - t0
         report = __import__("json").loads((Path(st["output_dir"]) / "report.json").read_text())
+    from core.device import compute_dtype, cpu_flags, cpu_model
+    from core.realquant import native
+
+    flags = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "asimddp")
+             if f in cpu_flags()]
+    print(f"CPU: {cpu_model()} ({os.cpu_count()} vCPUs), flags {' '.join(flags)}; compute dtype "
+          f"{str(compute_dtype('cpu')).replace('torch.', '')}; native path "
+          f"{native.requested_isa() if native.unsupported_reason() is None else 'none'}; "
+          f"load average {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
     print(f"settings: {settings.cli_command('<run>')}")
     print(f"status: {st['status']} {st['error'] or ''}")
     print(f"app startup (process start to first HTTP answer): {startup:.1f} s")

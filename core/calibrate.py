@@ -177,7 +177,7 @@ def _oom_guard(exc: BaseException) -> None:
 
 
 def calibrate_model(model: nn.Module, samples: torch.Tensor, cfg: FlatQuantConfig, device: torch.device,
-                    reporter: Reporter, dtype: Optional[torch.dtype] = torch.bfloat16,
+                    reporter: Reporter, dtype: Optional[torch.dtype | str] = "auto",
                     max_layers: Optional[int] = None, done_states: Optional[dict[int, dict]] = None,
                     on_layer_done: Optional[Callable[[int, dict, LayerResult], None]] = None) -> list[LayerResult]:
     """Calibrate (and fold) decoder layers in place. ``done_states`` holds layers finished by an interrupted run

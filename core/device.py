@@ -2,8 +2,11 @@
 from __future__ import annotations
 
 import ctypes
+import functools
 import importlib
+import os
 import sys
+from typing import Optional
 
 import torch
 
@@ -38,9 +41,80 @@ def resolve_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
-def compute_dtype(device: torch.device) -> torch.dtype:
-    """Matmul dtype for calibration and evaluation: bf16 everywhere it is fast (this includes AVX-512 BF16 CPUs)."""
-    return torch.bfloat16
+@functools.lru_cache(maxsize=1)
+def cpu_flags() -> frozenset[str]:
+    """The CPU feature flags of /proc/cpuinfo (x86 ``flags``, aarch64 ``Features``); empty where unreadable."""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith(("flags", "Features")):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def cpu_model() -> str:
+    """The CPU model name of /proc/cpuinfo, with its family/model/stepping where given (e.g. "AMD EPYC (family 26
+    model 2 stepping 1)": family 26 is Zen 5), else platform.processor()."""
+    fields: dict[str, str] = {}
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                key, _, value = line.partition(":")
+                key = key.strip()
+                if key in ("model name", "cpu family", "model", "stepping", "CPU implementer", "CPU part"):
+                    fields.setdefault(key, value.strip())
+                if not line.strip() and fields:
+                    break  # first processor only
+    except OSError:
+        pass
+    if "model name" in fields:
+        ids = " ".join(f"{k.replace('cpu ', '')} {fields[k]}" for k in ("cpu family", "model", "stepping") if k in fields)
+        return f"{fields['model name']} ({ids})" if ids else fields["model name"]
+    if "CPU part" in fields:  # aarch64
+        return f"ARM implementer {fields.get('CPU implementer')} part {fields['CPU part']}"
+    import platform
+
+    return platform.processor() or platform.machine()
+
+
+# x86 flags that mean bf16 matmuls run natively (oneDNN uses them); without them torch emulates bf16 in fp32
+# software loops, 5-10x slower than an fp32 matmul.
+NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+COMPUTE_DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16,
+                  "float16": torch.float16, "fp32": torch.float32, "float32": torch.float32}
+COMPUTE_DTYPE_CHOICES = ("auto", "bf16", "fp16", "fp32")
+COMPUTE_DTYPE_ENV = "FLATQUANT_COMPUTE_DTYPE"
+
+
+def native_bf16(device: torch.device | str = "cpu") -> bool:
+    """Whether bf16 matmuls are native on ``device``: always on cuda/npu, on a CPU only with AVX512-BF16 or AMX."""
+    kind = device.type if isinstance(device, torch.device) else str(device).split(":")[0]
+    if kind != "cpu":
+        return True
+    flags = cpu_flags()
+    return any(f in flags for f in NATIVE_BF16_FLAGS)
+
+
+def compute_dtype(device: torch.device | str = "cpu", override: Optional[str | torch.dtype] = None) -> torch.dtype:
+    """Matmul dtype for calibration, evaluation and the float latency baseline: bf16 where it is native (an
+    accelerator, or a CPU with AVX512-BF16 / AMX), else fp32. ``override`` (auto | bf16 | fp16 | fp32, or a
+    torch.dtype) wins, then the FLATQUANT_COMPUTE_DTYPE environment variable."""
+    if isinstance(override, torch.dtype):
+        return override
+    name = (override or "auto").lower()
+    if name == "auto":
+        name = (os.environ.get(COMPUTE_DTYPE_ENV) or "auto").lower()
+    if name == "auto":
+        return torch.bfloat16 if native_bf16(device) else torch.float32
+    if name not in COMPUTE_DTYPES:
+        raise FlatQuantError(f"--compute_dtype must be one of {', '.join(COMPUTE_DTYPE_CHOICES)}, got {name!r}.")
+    return COMPUTE_DTYPES[name]
+
+
+def dtype_name(dtype: Optional[torch.dtype]) -> Optional[str]:
+    return None if dtype is None else str(dtype).replace("torch.", "")
 
 
 def synchronize(device: torch.device) -> None:

@@ -23,9 +23,10 @@ import torch
 from torch import nn
 
 from .accuracy import DEFAULT_TASKS, AccuracyOptions, evaluate_accuracy, format_acc_line
+from .device import COMPUTE_DTYPE_CHOICES, compute_dtype
 from .errors import ConfigError
 from .generation import GenerationOptions, compare_generation
-from .latency import LATENCY_TEXT, latency_input_ids, measure_interleaved
+from .latency import LATENCY_TEXT, latency_input_ids, measure_interleaved, model_device
 from .progress import Reporter
 from .report import update_report
 
@@ -57,7 +58,8 @@ class EvalOptions:
     latency_real_quant: bool = True  # also time the real-quant (int4) conversion when core.realquant is available
     # Timed copies are cast to this dtype ("bfloat16": the fast path on AVX-512 BF16 CPUs and GPUs/NPUs, and what
     # a deployment runs); None/"none" times the models as loaded.
-    latency_dtype: Optional[str] = "bfloat16"
+    latency_dtype: Optional[str] = "auto"  # auto = the compute dtype
+    compute_dtype: Optional[str] = None  # auto | bf16 | fp16 | fp32 (core.device.compute_dtype); None = auto
     # generation
     prompt: Optional[str] = None
     max_new_tokens: int = 64
@@ -111,7 +113,7 @@ def evaluate_ppl(models: dict[str, nn.Module], tokenizer, options: EvalOptions, 
     from .perplexity import perplexity_from_ids
 
     ids, label = ppl_token_ids(tokenizer, options.ppl_data)
-    dtype = torch.bfloat16
+    dtype = compute_dtype(model_device(next(iter(models.values()))), options.compute_dtype)
     seqlens = [int(s) for s in options.ppl_seqlens]
     by_seqlen: dict[str, dict] = {str(s): {} for s in seqlens}
 
@@ -156,9 +158,11 @@ def evaluate_acc(models: dict[str, nn.Module], tokenizer, options: EvalOptions, 
     return section
 
 
-def _latency_dtype(name: Optional[str]) -> Optional[torch.dtype]:
+def _latency_dtype(name: Optional[str], device: torch.device, compute: Optional[str] = None) -> Optional[torch.dtype]:
     if name in (None, "", "none"):
         return None
+    if name == "auto":
+        return compute_dtype(device, compute)
     dtype = getattr(torch, str(name), None)
     if not isinstance(dtype, torch.dtype):
         raise ConfigError(f"--latency_dtype must be bfloat16, float16, float32 or none, got {name!r}.")
@@ -166,7 +170,7 @@ def _latency_dtype(name: Optional[str]) -> Optional[torch.dtype]:
 
 
 def evaluate_latency(models: dict[str, nn.Module], tokenizer, options: EvalOptions, reporter: Reporter) -> dict:
-    dtype = _latency_dtype(options.latency_dtype)
+    dtype = _latency_dtype(options.latency_dtype, model_device(models["original"]), options.compute_dtype)
     timed = {name: _cast_copy(m, dtype) for name, m in models.items()}
     if options.latency_real_quant and "quantized" in models:
         real = _real_quant_copy(models["quantized"])
@@ -315,8 +319,11 @@ def add_eval_args(parser: argparse.ArgumentParser, default_sections: Sequence[st
     _add(group, "--latency_seqlen", type=int, default=128, help="prompt tokens for the prefill timing")
     _add(group, "--decode_tokens", type=int, default=64, help="decode steps for the decode timing")
     _add(group, "--latency_repeats", type=int, default=3, help="timed rounds (median kept)")
-    _add(group, "--latency_dtype", default="bfloat16", help="dtype of the timed copies: bfloat16 | float16 | "
-         "float32 | none (as loaded)")
+    _add(group, "--latency_dtype", default="auto", help="dtype of the timed copies: auto (the compute dtype) | "
+         "bfloat16 | float16 | float32 | none (as loaded)")
+    _add(group, "--compute_dtype", default=None, choices=COMPUTE_DTYPE_CHOICES,
+         help="matmul dtype of calibration and evaluation (default auto: bf16 where native, i.e. AVX512-BF16/AMX "
+              "CPUs and accelerators, else fp32)")
     _add(group, "--prompt", default=None, help="generation prompt (default: the sample's AMCT prompt)")
     _add(group, "--max_new_tokens", type=int, default=64, help="generation length")
     return parser
@@ -344,7 +351,8 @@ def eval_options_from_args(args: argparse.Namespace, output_dir: Optional[str] =
         latency_seqlen=getattr(args, "latency_seqlen", 128),
         decode_tokens=getattr(args, "decode_tokens", 64),
         latency_repeats=getattr(args, "latency_repeats", 3),
-        latency_dtype=getattr(args, "latency_dtype", "bfloat16"),
+        latency_dtype=getattr(args, "latency_dtype", "auto"),
+        compute_dtype=getattr(args, "compute_dtype", None),
         prompt=getattr(args, "prompt", None),
         max_new_tokens=getattr(args, "max_new_tokens", 64),
     )

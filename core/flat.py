@@ -60,7 +60,7 @@ class FlatQuantLinear(nn.Module):
             # the deployable form: the real kernels' integer math, so real-quant equals this model bit for bit
             w_codes, w_scale = quantize_codes(w, self.weight_quantizer.bits, 1, self.weight_quantizer.clip_ratio())
             return integer_linear(x, w_codes, w_scale, self.linear.bias, self.act_quantizer.bits,
-                                  self.act_quantizer.clip_ratio())
+                                  self.act_quantizer.clip_ratio(), self.weight_quantizer.bits)
         if self.quant_enabled:
             x = self.act_quantizer(x)
             w = self.weight_quantizer(w)

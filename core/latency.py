@@ -21,7 +21,7 @@ from torch import nn
 from .device import synchronize
 
 
-def _device_of(model: nn.Module) -> torch.device:
+def model_device(model: nn.Module) -> torch.device:
     for p in model.parameters():
         return p.device
     for b in model.buffers():
@@ -133,7 +133,7 @@ def measure_interleaved(models: dict[str, nn.Module], input_ids: torch.Tensor, d
     if repeats < 1 or warmup < 0 or decode_tokens < 0:
         raise ValueError("repeats must be >= 1, warmup >= 0 and decode_tokens >= 0.")
     input_ids = _check_input(input_ids)
-    inputs = {name: input_ids.to(_device_of(m)) for name, m in models.items()}
+    inputs = {name: input_ids.to(model_device(m)) for name, m in models.items()}
     prefill: dict[str, list[float]] = {n: [] for n in models}
     decode: dict[str, list[float]] = {n: [] for n in models}
     peak: dict[str, float] = {n: 0.0 for n in models}
@@ -185,7 +185,7 @@ def forward_time_ms(model: nn.Module, input_ids: torch.Tensor, repeats: int = 5)
     """Median wall time of one plain forward (no cache) after one warm-up: the sample's "Time diff" number."""
     if repeats < 1:
         raise ValueError("repeats must be >= 1.")
-    input_ids = _check_input(input_ids).to(_device_of(model))
+    input_ids = _check_input(input_ids).to(model_device(model))
     one_forward_ms(model, input_ids)
     return statistics.median(one_forward_ms(model, input_ids) for _ in range(repeats))
 

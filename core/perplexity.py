@@ -9,21 +9,26 @@ import torch
 import torch.nn.functional as F
 
 from .data import tokenize
+from .device import compute_dtype
 from .errors import DataError
 from .progress import Reporter
 
 
-def autocast_for(model: torch.nn.Module, dtype: Optional[torch.dtype]):
+def autocast_for(model: torch.nn.Module, dtype: Optional[torch.dtype | str]):
+    """Autocast to ``dtype`` on the model's device; a name (``"auto"``, bf16, fp16, fp32) is resolved by
+    ``core.device.compute_dtype`` (auto: bf16 only where it is native); None or fp32: no autocast."""
+    device = next(model.parameters()).device
+    if isinstance(dtype, str):
+        dtype = compute_dtype(device, dtype)
     if dtype is None or dtype == torch.float32:
         return nullcontext()
-    device = next(model.parameters()).device
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 @torch.no_grad()
 def perplexity_from_ids(model: torch.nn.Module, ids: torch.Tensor, seqlen: int = 512, batch_size: int = 4,
                         max_windows: Optional[int] = None, reporter: Optional[Reporter] = None,
-                        dtype: Optional[torch.dtype] = torch.bfloat16, label: str = "") -> float:
+                        dtype: Optional[torch.dtype | str] = "auto", label: str = "") -> float:
     n = ids.numel() // seqlen
     if max_windows is not None:
         n = min(n, max_windows)

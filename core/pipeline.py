@@ -17,7 +17,7 @@ from torch import nn
 from .calibrate import LayerResult, calibrate_model
 from .config import FlatQuantConfig, load_config_file, normalize_skip_layers, parse_config
 from .data import EMBEDDED_TEXT_LABEL, load_text, sample_windows, tokenize, wikitext_test_path
-from .device import resolve_device
+from .device import compute_dtype, dtype_name, resolve_device
 from .errors import FlatQuantError, JobCancelled, MatrixFileError
 from .flat import apply_flat_structure, fold_model
 from .matrices import MATRIX_FILE, RESUME_FILE, build_payload, load_matrices, read_matrices, save_matrices
@@ -58,6 +58,7 @@ class QuantizeOptions:
     max_layers: Optional[int] = None  # calibrate only the first N decoder layers (quick runs)
     seed: int = 0
     resume: bool = True
+    compute_dtype: Optional[str] = None  # auto | bf16 | fp16 | fp32 (core.device.compute_dtype); None = auto
 
     def resolved_config(self) -> FlatQuantConfig:
         raw = self.config
@@ -83,6 +84,7 @@ class QuantizeOptions:
                 raise FlatQuantError(f"--{key} must be >= {low}, got {getattr(self, key)}.")
         if self.load_matrix and not self.flat_matrix_path:
             raise FlatQuantError("--load_matrix needs --flat_matrix_path FILE.")
+        compute_dtype("cpu", self.compute_dtype)  # an unknown name is an error before anything runs
         if self.max_layers is not None and self.max_layers < 1:
             raise FlatQuantError(f"--max_layers must be >= 1, got {self.max_layers}.")
 
@@ -194,7 +196,8 @@ def run_quantize(options: QuantizeOptions, on_event: Optional[ProgressCallback] 
 
         t0 = time.monotonic()
         try:
-            calibrate_model(quantized, samples, cfg, device, reporter, max_layers=options.max_layers,
+            calibrate_model(quantized, samples, cfg, device, reporter, dtype=options.compute_dtype or "auto",
+                            max_layers=options.max_layers,
                             done_states=done_states, on_layer_done=on_layer_done)
         except JobCancelled:
             resume_path.unlink(missing_ok=True)  # a cancel leaves nothing half-done behind
@@ -210,6 +213,7 @@ def run_quantize(options: QuantizeOptions, on_event: Optional[ProgressCallback] 
                       "layers": [{"layer": r.index, "first_loss": r.first_loss, "last_loss": r.last_loss,
                                   "epoch_losses": r.losses, "seconds": round(r.seconds, 3)} for r in layer_results]})
     calib["peak_rss_mb"] = round(peak_rss_mb(), 1)
+    calib["compute_dtype"] = dtype_name(compute_dtype(device, options.compute_dtype))
 
     rtn = None if (options.skip_rtn or options.skip_ppl) else rtn_model(original.model, cfg, options.max_layers)
     report = {
@@ -225,7 +229,7 @@ def run_quantize(options: QuantizeOptions, on_event: Optional[ProgressCallback] 
             if model is None:
                 continue
             ppl[name] = perplexity_from_ids(model, ids, options.ppl_seqlen, max_windows=options.ppl_max_windows,
-                                            reporter=reporter, label=name)
+                                            reporter=reporter, label=name, dtype=options.compute_dtype or "auto")
             reporter.emit("ppl", f"PPL {name}: {ppl[name]:.3f}")
             update_report(out_dir, dict(report, ppl=ppl))  # a cancel during the next model keeps this number
         report["ppl"] = ppl

@@ -1,6 +1,7 @@
 """Symmetric integer quantization math (fake-quant with straight-through rounding) and learnable clipping."""
 from __future__ import annotations
 
+import os
 import threading
 from typing import Optional
 
@@ -138,21 +139,56 @@ def fake_quant_sym(x: torch.Tensor, bits: int, dim: int = -1, clip_ratio: Option
     return _FakeQuantSym.apply(x, clip_ratio, bits)
 
 
+INT_GEMM_ENV = "FLATQUANT_INT_GEMM"  # auto | int | float: force the integer GEMM's implementation (tests)
+# x86 flags with which oneDNN's int8 GEMM (torch._int_mm) is fast; without them it is a reference loop, 35-75x slower
+# than an fp32 matmul of the same shape.
+VNNI_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
+FP32_EXACT_LIMIT = 1 << 24  # every integer of magnitude <= 2^24 is exact in fp32
+
+
+def int8_gemm_is_fast(device: torch.device) -> bool:
+    """Whether torch._int_mm is the fast way to an exact integer GEMM on ``device`` (FLATQUANT_INT_GEMM=int|float
+    forces the answer)."""
+    forced = os.environ.get(INT_GEMM_ENV, "auto").lower()
+    if forced in ("int", "float"):
+        return forced == "int"
+    if device.type != "cpu":
+        return device.type == "cuda"
+    from .device import cpu_flags
+
+    return any(f in cpu_flags() for f in VNNI_FLAGS)
+
+
+def float_gemm_is_exact(k: int, a_bits: int, w_bits: int) -> bool:
+    """Σ_k q_x·q_w in fp32 is exact (bit-identical to int32) when no partial sum can pass 2^24: |q| <= 2^(bits-1),
+    so 4-bit codes are exact up to K = 2^18, 8-bit activations with 4-bit weights up to K = 2^14."""
+    return (1 << (a_bits - 1)) * (1 << (w_bits - 1)) * k <= FP32_EXACT_LIMIT
+
+
+def code_matmul(q_x: torch.Tensor, w_codes: torch.Tensor, a_bits: int, w_bits: int) -> torch.Tensor:
+    """Exact Σ_k q_x[m, k]·w[n, k] of integer codes ([M, K] · [N, K]ᵀ), int32 or fp32 holding the same integers: the
+    int8 GEMM where it is fast (VNNI CPUs, CUDA), else an fp32 GEMM of the codes (exact within
+    ``float_gemm_is_exact``; beyond it the int8 GEMM however slow)."""
+    k = q_x.shape[-1]
+    if a_bits <= 8 and w_bits <= 8 and (int8_gemm_is_fast(q_x.device) or not float_gemm_is_exact(k, a_bits, w_bits)):
+        rows = q_x.reshape(-1, k).to(torch.int8)
+        return torch._int_mm(rows, w_codes.to(torch.int8).t()).reshape(*q_x.shape[:-1], -1)
+    with torch.autocast(q_x.device.type, enabled=False):
+        return F.linear(q_x.float(), w_codes.float())
+
+
 def integer_linear(x: torch.Tensor, w_codes: torch.Tensor, w_scale: torch.Tensor, bias: Optional[torch.Tensor],
-                   a_bits: int, a_clip: Optional[torch.Tensor] = None) -> torch.Tensor:
+                   a_bits: int, a_clip: Optional[torch.Tensor] = None, w_bits: Optional[int] = None) -> torch.Tensor:
     """y = (q_x·q_wᵀ)·s_w·s_x + b: the real-quant kernels' integer math and epilogue order, in float.
 
-    The GEMM of the codes is exact (int32 on CPU; in fp32 elsewhere every partial sum is an integer below 2^24 for
-    4-bit codes up to K = 262,144), so a folded fake-quant model gives the real-quant model's outputs bit for bit
-    instead of differing by float rounding, which int4 rounding flips would amplify through the layers."""
+    The GEMM of the codes is exact (``code_matmul``: int32, or fp32 where every partial sum is an integer below
+    2^24), so a folded fake-quant model gives the real-quant model's outputs bit for bit instead of differing by
+    float rounding, which int4 rounding flips would amplify through the layers. ``w_bits`` None: read from the
+    codes."""
     q_x, s_x = quantize_codes(x, a_bits, -1, a_clip)
-    if x.device.type == "cpu" and a_bits <= 8:
-        # the same exact sums on the int8 GEMM (oneDNN VNNI): much faster than an fp32 GEMM on CPUs
-        rows = q_x.reshape(-1, q_x.shape[-1]).to(torch.int8)
-        acc = torch._int_mm(rows, w_codes.to(torch.int8).t()).reshape(*q_x.shape[:-1], -1)
-    else:
-        with torch.autocast(x.device.type, enabled=False):
-            acc = F.linear(q_x, w_codes.float())
+    if w_bits is None:
+        w_bits = max(2, int(w_codes.abs().amax()).bit_length() + 1)
+    acc = code_matmul(q_x, w_codes, a_bits, w_bits)
     out = acc * w_scale.float().reshape(-1)
     out = out * s_x
     if bias is not None:

@@ -38,3 +38,33 @@ def test_perplexity_matches_hand_computed_reference(smollm2):
     assert got2 == pytest.approx(ref2, rel=1e-4) and got2 != pytest.approx(got, rel=1e-4)
     # the default bf16 autocast stays close to the fp32 reference
     assert perplexity(smollm2.model, smollm2.tokenizer, TEXT, seqlen=16) == pytest.approx(ref, rel=0.05)
+
+
+def test_compute_dtype_is_bf16_only_where_native(monkeypatch):
+    import core.device as dev
+    from core.errors import FlatQuantError
+
+    monkeypatch.delenv(dev.COMPUTE_DTYPE_ENV, raising=False)
+    monkeypatch.setattr(dev, "cpu_flags", lambda: frozenset({"avx2", "fma", "avx512f"}))  # e.g. Zen 3/4 w/o BF16
+    assert dev.compute_dtype("cpu") == torch.float32
+    assert dev.compute_dtype("cuda") == torch.bfloat16 and dev.compute_dtype("npu") == torch.bfloat16
+    for flag in dev.NATIVE_BF16_FLAGS:
+        monkeypatch.setattr(dev, "cpu_flags", lambda flag=flag: frozenset({"avx2", flag}))
+        assert dev.compute_dtype("cpu") == torch.bfloat16
+    assert dev.compute_dtype("cpu", "fp32") == torch.float32 and dev.compute_dtype("cpu", "fp16") == torch.float16
+    monkeypatch.setenv(dev.COMPUTE_DTYPE_ENV, "fp32")
+    assert dev.compute_dtype("cpu") == torch.float32 and dev.compute_dtype("cpu", "bf16") == torch.bfloat16
+    with pytest.raises(FlatQuantError, match="--compute_dtype"):
+        dev.compute_dtype("cpu", "int8")
+
+
+def test_perplexity_auto_dtype_follows_the_compute_dtype(smollm2, monkeypatch):
+    from core.device import COMPUTE_DTYPE_ENV
+
+    fp32 = perplexity(smollm2.model, smollm2.tokenizer, TEXT, seqlen=16, max_windows=2, dtype=None)
+    bf16 = perplexity(smollm2.model, smollm2.tokenizer, TEXT, seqlen=16, max_windows=2, dtype=torch.bfloat16)
+    assert fp32 != bf16
+    monkeypatch.setenv(COMPUTE_DTYPE_ENV, "fp32")
+    assert perplexity(smollm2.model, smollm2.tokenizer, TEXT, seqlen=16, max_windows=2) == fp32
+    monkeypatch.setenv(COMPUTE_DTYPE_ENV, "bf16")
+    assert perplexity(smollm2.model, smollm2.tokenizer, TEXT, seqlen=16, max_windows=2) == bf16

@@ -85,3 +85,38 @@ def test_fake_quant_equals_the_integer_codes_times_scale():
     x = torch.randn(6, 40) * 5
     q, scale = quantize_codes(x, 4, -1, None)
     assert torch.equal(fake_quant_sym(x, 4), q * scale)
+
+
+@pytest.mark.parametrize("a_bits,w_bits,k", [(4, 4, 4096), (8, 4, 1000), (4, 8, 333)])
+def test_integer_gemm_is_exact_on_the_int8_and_the_fp32_path(monkeypatch, a_bits, w_bits, k):
+    from core.quantizer import INT_GEMM_ENV, code_matmul, float_gemm_is_exact, integer_linear, quantize_codes
+
+    g = torch.Generator().manual_seed(k)
+    # worst case for the fp32 sums: every product at its extreme, same sign
+    q_x = torch.full((3, k), -(2 ** (a_bits - 1)), dtype=torch.float32)
+    q_x[1:] = torch.randint(-(2 ** (a_bits - 1)), 2 ** (a_bits - 1), (2, k), generator=g).float()
+    w = torch.full((5, k), -(2 ** (w_bits - 1)), dtype=torch.int8)
+    w[1:] = torch.randint(-(2 ** (w_bits - 1)), 2 ** (w_bits - 1), (4, k), generator=g, dtype=torch.int8)
+    exact = (q_x.double() @ w.double().t())
+    assert float_gemm_is_exact(k, a_bits, w_bits)
+    monkeypatch.setenv(INT_GEMM_ENV, "int")
+    as_int = code_matmul(q_x, w, a_bits, w_bits)
+    monkeypatch.setenv(INT_GEMM_ENV, "float")
+    as_float = code_matmul(q_x, w, a_bits, w_bits)
+    assert as_int.dtype == torch.int32 and as_float.dtype == torch.float32
+    assert torch.equal(as_int.double(), exact) and torch.equal(as_float.double(), exact)
+    # the whole integer linear (quantize, GEMM, epilogue) is bit-identical on both paths
+    x = torch.randn(4, k, generator=g) * 3
+    w_codes, w_scale = quantize_codes(torch.randn(6, k, generator=g), w_bits, 1)
+    bias, outs = torch.randn(6, generator=g), []
+    for mode in ("int", "float"):
+        monkeypatch.setenv(INT_GEMM_ENV, mode)
+        outs.append(integer_linear(x, w_codes, w_scale, bias, a_bits, None, w_bits))
+    assert torch.equal(outs[0], outs[1])
+
+
+def test_fp32_gemm_exactness_bound():
+    from core.quantizer import float_gemm_is_exact
+
+    assert float_gemm_is_exact(2 ** 18, 4, 4) and not float_gemm_is_exact(2 ** 18 + 1, 4, 4)
+    assert float_gemm_is_exact(2 ** 14, 8, 4) and not float_gemm_is_exact(2 ** 15, 8, 4)

@@ -383,3 +383,109 @@ def test_native_can_be_turned_off(monkeypatch):
     be = CpuBackend()
     assert be.native is None and "qweight" in be.prepare_weight(torch.zeros(4, 8, dtype=torch.int8), 4)
     assert "FLATQUANT_NATIVE=0" in native.unsupported_reason()
+
+
+# --- every native code path (AVX-512 VNNI, AVX-VNNI, AVX2, NEON, portable C) -----------------------------------
+
+
+def _native_paths():
+    kernels = native.load()
+    return [] if kernels is None else kernels.compiled_isas()
+
+
+@pytest.fixture
+def native_path(request):
+    """Run the native kernels on one code path for the test, then restore the automatic choice."""
+    kernels = native.load()
+    previous = kernels.set_isa(request.param)
+    yield request.param
+    kernels.set_isa(previous)
+
+
+def test_the_portable_path_is_always_there():
+    if native.load() is None:
+        pytest.skip(f"native kernels unavailable: {native.unsupported_reason()}")
+    assert "portable" in native.load().compiled_isas() and native.cpu_isas()[-1] == "portable"
+    assert native.load().isa == native.requested_isa()
+
+
+@pytest.mark.parametrize("native_path", _native_paths(), indirect=True)
+@pytest.mark.parametrize("case", CASES[:4] + CASES[5:], ids=lambda c: "m{}k{}n{}a{}".format(c[0], c[1], c[2], c[4]))
+def test_native_path_equals_the_reference_integer_math(native_path, case):
+    """Activation codes, scales, code sums, GEMM + epilogue (fp32 and bf16 out) and the fused call of each path are
+    bit-identical to the PyTorch reference (cpu-torch: quantize_per_token + an exact integer GEMM + rescale)."""
+    m, k, n, _, a_bits, clip, trans, has_bias = case
+    kernels = native.load()
+    g = torch.Generator().manual_seed(m * 7 + k)
+    codes, scale = quantize_weight(torch.randn(n, k, generator=g), 4, torch.full((n, 1), 0.9))
+    bias = torch.randn(n, generator=g) if has_bias else None
+    ref_be, be = TorchCpuBackend(), CpuBackend()
+    ref_t, t = ref_be.prepare_weight(codes, 4), be.prepare_weight(codes, 4)
+    for dtype in (torch.float32, torch.bfloat16):
+        x = (torch.randn(m, k, generator=g) * 3).to(dtype)
+        x[:, 1] *= 30
+        qx = kernels.quantize(x, a_bits, clip)
+        ref_q = ref_be.quantize(x, ActQuant(a_bits, clip), ref_t)
+        assert torch.equal(qx.q[:, :k], ref_q.q) and torch.equal(qx.scale, ref_q.scale), native_path
+        assert torch.equal(qx.extra["rowsum"], ref_q.q.sum(1, dtype=torch.int32))
+        for out_dtype in (torch.float32, torch.bfloat16):
+            ref = ref_be.matmul(ref_q, ref_t, n, scale, bias, out_dtype)
+            assert torch.equal(kernels.matmul(qx, t, n, scale, bias, out_dtype), ref), (native_path, out_dtype)
+        left = right = None
+        if trans is not None:
+            left = torch.linalg.qr(torch.randn(trans[0], trans[0], generator=g))[0].to(dtype)
+            right = torch.linalg.qr(torch.randn(trans[1], trans[1], generator=g))[0].to(dtype)
+        act = ActQuant(a_bits, clip, left, right)
+        separate = be.matmul(be.quantize(x[:1], act, t), t, n, scale, bias, dtype)
+        fused = be.fused_linear(x[:1], act, t, n, scale, bias, dtype)
+        assert fused is not None and torch.equal(fused, separate), native_path
+
+
+@pytest.mark.parametrize("native_path", _native_paths(), indirect=True)
+def test_native_transform_is_identical_on_every_path(native_path):
+    kernels = native.load()
+    g = torch.Generator().manual_seed(3)
+    for a, b in ((86, 128), (8, 12), (3, 5)):
+        left, right = torch.randn(a, a, generator=g), torch.randn(b, b, generator=g)
+        for dtype in (torch.float32, torch.bfloat16):
+            x = torch.randn(3, a * b, generator=g).to(dtype)
+            out = kernels.kron(x, left.to(dtype), right.to(dtype))
+            previous = kernels.set_isa("portable")
+            try:
+                ref = kernels.kron(x, left.to(dtype), right.to(dtype))
+            finally:
+                kernels.set_isa(previous)
+            assert torch.equal(out, ref), (native_path, a, b, dtype)
+            dense = (x.double() @ torch.kron(left.to(dtype).double(), right.to(dtype).double())).float()
+            assert _rel(out, dense) < (1e-6 if dtype == torch.float32 else 1e-2)
+
+
+@pytest.mark.parametrize("native_path", _native_paths(), indirect=True)
+@pytest.mark.parametrize("int_gemm", ["int", "float"])
+def test_real_quant_equals_fake_quant_on_every_native_path(native_path, int_gemm, tiny_qwen3, monkeypatch):
+    """Prompt- and decode-sized batches (fused single-call path for 1-4 tokens): real-quant logits equal the folded
+    fake-quant model's on each code path, with the fake model's GEMM on torch._int_mm or in fp32 (no-VNNI CPUs)."""
+    from core.quantizer import INT_GEMM_ENV
+
+    monkeypatch.setenv(INT_GEMM_ENV, int_gemm)
+    fake = _fake_model(tiny_qwen3)
+    real = convert_model(copy.deepcopy(fake), "cpu")
+    assert all("qweight_vnni" in dict(m.named_buffers()) for m in real.modules() if isinstance(m, RealQuantLinear))
+    g = torch.Generator().manual_seed(5)
+    for shape in ((1, 1), (1, 3), (2, 9)):  # (bf16 kernels: test_native_path_equals_the_reference_integer_math)
+        ids = torch.randint(0, tiny_qwen3.config.vocab_size, shape, generator=g)
+        with torch.no_grad():
+            assert torch.equal(real(input_ids=ids).logits, fake(input_ids=ids).logits), (native_path, shape)
+
+
+def test_forced_code_path_is_checked(monkeypatch):
+    monkeypatch.setenv(native.ISA_ENV, "sse9")
+    with pytest.raises(ConfigError, match="must be one of"):
+        native.requested_isa()
+    missing = next((n for n in native.ISAS if n not in native.cpu_isas()), None)
+    if missing is not None:
+        monkeypatch.setenv(native.ISA_ENV, missing)
+        with pytest.raises(ConfigError, match="lacks"):
+            native.requested_isa()
+    monkeypatch.setenv(native.ISA_ENV, "portable")
+    assert native.requested_isa() == "portable"

@@ -93,7 +93,8 @@ def run(args: argparse.Namespace) -> int:
         calib_data=args.calib_data, nsamples=args.nsamples, seqlen=args.seqlen, epochs=args.epochs,
         cali_bsz=args.cali_bsz, flat_lr=args.flat_lr, device=args.device, ppl_data=args.ppl_data,
         ppl_seqlen=args.ppl_seqlen, ppl_max_windows=args.ppl_max_windows, skip_ppl=args.skip_ppl,
-        skip_rtn=args.no_rtn, output_dir=output_dir, max_layers=args.max_layers, seed=args.seed, resume=args.resume)
+        skip_rtn=args.no_rtn, output_dir=output_dir, max_layers=args.max_layers, seed=args.seed, resume=args.resume,
+        compute_dtype=args.compute_dtype)
     if args.export == "ascend":
         from ..realquant.ascend import prepare_quantize
 

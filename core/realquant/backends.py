@@ -5,9 +5,11 @@ per-channel scales) into whatever its fastest kernel reads (``prepare_weight``),
 (after the optional online Kronecker transform, ``quantize``) and runs the integer GEMM with the per-token ×
 per-channel rescale (``matmul``). ``weight_codes`` gives the canonical codes back for export.
 
-- ``cpu``: the native AVX-512 VNNI kernels of ``core.realquant.native`` when they build (int4 weights in memory,
-  fused quantize and epilogue), otherwise the ``cpu-torch`` path.
-- ``cpu-torch``: PyTorch's int8 GEMM (``torch._int_mm``, oneDNN on x86) on int8-held int4 codes; any width.
+- ``cpu``: the native kernels of ``core.realquant.native`` when they build (int4 weights in memory, fused quantize
+  and epilogue; AVX-512 VNNI, AVX-VNNI, AVX2, NEON dot product or portable C, picked from the CPU's flags),
+  otherwise the ``cpu-torch`` path.
+- ``cpu-torch``: PyTorch's int8 GEMM (``torch._int_mm``, oneDNN on x86) on int8-held int4 codes where the CPU has
+  VNNI, else an exact fp32 GEMM of the codes (``core.quantizer.code_matmul``); any width.
 - ``cuda``: ``torch._int_mm`` (cuBLASLt int8) with the padding its shape rules need.
 - ``npu``: torch_npu's fused kernels (see ``core.realquant.npu``).
 """
@@ -20,10 +22,13 @@ import torch
 
 from ..device import npu_available
 from ..errors import ConfigError
-from ..quantizer import qmax
-from ..transforms import kronecker_matmul
+from ..quantizer import code_matmul, qmax
+from ..transforms import SMALL_ROWS, kronecker_matmul
 
 _EPS = 1e-8  # core.quantizer.sym_scale's floor: an all-zero token gets scale 1e-8 and codes 0
+# Up to this many tokens a linear runs as one native call (transform + quantize + GEMM; decode steps): q/k/v then
+# quantize their shared input each, which costs less than the two extra calls would.
+FUSED_MAX_ROWS = 4
 
 
 @dataclass
@@ -95,6 +100,12 @@ class Backend:
                bias: Optional[torch.Tensor], out_dtype: torch.dtype) -> torch.Tensor:
         raise NotImplementedError
 
+    def fused_linear(self, x: torch.Tensor, act: ActQuant, tensors: dict[str, torch.Tensor], out_features: int,
+                     w_scale: torch.Tensor, bias: Optional[torch.Tensor], out_dtype: torch.dtype
+                     ) -> Optional[torch.Tensor]:
+        """``matmul(quantize(x))`` in one kernel call where the backend has one (few-token calls), else None."""
+        return None
+
     def __deepcopy__(self, memo):
         return self  # stateless apart from loaded kernels: copies of a model share their backend
 
@@ -163,7 +174,7 @@ class TorchCpuBackend(Backend):
 
     name = "cpu-torch"
     device_type = "cpu"
-    description = "PyTorch int8 GEMM (torch._int_mm)"
+    description = "PyTorch int8 GEMM (torch._int_mm) with VNNI, else an exact fp32 GEMM of the codes"
 
     def prepare_weight(self, codes, w_bits, a_bits=4):
         return {"qweight": codes.to(torch.int8).contiguous()}
@@ -173,11 +184,12 @@ class TorchCpuBackend(Backend):
 
     def quantize(self, x, act, tensors):
         q, s = quantize_per_token(transform_input(x, act), act.bits, act.clip)
-        return QuantizedInput(q, s)
+        return QuantizedInput(q, s, {"bits": act.bits})
 
     def matmul(self, qx, tensors, out_features, w_scale, bias, out_dtype):
-        # [N, K] read as its transpose: oneDNN takes the column-major B directly (fastest at M = 1 and large M).
-        acc = torch._int_mm(qx.q, tensors["qweight"].t())
+        # torch._int_mm where it is fast ([N, K] read as its transpose: oneDNN takes the column-major B directly),
+        # else the exact fp32 GEMM of the codes (CPUs without VNNI); the int8-held codes may be 8-bit ones
+        acc = code_matmul(qx.q, tensors["qweight"], qx.extra["bits"], 8)
         return rescale(acc, qx.scale, w_scale, bias, out_dtype)
 
 
@@ -187,7 +199,7 @@ class CpuBackend(TorchCpuBackend):
     8-bit weights always take the cpu-torch path (the native GEMM reads int4 only)."""
 
     name = "cpu"
-    description = "native AVX-512 VNNI int4 kernels, falling back to torch._int_mm"
+    description = "native int4 kernels (AVX-512 VNNI / AVX-VNNI / AVX2 / NEON / portable), else cpu-torch"
 
     def __init__(self):
         from . import native
@@ -217,6 +229,16 @@ class CpuBackend(TorchCpuBackend):
         if "qweight_vnni" in tensors:
             return self.native.matmul(qx, tensors, out_features, w_scale, bias, out_dtype)
         return super().matmul(qx, tensors, out_features, w_scale, bias, out_dtype)
+
+    def fused_linear(self, x, act, tensors, out_features, w_scale, bias, out_dtype):
+        # the transform runs natively, as kronecker_matmul does for this few rows (SMALL_ROWS), on factors in x's
+        # dtype as transform_input casts them: the same numbers as the separate calls
+        if "qweight_vnni" not in tensors or act.bits > 8 or x.shape[0] > min(FUSED_MAX_ROWS, SMALL_ROWS) \
+                or x.dtype not in (torch.float32, torch.bfloat16):
+            return None
+        left = None if act.left is None else act.left.to(x.dtype)
+        right = None if act.right is None else act.right.to(x.dtype)
+        return self.native.linear(x, act.bits, act.clip, left, right, tensors, out_features, w_scale, bias, out_dtype)
 
 
 # --- CUDA ---------------------------------------------------------------------------------------------------------

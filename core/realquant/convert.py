@@ -14,6 +14,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from ..device import compute_dtype
 from ..errors import FlatQuantError
 from ..latency import one_forward_ms
 from .backends import Backend, select_backend
@@ -107,13 +108,15 @@ def memory_sizes(model: nn.Module) -> dict:
 
 
 def time_diff(original: nn.Module, quantized: nn.Module, input_ids: torch.Tensor, backend: str = "auto",
-              dtype: Optional[torch.dtype] = torch.bfloat16, repeats: int = 5, warmup: int = 1) -> dict:
+              dtype: Optional[torch.dtype | str] = "auto", repeats: int = 5, warmup: int = 1) -> dict:
     """ms for one forward of the same batch: the original vs the real-quant conversion of the (folded, fake-quant)
     ``quantized`` model, both in ``dtype``, timed interleaved (A, B, A, B, ...) so that machine drift hits both.
 
     Neither argument is modified (deep copies are converted and cast)."""
     if input_ids.dim() == 1:
         input_ids = input_ids.unsqueeze(0)
+    if isinstance(dtype, str):  # auto: the compute dtype (bf16 only where native, else fp32)
+        dtype = compute_dtype(next(original.parameters()).device, dtype)
     orig = copy.deepcopy(original)
     real = convert_model(copy.deepcopy(quantized), backend)
     if dtype is not None:

@@ -78,6 +78,10 @@ class RealQuantLinear(nn.Module):
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)
         tensors = self.weight_tensors()
+        out = self.backend.fused_linear(x2, self.act_quant(), tensors, self.out_features, self.w_scale, self.bias,
+                                        x.dtype)
+        if out is not None:  # few tokens: one kernel call (each member of a shared group quantizes for itself)
+            return out.reshape(*shape[:-1], self.out_features)
 
         def compute():
             return self.backend.quantize(x2, self.act_quant(), tensors)
@@ -144,7 +148,7 @@ class FrozenQuantLinear(nn.Module):
             x = kronecker_matmul(x, self.trans_left.to(x.dtype), self.trans_right.to(x.dtype))
         clip = None if self.a_clip is None else torch.tensor(self.a_clip, dtype=torch.float32, device=x.device)
         if self.w_codes is not None and self.a_bits < 16:
-            return integer_linear(x, self.w_codes, self.w_scale, self.bias, self.a_bits, clip)
+            return integer_linear(x, self.w_codes, self.w_scale, self.bias, self.a_bits, clip, self.w_bits)
         if self.a_bits < 16:
             x = fake_quant_sym(x, self.a_bits, dim=-1, clip_ratio=clip)
         weight = self.weight if self.w_codes is None else dequantize_weight(self.w_codes, self.w_scale)

@@ -1,12 +1,16 @@
 """Native CPU kernels for the ``cpu`` backend: int4 weights in memory (half a byte per weight), fused per-token
-quantization, and a VNNI integer GEMM with the rescale in its epilogue (see fq_kernels.c).
+quantization, and an integer GEMM with the rescale in its epilogue (see fq_kernels.c).
 
 The C file is compiled on first use with the system C compiler (no Python headers, no build tools beyond
 ``cc``) into ``$FLATQUANT_CACHE/kernels/`` (default ~/.cache/flatquant_studio/kernels) and loaded with ctypes. It
 runs on its own small pthread pool, sized by ``torch.get_num_threads()`` at each call (see the C file for why not
 OpenMP).
-Needs Linux x86-64 with AVX-512 F/BW/VL and VNNI. Anything missing -> ``load()`` returns None and the backend uses
-``torch._int_mm`` instead; ``FLATQUANT_NATIVE=0`` turns the native path off.
+
+One library holds every code path; the one that runs is picked from the CPU's flags (/proc/cpuinfo): ``avx512``
+(AVX-512 VNNI), ``avxvnni`` (AVX2 + AVX-VNNI), ``avx2`` (AVX2 + FMA, maddubs), ``neon`` (aarch64 dot product,
+where the compiler targets it) or ``portable`` (plain C, any CPU). ``FLATQUANT_NATIVE_ISA=<name>`` forces one (an
+ISA this CPU lacks is an error); every path gives bit-identical results. ``FLATQUANT_NATIVE=0`` turns the native
+kernels off (the backend then uses the ``cpu-torch`` path).
 """
 from __future__ import annotations
 
@@ -25,40 +29,69 @@ from typing import Optional
 
 import torch
 
+from ...device import cpu_flags
+from ...errors import ConfigError
 from ..backends import QuantizedInput
 
 _SOURCE = Path(__file__).with_name("fq_kernels.c")
-_FLAGS = ["-O3", "-std=c11", "-fPIC", "-shared", "-pthread", "-mavx512f", "-mavx512bw", "-mavx512vl",
-          "-mavx512dq", "-mavx512vnni", "-mfma", "-fvisibility=hidden"]
-_REQUIRED_CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni")
-_ABI = 2
+# No -m flags: the x86 paths carry target attributes, and dispatch happens at run time. No contraction of a * b + c
+# into fused multiply-adds behind the code's back: every path must round exactly where the PyTorch reference does.
+_FLAGS = ["-O3", "-std=gnu11", "-fPIC", "-shared", "-pthread", "-fvisibility=hidden", "-ffp-contract=off"]
+_ABI = 3
+ISA_ENV = "FLATQUANT_NATIVE_ISA"
+# name -> (id in the C file, CPU flags it needs)
+ISAS = {"portable": (0, ()), "avx2": (1, ("avx2", "fma")), "avxvnni": (2, ("avx2", "fma", "avx_vnni")),
+        "avx512": (3, ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni")), "neon": (4, ("asimddp",))}
+_PREFERENCE = ("avx512", "avxvnni", "avx2", "neon", "portable")
 _lock = threading.Lock()
 _loaded: dict[str, object] = {}
 
 
-def cpu_flags() -> set[str]:
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
+def _machine() -> str:
+    return platform.machine().lower()
+
+
+def _extra_flags() -> list[str]:
+    # aarch64: the dot-product path is compiled only where the compiler may emit sdot, i.e. where the CPU has it
+    if _machine() in ("aarch64", "arm64") and "asimddp" in cpu_flags():
+        return ["-march=armv8.2-a+dotprod"]
+    return []
 
 
 def unsupported_reason() -> Optional[str]:
     """Why the native kernels cannot run here (None when they can)."""
     if os.environ.get("FLATQUANT_NATIVE", "1") == "0":
         return "disabled by FLATQUANT_NATIVE=0"
-    if sys.platform != "linux" or platform.machine() not in ("x86_64", "AMD64"):
-        return f"needs Linux x86-64, this is {sys.platform} {platform.machine()}"
-    missing = [f for f in _REQUIRED_CPU_FLAGS if f not in cpu_flags()]
-    if missing:
-        return f"the CPU lacks {', '.join(missing)}"
+    if sys.platform != "linux":
+        return f"needs Linux (POSIX threads and a C compiler), this is {sys.platform}"
     if _compiler() is None:
         return "no C compiler (cc/gcc) on PATH"
     return None
+
+
+def cpu_isas() -> list[str]:
+    """The code paths this CPU can run, fastest first (``portable`` always)."""
+    flags = cpu_flags()
+    x86 = _machine() in ("x86_64", "amd64", "i686")
+    out = []
+    for name in _PREFERENCE:
+        needs = ISAS[name][1]
+        if name == "portable" or (all(f in flags for f in needs) and (x86 == (name != "neon"))):
+            out.append(name)
+    return out
+
+
+def requested_isa() -> str:
+    """The path to run: FLATQUANT_NATIVE_ISA when set (checked against the CPU), else the fastest one."""
+    name = os.environ.get(ISA_ENV, "").strip().lower() or "auto"
+    if name == "auto":
+        return cpu_isas()[0]
+    if name not in ISAS:
+        raise ConfigError(f"{ISA_ENV} must be one of auto, {', '.join(ISAS)}; got {name!r}.")
+    if name not in cpu_isas():
+        raise ConfigError(f"{ISA_ENV}={name}: this CPU lacks {', '.join(f for f in ISAS[name][1] if f not in cpu_flags())}"
+                          f"; it can run {', '.join(cpu_isas())}.")
+    return name
 
 
 def enabled() -> bool:
@@ -81,7 +114,7 @@ def _cache_dir() -> Path:
 def _build(cc: str) -> Path:
     src = _SOURCE.read_bytes()
     version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout.splitlines()[:1]
-    key = hashlib.sha256(src + " ".join([cc, *version, *_FLAGS]).encode()).hexdigest()[:16]
+    key = hashlib.sha256(src + " ".join([cc, *version, *_FLAGS, *_extra_flags()]).encode()).hexdigest()[:16]
     target = _cache_dir() / f"fq_kernels-{key}.so"
     if target.exists():
         return target
@@ -90,7 +123,8 @@ def _build(cc: str) -> Path:
     fd, tmp = tempfile.mkstemp(prefix=".fq_kernels-", suffix=".so", dir=target.parent)
     os.close(fd)
     try:
-        proc = subprocess.run([cc, *_FLAGS, str(_SOURCE), "-o", tmp], capture_output=True, text=True)
+        proc = subprocess.run([cc, *_FLAGS, *_extra_flags(), str(_SOURCE), "-o", tmp, "-lm"], capture_output=True,
+                              text=True)
         if proc.returncode != 0:
             raise RuntimeError(proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "compiler failed")
         os.replace(tmp, target)
@@ -112,8 +146,10 @@ def load() -> Optional["NativeKernels"]:
                 kernels = NativeKernels(ctypes.CDLL(str(_build(_compiler()))))
             except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
                 reason = f"build failed: {exc}"
+            if kernels is not None:
+                kernels.set_isa(requested_isa())
         if kernels is None and os.environ.get("FLATQUANT_NATIVE", "1") != "0":
-            warnings.warn(f"FlatQuant native int4 kernels unavailable ({reason}); using torch._int_mm.",
+            warnings.warn(f"FlatQuant native int4 kernels unavailable ({reason}); using the cpu-torch path.",
                           RuntimeWarning, stacklevel=2)
         _loaded["kernels"] = kernels
         return kernels
@@ -159,6 +195,26 @@ class NativeKernels:
         lib.fq_gemm.restype = None
         lib.fq_kron.argtypes = [_vp, _int, _i64, _i64, _i64, _vp, _vp, _vp, _vp]
         lib.fq_kron.restype = None
+        lib.fq_linear.argtypes = [_vp, _int, _i64, _i64, _vp, _vp, _i64, _i64, _vp, _vp, _int, _f32, _int, _vp, _i64,
+                                  _vp, _vp, _vp, _vp, _vp, _i64, _i64, _vp, _int, _int]
+        lib.fq_linear.restype = None
+        lib.fq_set_isa.argtypes = [_int]
+        self.isa = "portable"
+
+    # code path ---------------------------------------------------------------------------------------------------
+    def set_isa(self, name: str) -> str:
+        """Run ``name``'s code path from now on (``auto``: the fastest this CPU has); returns the previous one."""
+        name = cpu_isas()[0] if name == "auto" else name
+        if name not in ISAS or name not in cpu_isas():
+            raise ConfigError(f"native code path {name!r} cannot run here; this CPU can run {', '.join(cpu_isas())}.")
+        if not self.lib.fq_isa_compiled(ISAS[name][0]) or self.lib.fq_set_isa(ISAS[name][0]) < 0:
+            raise ConfigError(f"native code path {name!r} is not in this build (compiler or CPU check refused it).")
+        previous, self.isa = self.isa, name
+        return previous
+
+    def compiled_isas(self) -> list[str]:
+        """The paths of ``cpu_isas()`` that this build holds (neon needs a compiler targeting the dot product)."""
+        return [n for n in cpu_isas() if self.lib.fq_isa_compiled(ISAS[n][0])]
 
     # weights -----------------------------------------------------------------------------------------------------
     @staticmethod
@@ -172,17 +228,22 @@ class NativeKernels:
         return unpack_weight(tensors["qweight_vnni"], n, k)
 
     # activations -------------------------------------------------------------------------------------------------
-    def quantize(self, x: torch.Tensor, bits: int, clip: Optional[float]) -> QuantizedInput:
+    @staticmethod
+    def _activation_buffers(x: torch.Tensor, what: str):
+        """(x as contiguous fp32/bf16 [M, K], K, K rounded up to 8, codes [M, Kp], scales [M, 1], code sums [M])."""
         if x.dim() != 2:
-            raise ValueError("quantize expects a 2-D [tokens, features] tensor")
+            raise ValueError(f"{what} expects a 2-D [tokens, features] tensor")
         if x.dtype not in (torch.float32, torch.bfloat16):
             x = x.float()
         x = x.contiguous()
         m, k = x.shape
         kp = -(-k // 8) * 8
-        q = torch.empty(m, kp, dtype=torch.int8)
-        scale = torch.empty(m, 1, dtype=torch.float32)
-        rowsum = torch.empty(m, dtype=torch.int32)
+        return (x, k, kp, torch.empty(m, kp, dtype=torch.int8), torch.empty(m, 1, dtype=torch.float32),
+                torch.empty(m, dtype=torch.int32))
+
+    def quantize(self, x: torch.Tensor, bits: int, clip: Optional[float]) -> QuantizedInput:
+        x, k, kp, q, scale, rowsum = self._activation_buffers(x, "quantize")
+        m = x.shape[0]
         self.lib.fq_quantize(x.data_ptr(), int(x.dtype == torch.bfloat16), m, k, k, 2 ** (bits - 1) - 1,
                              1.0 if clip is None else float(clip), int(clip is not None), q.data_ptr(), kp,
                              scale.data_ptr(), rowsum.data_ptr(), torch.get_num_threads())
@@ -199,22 +260,18 @@ class NativeKernels:
         x = x.contiguous()
         lf, rf = left.float().contiguous(), right.float().contiguous()
         y = torch.empty_like(x)
-        work = torch.empty(a * b, dtype=torch.float32)
+        work = torch.empty(a * b + b, dtype=torch.float32)
         self.lib.fq_kron(x.data_ptr(), int(x.dtype == torch.bfloat16), x.shape[0], a, b, lf.data_ptr(),
                          rf.data_ptr(), y.data_ptr(), work.data_ptr())
         return y
 
     # GEMM ----------------------------------------------------------------------------------------------------------
-    def matmul(self, qx: QuantizedInput, tensors: dict[str, torch.Tensor], n: int, w_scale: torch.Tensor,
-               bias: Optional[torch.Tensor], out_dtype: torch.dtype) -> torch.Tensor:
-        w = tensors["qweight_vnni"]
-        q, rowsum = qx.q, qx.extra["rowsum"]
-        m, kp = q.shape
+    @staticmethod
+    def _gemm_operands(w: torch.Tensor, m: int, kp: int, n: int, w_scale: torch.Tensor, bias: Optional[torch.Tensor],
+                       out_dtype: torch.dtype):
         nb, kb, _ = w.shape
         if kb * 8 != kp or nb * 16 < n or w.dtype != torch.uint8 or not w.is_contiguous():
             raise ValueError(f"weight blocks {tuple(w.shape)} do not match activations [{m}, {kp}] -> {n}")
-        if q.dtype != torch.int8 or not q.is_contiguous() or rowsum.dtype != torch.int32 or rowsum.numel() != m:
-            raise ValueError("activation codes must come from NativeKernels.quantize")
         ws = w_scale.float().contiguous()
         if ws.numel() != n:
             raise ValueError(f"{ws.numel()} weight scales for {n} outputs")
@@ -223,9 +280,44 @@ class NativeKernels:
             raise ValueError(f"bias of {b.numel()} for {n} outputs")
         bf16 = out_dtype == torch.bfloat16
         out = torch.empty(m, n, dtype=torch.bfloat16 if bf16 else torch.float32)
+        return kb, ws, b, bf16, out
+
+    def matmul(self, qx: QuantizedInput, tensors: dict[str, torch.Tensor], n: int, w_scale: torch.Tensor,
+               bias: Optional[torch.Tensor], out_dtype: torch.dtype) -> torch.Tensor:
+        w = tensors["qweight_vnni"]
+        q, rowsum = qx.q, qx.extra["rowsum"]
+        m, kp = q.shape
+        kb, ws, b, bf16, out = self._gemm_operands(w, m, kp, n, w_scale, bias, out_dtype)
+        if q.dtype != torch.int8 or not q.is_contiguous() or rowsum.dtype != torch.int32 or rowsum.numel() != m:
+            raise ValueError("activation codes must come from NativeKernels.quantize")
         xs = qx.scale.float().contiguous()
         if xs.numel() != m:
             raise ValueError(f"{xs.numel()} token scales for {m} tokens")
         self.lib.fq_gemm(q.data_ptr(), kp, rowsum.data_ptr(), xs.data_ptr(), w.data_ptr(), ws.data_ptr(), _ptr(b),
                          m, n, kb, out.data_ptr(), n, int(bf16), torch.get_num_threads())
+        return out if out.dtype == out_dtype else out.to(out_dtype)
+
+    # transform + quantize + GEMM in one call -----------------------------------------------------------------------
+    def linear(self, x: torch.Tensor, bits: int, clip: Optional[float], left: Optional[torch.Tensor],
+               right: Optional[torch.Tensor], tensors: dict[str, torch.Tensor], n: int, w_scale: torch.Tensor,
+               bias: Optional[torch.Tensor], out_dtype: torch.dtype) -> torch.Tensor:
+        """``matmul(quantize(kron(x)))`` in one native call (identical results): the decode-step path."""
+        x, k, kp, q, scale, rowsum = self._activation_buffers(x, "linear")
+        m = x.shape[0]
+        w = tensors["qweight_vnni"]
+        kb, ws, b, bf16, out = self._gemm_operands(w, m, kp, n, w_scale, bias, out_dtype)
+        lp = rp = xt = work = None
+        a = bb = 0
+        if left is not None:
+            a, bb = left.shape[0], right.shape[0]
+            if a * bb != k or left.shape != (a, a) or right.shape != (bb, bb):
+                raise ValueError(f"linear: x {tuple(x.shape)} does not match factors {a}x{a} and {bb}x{bb}")
+            lp, rp = left.float().contiguous(), right.float().contiguous()
+            xt = torch.empty_like(x)
+            work = torch.empty(a * bb + bb, dtype=torch.float32)
+        self.lib.fq_linear(x.data_ptr(), int(x.dtype == torch.bfloat16), m, k, _ptr(lp), _ptr(rp), a, bb, _ptr(xt),
+                           _ptr(work), 2 ** (bits - 1) - 1, 1.0 if clip is None else float(clip),
+                           int(clip is not None), q.data_ptr(), kp, scale.data_ptr(), rowsum.data_ptr(),
+                           w.data_ptr(), ws.data_ptr(), _ptr(b), n, kb, out.data_ptr(), int(bf16),
+                           torch.get_num_threads())
         return out if out.dtype == out_dtype else out.to(out_dtype)
