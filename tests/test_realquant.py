@@ -254,9 +254,12 @@ def test_memory_sizes_follow_the_backend_layout(tiny_qwen3):
 
 
 def test_dtype_cast_keeps_fp32_scales(tiny_qwen3):
-    real = convert_model(_fake_model(tiny_qwen3), "cpu").to(torch.bfloat16)
+    real = convert_model(_fake_model(tiny_qwen3), "cpu")
+    before = real.model.layers[0].mlp.down_proj.w_scale.clone()
+    real = real.to(torch.bfloat16)
     lin = real.model.layers[0].mlp.down_proj
     assert lin.w_scale.dtype == torch.float32 and lin.trans_left.dtype == torch.bfloat16
+    assert torch.equal(lin.w_scale, before)  # the values too, not only the dtype (no round trip through bf16)
     with torch.no_grad():
         out = real(input_ids=torch.randint(0, 100, (1, 4))).logits
     assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()

@@ -12,6 +12,15 @@ from ..transforms import kronecker_matmul
 from .backends import ActQuant, Backend
 from .packing import dequantize_weight, quantize_weight
 
+def _apply_keeping_fp32(module: nn.Module, fn, recurse: bool, names) -> nn.Module:
+    """nn.Module._apply, except that the named fp32 buffers keep their exact values: a dtype cast of the module
+    (``.to(torch.bfloat16)``) would round them; they follow ``fn`` only in device."""
+    kept = {n: module._buffers[n] for n in names if module._buffers.get(n) is not None}
+    nn.Module._apply(module, fn, recurse)
+    for n, t in kept.items():
+        module._buffers[n] = t.to(device=fn(t[:0]).device)
+    return module
+
 
 class RealQuantLinear(nn.Module):
     """y = (s_x ⊗ s_w) · (q_x @ q_wᵀ) + b with int4 (or int8) codes: the integer form of a folded FlatQuantLinear.
@@ -66,13 +75,8 @@ class RealQuantLinear(nn.Module):
         return ActQuant(self.a_bits, self.a_clip, self.trans_left, self.trans_right)
 
     def _apply(self, fn, recurse=True):
-        # .to(bfloat16) must not round the per-channel scales: they stay fp32 whatever the model dtype.
-        super()._apply(fn, recurse)
-        for name in self._fp32_buffers:
-            t = self._buffers.get(name)
-            if t is not None and t.dtype != torch.float32:
-                self._buffers[name] = t.float()
-        return self
+        # .to(bfloat16) must not round the per-channel scales: they keep their fp32 values (only the device moves).
+        return _apply_keeping_fp32(self, fn, recurse, self._fp32_buffers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -138,10 +142,7 @@ class FrozenQuantLinear(nn.Module):
         return self.w_codes
 
     def _apply(self, fn, recurse=True):
-        super()._apply(fn, recurse)
-        if self._buffers.get("w_scale") is not None and self._buffers["w_scale"].dtype != torch.float32:
-            self._buffers["w_scale"] = self._buffers["w_scale"].float()
-        return self
+        return _apply_keeping_fp32(self, fn, recurse, ("w_scale",))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.trans_left is not None:
