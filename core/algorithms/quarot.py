@@ -1,0 +1,128 @@
+"""QuaRot-style rotation: randomized Hadamard rotations that remove activation outliers without calibration.
+
+1. Fuse every RMSNorm's weight into the linears that read it (q/k/v, gate/up, lm_head) and set it to one: an
+   RMSNorm without weight commutes with any orthogonal Q (‖xQ‖ = ‖x‖).
+2. Rotate the residual stream by one randomized Hadamard Q (core.hadamard): embeddings E·Q, every linear reading
+   the stream W·Q (its input arrives as x·Q), every linear writing it Qᵀ·W (bias b·Q), lm_head W·Q. The float model
+   computes the same function; the rotation lives in the weights (offline, float64, then the weights' dtype).
+3. An online Hadamard before down_proj (a HadamardTransform as its input transform: W·H is folded, x·H runs
+   online), whose input the residual rotation cannot reach.
+
+Then the RTN modules of core.flat quantize the rotated model (per-channel weights, per-token activations), so real
+quant, folding and GPTQ weight rounding apply unchanged."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import nn
+
+from ..adapters import ModelAdapter, adapter_for
+from ..config import FlatQuantConfig
+from ..flat import FlatQuantLinear, wrap_layer
+from ..hadamard import HadamardTransform, random_hadamard
+
+
+@dataclass
+class QuaRotConfig:
+    seed: int = 0  # the rotations are a function of it: saving the seed saves them
+    online_down: bool = True  # the online Hadamard before down_proj
+
+
+def _scale_columns(linear: nn.Linear, scale: torch.Tensor) -> None:
+    linear.weight.data = (linear.weight.double() * scale[None, :]).to(linear.weight.dtype)
+
+
+@torch.no_grad()
+def untie_lm_head(model: nn.Module, ad: ModelAdapter) -> None:
+    """Give lm_head its own weight when it shares the embedding's (SmolLM2): the two are changed differently."""
+    head, embed = model.get_submodule(ad.lm_head_path), model.get_submodule(ad.embed_path)
+    if head.weight is embed.weight or head.weight.data_ptr() == embed.weight.data_ptr():
+        head.weight = nn.Parameter(embed.weight.detach().clone(), requires_grad=False)
+        model.config.tie_word_embeddings = False
+
+
+@torch.no_grad()
+def fuse_norms(model: nn.Module, ad: Optional[ModelAdapter] = None) -> None:
+    """Move every residual-stream RMSNorm's weight into the linears it feeds; the norms keep a weight of ones."""
+    ad = ad or adapter_for(model)
+    untie_lm_head(model, ad)
+    for layer in ad.decoder_layers(model):
+        for group in ad.groups:
+            norm = layer.get_submodule(group.norm)
+            w = norm.weight.double()
+            for m in group.members:
+                _scale_columns(layer.get_submodule(f"{group.parent}.{m}"), w)
+            norm.weight.data.fill_(1.0)
+    final = model.get_submodule(ad.final_norm_path)
+    _scale_columns(model.get_submodule(ad.lm_head_path), final.weight.double())
+    final.weight.data.fill_(1.0)
+
+
+@torch.no_grad()
+def rotate_residual(model: nn.Module, q: torch.Tensor, ad: Optional[ModelAdapter] = None) -> None:
+    """Rotate the residual stream by the orthogonal q (float64): fuse_norms must have run first."""
+    ad = ad or adapter_for(model)
+
+    def apply(t: torch.Tensor, fn) -> None:
+        t.data = fn(t.data.double()).to(t.dtype)
+
+    apply(model.get_submodule(ad.embed_path).weight, lambda e: e @ q)
+    for layer in ad.decoder_layers(model):
+        for path in ad.readers():
+            apply(layer.get_submodule(path).weight, lambda w: w @ q)
+        for path in ad.writers():
+            lin = layer.get_submodule(path)
+            apply(lin.weight, lambda w: q.t() @ w)
+            if lin.bias is not None:
+                apply(lin.bias, lambda b: b @ q)
+    apply(model.get_submodule(ad.lm_head_path).weight, lambda w: w @ q)
+
+
+@torch.no_grad()
+def rotate_model(model: nn.Module, cfg: Optional[QuaRotConfig] = None) -> nn.Module:
+    """Steps 1 and 2 in place on a float model (not yet wrapped): same function, rotated weights."""
+    cfg = cfg or QuaRotConfig()
+    ad = adapter_for(model)
+    for layer in ad.decoder_layers(model):
+        for path in ad.linears():
+            if not isinstance(layer.get_submodule(path), nn.Linear) or isinstance(layer.get_submodule(path),
+                                                                                   FlatQuantLinear):
+                raise ValueError(f"rotate_model needs a float model; {path} is already {type(layer.get_submodule(path)).__name__}")
+    fuse_norms(model, ad)
+    rotate_residual(model, random_hadamard(int(model.config.hidden_size), cfg.seed), ad)
+    return model
+
+
+def down_rotation(dim: int, index: int, cfg: QuaRotConfig) -> HadamardTransform:
+    return HadamardTransform(dim, seed=cfg.seed + 1 + index)
+
+
+def wrap_layer_quarot(layer: nn.Module, index: int, flat_cfg: FlatQuantConfig, cfg: Optional[QuaRotConfig] = None,
+                      prefix: str = "model.layers", adapter: Optional[ModelAdapter] = None) -> None:
+    """The RTN modules (per-channel int4 weights, per-token int4 activations, no learned transforms or clips) on a
+    rotated layer, with the online Hadamard as down_proj's input transform."""
+    cfg = cfg or QuaRotConfig()
+    ad = adapter or adapter_for(layer)
+    wrap_layer(layer, index, flat_cfg, None, use_transforms=False, prefix=prefix, adapter=ad)
+    down = layer.get_submodule(ad.down_proj)
+    if cfg.online_down and isinstance(down, FlatQuantLinear) and down.in_trans is None:
+        h = down_rotation(down.in_features, index, cfg)
+        ad.put(layer, ad.down_proj, FlatQuantLinear(down.linear, down.weight_quantizer.bits, down.act_quantizer.bits,
+                                                    False, down.act_quantizer, in_trans=h, weight_trans=h,
+                                                    real_quant_eligible=down.real_quant_eligible))
+
+
+def apply_quarot(model: nn.Module, flat_cfg: FlatQuantConfig, cfg: Optional[QuaRotConfig] = None,
+                 num_layers: Optional[int] = None) -> nn.Module:
+    """QuaRot-RTN on a float model in place: rotate, then wrap every layer (call core.flat.fold_model next, or
+    GPTQ-round the folded weights with core.gptq)."""
+    cfg = cfg or QuaRotConfig()
+    rotate_model(model, cfg)
+    ad = adapter_for(model)
+    for i, layer in enumerate(ad.decoder_layers(model)):
+        if num_layers is not None and i >= num_layers:
+            break
+        wrap_layer_quarot(layer, i, flat_cfg, cfg, prefix=ad.layers_path, adapter=ad)
+    return model
