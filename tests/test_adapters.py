@@ -81,17 +81,15 @@ def test_folding_equivalence_with_quantization_off(family_model):
     _, model = family_model
     ids = _ids(model.config.vocab_size)
     q = _wrapped(model)
+    rel = {}
     with torch.no_grad():
         ref = model(ids).logits
-        set_quant_enabled(q, False)
-        transformed = q(ids).logits
-        fold_model(q)
-        folded = q(ids).logits
-        set_quant_enabled(q, True)
-        quantized = q(ids).logits
-    rel = lambda a: float((a - ref).norm() / ref.norm())  # noqa: E731
-    assert rel(transformed) < TOL and rel(folded) < TOL
-    assert rel(quantized) > 10 * TOL
+        for stage in ("transformed", "folded", "quantized"):
+            if stage == "folded":
+                fold_model(q)
+            set_quant_enabled(q, stage == "quantized")
+            rel[stage] = float((q(ids).logits - ref).norm() / ref.norm())
+    assert rel["transformed"] < TOL and rel["folded"] < TOL and rel["quantized"] > 10 * TOL, rel
     assert sum(isinstance(m, FlatQuantLinear) for m in q.modules()) == 6 * model.config.num_hidden_layers
 
 
