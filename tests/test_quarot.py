@@ -98,3 +98,16 @@ def test_quarot_rtn_w4a4_beats_plain_rtn_on_smollm2(smollm2, shared_data):
     fp_ppl = ppl(smollm2.model)
     print(f"PPL@512 x24 windows: FP {fp_ppl:.2f}, QuaRot-RTN {quarot_ppl:.2f}, RTN {rtn_ppl:.2f}")
     assert fp_ppl < quarot_ppl < 0.5 * rtn_ppl, (fp_ppl, quarot_ppl, rtn_ppl)
+
+
+def test_quarot_is_a_function_of_its_seed(tiny_qwen3):
+    """QuaRot's whole state is its seed: rebuilding with the same seed gives the same quantized model (what a saved
+    run needs), another seed another rotation."""
+    ids = torch.randint(0, 1000, (1, 16), generator=torch.Generator().manual_seed(2))
+    out = {}
+    with torch.no_grad():
+        for key, seed in (("a", 7), ("b", 7), ("c", 8)):
+            q = apply_quarot(copy.deepcopy(tiny_qwen3), parse_config(), QuaRotConfig(seed=seed))
+            fold_model(q)
+            out[key] = q(ids).logits
+    assert torch.equal(out["a"], out["b"]) and not torch.equal(out["a"], out["c"])
