@@ -70,6 +70,11 @@ def test_rotation_leaves_smollm2_logits_unchanged(smollm2):
 
 def test_rotation_leaves_tiny_qwen3_logits_unchanged_and_real_equals_fake(tiny_qwen3):
     q, ids = _check_float_equivalence(tiny_qwen3)
+    attn = decoder_layers(q)[0].self_attn
+    assert abs(float(attn.q_proj.act_quantizer.clip_ratio()) - 0.9) < 1e-6  # QuaRot's fixed activation clip
+    assert attn.k_proj.act_quantizer is attn.q_proj.act_quantizer  # still one quantizer for q/k/v
+    w_clip = decoder_layers(q)[1].mlp.down_proj.weight_quantizer.clip_ratio()
+    assert w_clip is not None and bool((w_clip <= 1).all()) and bool((w_clip < 0.99).any())  # MSE-searched
     with torch.no_grad():
         ref = q(ids).logits
         assert torch.equal(convert_model(copy.deepcopy(q), "auto")(ids).logits, ref)

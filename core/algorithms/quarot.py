@@ -9,7 +9,9 @@
    online), whose input the residual rotation cannot reach.
 
 Then the RTN modules of core.flat quantize the rotated model (per-channel weights, per-token activations), so real
-quant, folding and GPTQ weight rounding apply unchanged."""
+quant, folding and GPTQ weight rounding apply unchanged. As in the QuaRot paper's setup, each weight row's clip ratio
+is the MSE-optimal one of a grid (w_clip) and activations are clipped at a fixed 0.9 of their absmax (a_clip); both
+are calibration-free and can be turned off."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -22,12 +24,15 @@ from ..adapters import ModelAdapter, adapter_for
 from ..config import FlatQuantConfig
 from ..flat import FlatQuantLinear, wrap_layer
 from ..hadamard import HadamardTransform, random_hadamard
+from ..quantizer import WeightQuantizer
 
 
 @dataclass
 class QuaRotConfig:
     seed: int = 0  # the rotations are a function of it: saving the seed saves them
     online_down: bool = True  # the online Hadamard before down_proj
+    w_clip: bool = True  # per-row MSE-optimal weight clip ratio (searched on the rotated weight)
+    a_clip: Optional[float] = 0.9  # fixed activation clip ratio; None: no clipping
 
 
 def _scale_columns(linear: nn.Linear, scale: torch.Tensor) -> None:
@@ -112,6 +117,21 @@ def wrap_layer_quarot(layer: nn.Module, index: int, flat_cfg: FlatQuantConfig, c
         ad.put(layer, ad.down_proj, FlatQuantLinear(down.linear, down.weight_quantizer.bits, down.act_quantizer.bits,
                                                     False, down.act_quantizer, in_trans=h, weight_trans=h,
                                                     real_quant_eligible=down.real_quant_eligible))
+    set_clips(layer, cfg)
+
+
+@torch.no_grad()
+def set_clips(layer: nn.Module, cfg: QuaRotConfig) -> None:
+    """The calibration-free clip ratios of cfg on every quantized linear of a wrapped layer (weights as rotated)."""
+    for m in layer.modules():
+        if not isinstance(m, FlatQuantLinear):
+            continue
+        if cfg.w_clip and m.weight_quantizer.bits < 16 and m.weight_quantizer.clip is None:
+            m.weight_quantizer = WeightQuantizer(m.out_features, m.weight_quantizer.bits, lwc=True).requires_grad_(False)
+            m.weight_quantizer.init_clip_mse(m.effective_weight())
+        aq = m.act_quantizer
+        if cfg.a_clip is not None and aq.bits < 16 and aq.clip is None:  # shared by q/k/v (gate/up): set once
+            aq.clip = nn.Parameter(torch.logit(torch.tensor(float(cfg.a_clip))), requires_grad=False)
 
 
 def apply_quarot(model: nn.Module, flat_cfg: FlatQuantConfig, cfg: Optional[QuaRotConfig] = None,
