@@ -64,6 +64,7 @@ def main() -> None:
     ap.add_argument("--ppl_max_windows", type=int, default=None)
     ap.add_argument("--act_order", action="store_true")
     ap.add_argument("--seed", type=int, default=0, help="QuaRot rotation seed")
+    ap.add_argument("--no_clip", action="store_true", help="QuaRot without its weight-clip search and 0.9 activation clip")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -100,7 +101,10 @@ def main() -> None:
             if method == "rtn":
                 apply_flat_structure(model, cfg, use_transforms=False)
             else:
-                apply_quarot(model, cfg, QuaRotConfig(seed=args.seed))
+                qcfg = QuaRotConfig(seed=args.seed)
+                if args.no_clip:
+                    qcfg.w_clip, qcfg.a_clip = False, None
+                apply_quarot(model, cfg, qcfg)
             fold_model(model)
             if method.endswith("gptq"):
                 gptq_sequential(model, samples, GPTQConfig(act_order=args.act_order))
