@@ -116,3 +116,19 @@ def test_quarot_is_a_function_of_its_seed(tiny_qwen3):
             fold_model(q)
             out[key] = q(ids).logits
     assert torch.equal(out["a"], out["b"]) and not torch.equal(out["a"], out["c"])
+
+
+@pytest.mark.parametrize("family", ["qwen2", "mistral"])
+def test_rotation_is_exact_for_other_families(family):
+    """Qwen2's q/k/v biases and Mistral's sliding window do not disturb the rotation (float, 1e-4 relative)."""
+    from core.models import build_random_mistral, build_random_qwen2
+
+    build = {"qwen2": build_random_qwen2, "mistral": build_random_mistral}[family]
+    _check_float_equivalence(build(hidden_size=192, intermediate_size=384, vocab_size=512))
+
+
+def test_rotation_refuses_a_wrapped_model(tiny_qwen3):
+    q = copy.deepcopy(tiny_qwen3)
+    apply_flat_structure(q, parse_config(), use_transforms=False)
+    with pytest.raises(ValueError, match="float model"):
+        rotate_model(q)

@@ -92,9 +92,9 @@ def rotate_model(model: nn.Module, cfg: Optional[QuaRotConfig] = None) -> nn.Mod
     ad = adapter_for(model)
     for layer in ad.decoder_layers(model):
         for path in ad.linears():
-            if not isinstance(layer.get_submodule(path), nn.Linear) or isinstance(layer.get_submodule(path),
-                                                                                   FlatQuantLinear):
-                raise ValueError(f"rotate_model needs a float model; {path} is already {type(layer.get_submodule(path)).__name__}")
+            kind = type(layer.get_submodule(path))
+            if not issubclass(kind, nn.Linear):
+                raise ValueError(f"rotate_model needs a float model; {path} is already a {kind.__name__}")
     fuse_norms(model, ad)
     rotate_residual(model, random_hadamard(int(model.config.hidden_size), cfg.seed), ad)
     return model
