@@ -158,16 +158,16 @@ class KVCacheQuantizer(nn.Module):
         return query, key, value
 
 
-_ATTN_KEY = "flatquant"
+ATTN_KEY = "flatquant"  # the attention implementation name that applies a layer's KVCacheQuantizer
 
 
-def _register_attention() -> None:
+def register_attention() -> None:
     """An attention function that applies the module's KVCacheQuantizer, then defers to SDPA."""
     from transformers import AttentionInterface
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 
-    if _ATTN_KEY in AttentionInterface._global_mapping:
+    if ATTN_KEY in AttentionInterface._global_mapping:
         return
 
     def flatquant_attention(module, query, key, value, attention_mask, **kwargs):
@@ -176,8 +176,12 @@ def _register_attention() -> None:
             query, key, value = kvq(query, key, value)
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
-    AttentionInterface.register(_ATTN_KEY, flatquant_attention)
-    ALL_MASK_ATTENTION_FUNCTIONS.register(_ATTN_KEY, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
+    AttentionInterface.register(ATTN_KEY, flatquant_attention)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(ATTN_KEY, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
+
+
+# Old private spellings, still imported by core/realquant/checkpoint.py until it moves to the public names.
+_ATTN_KEY, _register_attention = ATTN_KEY, register_attention
 
 
 # --- building, folding and (de)serializing ---------------------------------------------------------------------
@@ -250,11 +254,11 @@ def wrap_layer(layer: nn.Module, index: int, cfg: FlatQuantConfig, stats: Option
                                               in_trans=o_trans, eligible=False))
 
     if cfg.use_kcache_quant or cfg.use_vcache_quant:
-        _register_attention()
+        register_attention()
         head_dim = attn.head_dim
         attn.kv_quantizer = KVCacheQuantizer(head_dim, cfg.k_bits if cfg.use_kcache_quant else 16, cfg.k_sym,
                                              cfg.v_bits if cfg.use_vcache_quant else 16, cfg.v_sym, seed + 3)
-        attn.config._attn_implementation = _ATTN_KEY
+        attn.config._attn_implementation = ATTN_KEY
 
     wrap_group(ad.up_gate, stats.up_gate if stats else None, 5)
 
