@@ -62,7 +62,29 @@ def _read_file(path: Path) -> str:
                                     "JSON object with a 'text' field per line, or a .txt file.") from exc
                 rows.append(obj.get("text", "") if isinstance(obj, dict) else str(obj))
         return "\n\n".join(rows)
-    return _wikitext_join(raw) if path.suffix == ".raw" else raw
+    return _wikitext_join(raw) if path.suffix in (".raw", ".tokens") else raw
+
+
+_WIKI_SUFFIXES = (".raw", ".tokens")
+
+
+def _wiki_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.glob("wiki.*") if p.suffix in _WIKI_SUFFIXES and p.is_file())
+
+
+def _wiki_split_file(folder: Path, split: str) -> Optional[Path]:
+    """wiki.<split>.raw / wiki.<split>.tokens in a WikiText-2 folder. Never another split: calibrating on the test
+    split by accident would measure memorisation, not quality."""
+    for suffix in _WIKI_SUFFIXES:
+        p = folder / f"wiki.{split}{suffix}"
+        if p.is_file():
+            return p
+    found = _wiki_files(folder)
+    if found:
+        raise DataError(f"Folder {str(folder)!r} has no wiki.{split}.raw (only {', '.join(p.name for p in found)}); "
+                        f"give the file to use explicitly, e.g. --calib_data ../shared/data/wikitext-2/wiki.valid.tokens "
+                        "for calibration when perplexity is measured on wiki.test.raw.")
+    return None
 
 
 def _from_datasets_obj(ds, split: str) -> str:
@@ -86,13 +108,12 @@ def load_text(source: Optional[str | os.PathLike], split: str = "train") -> tupl
     if path.is_file():
         text = _read_file(path)
     elif path.is_dir():
-        wiki = [path / f"wiki.{split}.raw", path / "wiki.train.raw", path / "wiki.test.raw"]
         if (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists() or (path / "state.json").exists():
             from datasets import load_from_disk
 
             text = _from_datasets_obj(load_from_disk(str(path)), split)
-        elif any(p.is_file() for p in wiki):
-            text = _read_file(next(p for p in wiki if p.is_file()))
+        elif (wiki := _wiki_split_file(path, split)) is not None:
+            text = _read_file(wiki)
         else:
             files = sorted(list(path.glob("*.txt")) + list(path.glob("*.raw")))
             if not files:
@@ -113,6 +134,39 @@ def load_text(source: Optional[str | os.PathLike], split: str = "train") -> tupl
     if not text.strip():
         raise DataError(f"Data source {str(source)!r} contains no text.")
     return text, str(source)
+
+
+def source_file(source: Optional[str | os.PathLike], split: str) -> Optional[Path]:
+    """The file load_text(source, split) reads (resolved), "embedded" for the embedded default, None for a dataset
+    (saved or cached: its splits are separate by construction) or a folder of several .txt files."""
+    if source is None or str(source) in ("", "default", "embedded"):
+        return Path("embedded")
+    path = Path(source).expanduser()
+    if path.is_file():
+        return path.resolve()
+    if path.is_dir():
+        wiki = _wiki_split_file(path, split)
+        return wiki.resolve() if wiki is not None else None
+    return None
+
+
+def check_disjoint(calib_source: Optional[str | os.PathLike], ppl_source: Optional[str | os.PathLike],
+                   split_explicitly: bool = False) -> Optional[str]:
+    """Refuse (DataError) when calibration and perplexity read the same text: the perplexity would then reward
+    memorising the calibration windows. ``ppl_source`` None means the default perplexity text (WikiText-2 test when
+    present, else the embedded text). ``split_explicitly``: the caller calibrates and measures on disjoint parts of
+    the one file; the returned note says so, for the report. Returns None when the sources differ."""
+    if ppl_source is None:
+        ppl_source = wikitext_test_path()
+    calib, ppl = source_file(calib_source, "train"), source_file(ppl_source, "test")
+    if calib is None or calib != ppl:
+        return None
+    label = EMBEDDED_TEXT_LABEL if str(calib) == "embedded" else str(calib)
+    if split_explicitly:
+        return f"calibration and perplexity both read {label}, split into disjoint parts"
+    raise DataError(f"Calibration data and perplexity data are the same text ({label}); calibrate on other text "
+                    "(e.g. --calib_data ../shared/data/wikitext-2/wiki.valid.tokens when perplexity is measured on "
+                    "wiki.test.raw) or give a different --ppl_data.")
 
 
 def tokenize(tokenizer, text: str) -> torch.Tensor:

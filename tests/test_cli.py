@@ -56,7 +56,8 @@ def _corrupt_matrix(tmp_path):
 
 @pytest.mark.parametrize("make_args,needle", [
     (lambda t: ["--model_path", str(t / "nope")], "does not exist"),
-    (lambda t: ["--model_path", str(_unsupported_model(t))], "supported: LlamaForCausalLM, Qwen3ForCausalLM"),
+    (lambda t: ["--model_path", str(_unsupported_model(t))],
+     "supported: LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM"),
     (lambda t: ["--skip_layers=--"], "no letter or digit"),
     (lambda t: ["--config", str(_bad_config(t))], "algorithm.flatquant.k_bits"),
     (lambda t: ["--load_matrix", "--flat_matrix_path", str(_corrupt_matrix(t))], "corrupt"),

@@ -48,3 +48,38 @@ def test_sample_windows_are_seeded_and_checked():
     assert torch.equal(a[:, 1:] - a[:, :-1], torch.ones(4, 63, dtype=torch.long))  # contiguous windows
     with pytest.raises(DataError, match="--seqlen"):
         sample_windows(ids[:10], 1, 64)
+
+
+def test_folder_never_falls_back_to_another_split(shared_data, tmp_path):
+    raw = shared_data / "wikitext-2-raw"
+    with pytest.raises(DataError, match="no wiki.train.raw"):
+        load_text(raw)  # calibration (split train) must not silently read the test split
+    (tmp_path / "wiki.test.raw").write_text(" = A = \n text \n")
+    (tmp_path / "notes.txt").write_text("other words")
+    with pytest.raises(DataError, match="wiki.valid.tokens"):
+        load_text(tmp_path)  # nor through the folder-of-text-files branch
+
+
+def test_wikitext_validation_tokens_file(shared_data):
+    text, _ = load_text(shared_data / "wikitext-2" / "wiki.valid.tokens")
+    assert text.startswith(" \n\n\n = Homarus gammarus = \n") and "<unk>" in text  # rows joined as for .raw
+    assert load_text(shared_data / "wikitext-2", split="valid")[0] == text
+
+
+def test_calibration_and_perplexity_text_must_differ(shared_data, tmp_path):
+    from core.data import check_disjoint
+
+    test = shared_data / "wikitext-2-raw" / "wiki.test.raw"
+    valid = shared_data / "wikitext-2" / "wiki.valid.tokens"
+    assert check_disjoint(valid, test) is None
+    assert check_disjoint(valid, None) is None  # None: the default perplexity text (WikiText-2 test)
+    for calib, ppl in ((test, test), (test, None), (test.parent / ".." / "wikitext-2-raw" / "wiki.test.raw", test),
+                       (test, test.parent)):
+        with pytest.raises(DataError, match="same text"):
+            check_disjoint(calib, ppl)
+    note = check_disjoint(test, test, split_explicitly=True)
+    assert "disjoint parts" in note
+    (tmp_path / "a.txt").write_text("x")
+    assert check_disjoint(tmp_path / "a.txt", test) is None
+    with pytest.raises(DataError, match="Python's bundled documentation"):
+        check_disjoint(None, "embedded")
