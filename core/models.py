@@ -90,10 +90,7 @@ def resolve_model_path(model_path: Optional[str]) -> Path:
 
 
 def read_architecture(path: Path) -> str:
-    try:
-        cfg = json.loads((path / "config.json").read_text())
-    except (OSError, ValueError) as exc:
-        raise ModelLoadError(f"Cannot read {path / 'config.json'}: {exc}") from exc
+    cfg = read_model_config(path)
     archs = cfg.get("architectures") or []
     arch = archs[0] if archs else str(cfg.get("model_type", "unknown"))
     if arch not in SUPPORTED_ARCHITECTURES:
@@ -103,11 +100,32 @@ def read_architecture(path: Path) -> str:
     return arch
 
 
+def read_model_config(path: Path) -> dict:
+    try:
+        return json.loads((Path(path) / "config.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"Cannot read {Path(path) / 'config.json'}: {exc}") from exc
+
+
+def checkpoint_dtype(config: dict) -> torch.dtype:
+    """The dtype the checkpoint was saved in (config ``torch_dtype``/``dtype``); fp32 when it does not say."""
+    name = config.get("torch_dtype") or config.get("dtype") or "float32"
+    dtype = getattr(torch, str(name).replace("torch.", ""), None)
+    return dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else torch.float32
+
+
 def load_model(model_path: Optional[str] = None, device: str | torch.device = "cpu",
-               dtype: torch.dtype = torch.float32) -> LoadedModel:
-    """Load a supported causal LM and its tokenizer from a local folder (no hub access)."""
+               dtype: Optional[torch.dtype | str] = None) -> LoadedModel:
+    """Load a supported causal LM and its tokenizer from a local folder (no hub access).
+
+    ``dtype``: None or "auto" loads in the checkpoint's own dtype (config ``torch_dtype``), so a bf16 checkpoint
+    costs 2 bytes per parameter and is never materialized in fp32 as a whole; or bf16/fp16/fp32 (name or
+    torch.dtype). Weights are read straight into their final tensors (no random init first)."""
+    from .memory import parse_dtype
+
     path = resolve_model_path(model_path)
     arch = read_architecture(path)
+    dtype = parse_dtype(dtype) or checkpoint_dtype(read_model_config(path))
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
