@@ -213,3 +213,13 @@ def build_random_qwen3(hidden_size: int = 256, intermediate_size: int = 768, lay
                       vocab_size=vocab_size, max_position_embeddings=4096, tie_word_embeddings=False)
     model = Qwen3ForCausalLM(cfg)
     return model.eval().requires_grad_(False)
+
+
+def shared_copy(model: nn.Module) -> nn.Module:
+    """A new module tree whose parameters and buffers are the same tensors as ``model``'s: costs no weight memory.
+    Changing a module of the copy (swapping a submodule) leaves ``model`` alone; changing a tensor in place does
+    not, so a layer is deep-copied before its weights are modified (see core.calibrate copy_layers)."""
+    import copy
+
+    memo = {id(t): t for t in list(model.parameters()) + list(model.buffers())}
+    return copy.deepcopy(model, memo)
