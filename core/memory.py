@@ -98,6 +98,14 @@ def device_allocated_bytes(device: torch.device) -> Optional[int]:
     return None
 
 
+def device_peak_bytes(device: torch.device) -> Optional[int]:
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    if device.type == "npu":
+        return int(torch.npu.max_memory_allocated(device))
+    return None
+
+
 def resident_mb(device: Optional[torch.device] = None) -> dict:
     """What progress events carry: host RSS now and at peak, and device memory allocated (None on cpu)."""
     dev = device_allocated_bytes(device) if device is not None else None
@@ -215,13 +223,13 @@ def estimate_quantize_memory(shape: ModelShape, weight_dtype: torch.dtype, nsamp
     if calibrate:
         # fp32 layer + its FlatQuant copy of the transformed weights, AdamW state of the small parameters, and the
         # autograd graph of one batch: ~14 hidden-wide and ~6 intermediate-wide fp32 activations per token
+        # (SDPA's fused kernels do not hold the seqlen x seqlen scores)
         graph = tokens * 4 * (14 * shape.hidden + 6 * shape.intermediate)
-        attn = bsz * shape.heads * seqlen * seqlen * 4 * 3
         est.device["layer_fp32"] = 2 * layer * 4
-        est.device["train_batch"] = graph + attn + 3 * tokens * shape.hidden * 4
+        est.device["train_batch"] = graph + 3 * tokens * shape.hidden * 4
     ptokens = ppl_batch * ppl_seqlen
     est.device["eval_batch"] = ptokens * 4 * (6 * shape.hidden + 3 * shape.intermediate) + \
-        ppl_batch * shape.heads * ppl_seqlen * ppl_seqlen * 4 + ppl_seqlen * shape.vocab * 4 * 3
+        ppl_seqlen * shape.vocab * 4 * 3
     if calibrate:
         est.device["eval_batch"] = 0  # calibration's peak dominates; evaluation runs after it, in the same space
     return est

@@ -13,7 +13,7 @@ import logging
 import os
 import resource
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Optional
 
@@ -29,8 +29,8 @@ from .distributed import DistInfo, finish, gather_to_main, init_distributed, lay
 from .errors import FlatQuantError, JobCancelled, MatrixFileError
 from .flat import apply_flat_structure, fold_model
 from .matrices import MATRIX_FILE, RESUME_FILE, build_payload, check_identity, read_matrices, save_matrices
-from .memory import (GIB, ActivationStore, ModelShape, check_fits, current_rss_bytes, estimate_quantize_memory,
-                     host_available_bytes, parse_dtype)
+from .memory import (GIB, ActivationStore, ModelShape, check_fits, current_rss_bytes, device_peak_bytes,
+                     estimate_quantize_memory, host_available_bytes, parse_dtype)
 from .models import (LoadedModel, checkpoint_dtype, decoder_layers, load_model, model_identity, read_model_config,
                      resolve_model_path, shared_copy)
 from .perplexity import perplexity_from_ids
@@ -236,8 +236,9 @@ def run_quantize(options: QuantizeOptions, on_event: Optional[ProgressCallback] 
     t_start = time.monotonic()
 
     path = resolve_model_path(options.model_path)
+    if dist_info.world > 1:  # ranks quantize in place; rank 0 reports quantized PPL only
+        options = replace(options, keep_original=False)
     dtype, keep_original, estimate = _memory_plan(options, cfg, device, path, reporter)
-    keep_original = keep_original and dist_info.world == 1
     reporter.emit("load", f"loading model {options.model_path or 'smollm2 (embedded default)'} on the host "
                           f"({str(dtype).replace('torch.', '')}); layers go to {device} one at a time")
     original = load_model(options.model_path, device="cpu", dtype=dtype)
@@ -338,6 +339,9 @@ def run_quantize(options: QuantizeOptions, on_event: Optional[ProgressCallback] 
         calib.update({"seconds": round(seconds, 2), "data": data_label, "max_layers": options.max_layers,
                       "world_size": dist_info.world, "layers": sorted(records, key=lambda r: r["layer"])})
     calib["peak_rss_mb"] = round(peak_rss_mb(), 1)
+    dev_peak = device_peak_bytes(device)
+    if dev_peak is not None:
+        calib["device_peak_mb"] = round(dev_peak / 2 ** 20, 1)  # torch max_memory_allocated
 
     report = {
         "model": {"name": original.name, "path": original.path, **model_identity(quantized)},
