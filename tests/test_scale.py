@@ -118,3 +118,17 @@ def test_distributed_two_ranks_equal_single_process(tiny_qwen3_dir, tmp_path):
         assert set(state) == set(dist["layers"][i])
         for k, v in state.items():
             assert torch.equal(v, dist["layers"][i][k]), (i, k)
+
+
+def test_streamed_generation_equals_in_memory(tiny_qwen3, smollm2):
+    from core.generation import GenerationOptions, generate_text
+
+    stored = copy.deepcopy(tiny_qwen3).to(torch.bfloat16)
+    opts = GenerationOptions(max_new_tokens=6)
+    want = generate_text(stored, smollm2.tokenizer, "Hello there", opts)
+    # the streamer's hooks move each layer (and the KV cache it writes) in and out around every decode step
+    from core.streaming import LayerStreamer
+
+    with LayerStreamer(stored, torch.device("cpu")):
+        got = generate_text(stored, smollm2.tokenizer, "Hello there", opts)
+    assert got["text"] == want["text"] and got["new_tokens"] == want["new_tokens"]
