@@ -26,13 +26,13 @@ from .config import FlatQuantConfig, load_config_file, normalize_skip_layers, pa
 from .data import EMBEDDED_TEXT_LABEL, load_text, sample_windows, tokenize, wikitext_test_path
 from .device import resolve_device
 from .distributed import DistInfo, finish, gather_to_main, init_distributed, layer_range
-from .errors import FlatQuantError, JobCancelled, MatrixFileError
+from .errors import FlatQuantError, JobCancelled, MatrixFileError, ModelLoadError
 from .flat import apply_flat_structure, fold_model
 from .matrices import MATRIX_FILE, RESUME_FILE, build_payload, check_identity, read_matrices, save_matrices
 from .memory import (GIB, ActivationStore, ModelShape, check_fits, current_rss_bytes, device_peak_bytes,
                      estimate_quantize_memory, host_available_bytes, parse_dtype)
 from .models import (LoadedModel, checkpoint_dtype, decoder_layers, load_model, model_identity, read_model_config,
-                     resolve_model_path, shared_copy)
+                     read_architecture, resolve_model_path, shared_copy)
 from .perplexity import perplexity_from_ids
 from .progress import CancelToken, ProgressCallback, Reporter
 from .report import update_report
@@ -171,7 +171,11 @@ def _memory_plan(options: QuantizeOptions, cfg: FlatQuantConfig, device: torch.d
     """The storage dtype, whether the float original is kept, and the estimate (refusing a job that cannot fit)."""
     config = read_model_config(path)
     dtype = parse_dtype(options.dtype) or checkpoint_dtype(config)
-    shape = ModelShape.from_config(config)
+    try:
+        shape = ModelShape.from_config(config)
+    except (TypeError, ValueError) as exc:
+        raise ModelLoadError(f"{path / 'config.json'} lacks the sizes of the model ({exc}); pass a folder saved by "
+                             "transformers' save_pretrained.") from exc
     calibrate = not options.load_matrix
     common = dict(weight_dtype=dtype, nsamples=options.nsamples, seqlen=options.seqlen, cali_bsz=cfg.cali_bsz,
                   device=device, activations_on_disk=bool(options.activation_dir), calibrate=calibrate,
@@ -236,6 +240,7 @@ def run_quantize(options: QuantizeOptions, on_event: Optional[ProgressCallback] 
     t_start = time.monotonic()
 
     path = resolve_model_path(options.model_path)
+    read_architecture(path)  # an unsupported model is refused before anything is estimated or loaded
     if dist_info.world > 1:  # ranks quantize in place; rank 0 reports quantized PPL only
         options = replace(options, keep_original=False)
     dtype, keep_original, estimate = _memory_plan(options, cfg, device, path, reporter)
