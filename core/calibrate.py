@@ -21,7 +21,7 @@ from .config import FlatQuantConfig
 from .device import keep_freed_host_memory
 from .errors import CalibrationError
 from .flat import ActivationStats
-from .memory import ActivationStore
+from .memory import ActivationStore, trim_host_heap
 from .models import decoder_layers
 from .perplexity import autocast_for
 from .progress import Reporter
@@ -214,6 +214,7 @@ def calibrate_model(model: nn.Module, samples: torch.Tensor, cfg: FlatQuantConfi
             if on_layer_done is not None:
                 on_layer_done(i, state, result)
             inps = fp_outs  # the next layer trains on full-precision inputs
+            trim_host_heap()
         return results
     except RuntimeError as exc:
         _oom_guard(exc)

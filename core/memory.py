@@ -113,6 +113,17 @@ def resident_mb(device: Optional[torch.device] = None) -> dict:
             "device_mb": None if dev is None else round(dev / MIB, 1)}
 
 
+def trim_host_heap() -> None:
+    """Give the heap's free pages back to the OS (glibc malloc_trim; no-op elsewhere). Called once per layer: long-
+    lived allocations made between layers (copied and folded weights) otherwise pin freed pages under them."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 # --- dtypes ---------------------------------------------------------------------------------------------------
 
 
