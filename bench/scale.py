@@ -24,6 +24,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from core.data import shared_data_dir  # noqa: E402  ../shared/data or $FLATQUANT_DATA_DIR
+
 SHAPES = {
     "llama2-7b": dict(arch="llama", layers=32, hidden=4096, inter=11008, heads=32, kv=32, head_dim=128, vocab=32000),
     "qwen3-8b": dict(arch="qwen3", layers=36, hidden=4096, inter=12288, heads=32, kv=8, head_dim=128, vocab=151936),
@@ -56,8 +58,6 @@ def _tokenizer(vocab: int, work: Path):
     """A BPE tokenizer trained on WikiText-2 validation (no hub): ids stay below the model's vocabulary."""
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
-
-    from core.data import shared_data_dir
 
     cache = work / f"tokenizer_{vocab}"
     if (cache / "tokenizer.json").exists():
@@ -208,7 +208,7 @@ def main() -> int:
         shutil.rmtree(run_dir, ignore_errors=True)
         cmd = [py, "-m", "core", "quantize", "--model_path", str(path), "--nsamples", str(args.nsamples),
                "--seqlen", str(args.seqlen), "--epochs", str(args.epochs), "--ppl_max_windows", str(args.ppl_windows),
-               "--calib_data", str(ROOT.parent / "shared" / "data" / "wikitext-2" / "wiki.valid.tokens"),
+               "--calib_data", str(shared_data_dir() / "wikitext-2" / "wiki.valid.tokens"),
                "--device", args.device, "--output_dir", str(run_dir), "--no_time_diff", "--no_resume"]
         q = run_measured(cmd, work / f"quantize-{name}.log")
         rec = {"kind": "quantize", "shape": name, "layers": layers, "device": args.device, **q,
