@@ -93,6 +93,8 @@ def build_model(name: str, layers: int, work: Path) -> Path:
         part = key.split(".")[2] if key.startswith("model.layers.") else "rest"
         groups.setdefault(part, {})[key] = t
     gen = torch.Generator().manual_seed(0)
+    # one 64M-value random block, rolled per tensor: random-looking weights at memory-copy speed
+    block = torch.randn(1 << 26, generator=gen, dtype=torch.float32).mul_(0.02).to(torch.bfloat16)
     weight_map = {}
     total = 0
     for part, tensors in groups.items():
@@ -101,7 +103,10 @@ def build_model(name: str, layers: int, work: Path) -> Path:
             if key.endswith("norm.weight"):
                 data[key] = torch.ones(t.shape, dtype=torch.bfloat16)
             else:
-                data[key] = torch.randn(t.shape, generator=gen, dtype=torch.bfloat16).mul_(0.02)
+                n = t.numel()
+                shift = int(torch.randint(0, block.numel(), (1,), generator=gen))
+                reps = -(-(n + shift) // block.numel())
+                data[key] = block.repeat(reps)[shift:shift + n].view(t.shape).clone()
         fname = f"model-{part}.safetensors"
         save_file(data, str(tmp / fname), metadata={"format": "pt"})
         total += sum(v.numel() * 2 for v in data.values())

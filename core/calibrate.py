@@ -98,7 +98,7 @@ def fp_forward_with_stats(layer: nn.Module, inps: torch.Tensor, layer_kwargs: di
     def absmax_hook(name, use_input):
         def fn(_m, args, output):
             t = args[0] if use_input else output
-            cur = t.detach().reshape(-1, t.shape[-1]).abs().amax(0).float().cpu()
+            cur = t.detach().reshape(-1, t.shape[-1]).abs().amax(0).float()  # stays where the layer is
             prev = getattr(stats, name)
             setattr(stats, name, cur if prev is None else torch.maximum(prev, cur))
         return fn
