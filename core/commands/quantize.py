@@ -109,7 +109,9 @@ def run(args: argparse.Namespace) -> int:
         cali_bsz=args.cali_bsz, flat_lr=args.flat_lr, device=args.device, ppl_data=args.ppl_data,
         ppl_seqlen=args.ppl_seqlen, ppl_max_windows=args.ppl_max_windows, skip_ppl=args.skip_ppl,
         skip_rtn=args.no_rtn, output_dir=output_dir, max_layers=args.max_layers, seed=args.seed, resume=args.resume,
-        dtype=args.dtype, activation_dir=args.activation_dir, keep_original=args.keep_original,
+        # the CLI quantizes in place by default (the original is re-read from disk for the time diff / --eval)
+        dtype=args.dtype, activation_dir=args.activation_dir,
+        keep_original=False if args.keep_original is None else args.keep_original,
         check_memory=args.check_memory, algorithm=args.algorithm, distributed=args.distributed)
     progress = _TqdmProgress()
     try:
@@ -120,15 +122,18 @@ def run(args: argparse.Namespace) -> int:
         return 0
     report = result.report
     original = result.original.model
+    eval_wanted = bool(getattr(args, "eval", None) is not None or getattr(args, "eval_default_sections", None))
+    if original is None and (args.time_diff or eval_wanted):
+        from ..models import load_model
+
+        original = load_model(args.model_path, dtype=args.dtype).model  # lazily re-read, after the job
     ppl = report.get("ppl")
     if ppl:
         print(f"PPL score (original): {ppl['original']:.4f}")
         if ppl.get("rtn") is not None:
             print(f"PPL score (RTN W4A4): {ppl['rtn']:.4f}")
         print(f"PPL score: {ppl['quantized']:.4f}")
-    if args.time_diff and original is None:
-        print("Time diff skipped: the float original was not kept in memory (pass --keep_original to time it)")
-    elif args.time_diff:
+    if args.time_diff:
         from ..realquant.convert import report_time_diff
 
         td = report_time_diff(original, result.quantized, result.tokenizer, output_dir)
@@ -137,10 +142,7 @@ def run(args: argparse.Namespace) -> int:
     from ..evaluate import eval_options_from_args, evaluate_pair, summary_lines
 
     eval_opts = eval_options_from_args(args, output_dir=output_dir, quant_config=report.get("config"))
-    if eval_opts.sections and original is None:
-        print("--eval skipped: the float original was not kept in memory; run `python -m core evaluate "
-              f"--flat_matrix_path {result.matrix_path}` or pass --keep_original")
-    elif eval_opts.sections:
+    if eval_opts.sections:
         from ..progress import Reporter
 
         results = evaluate_pair(original, result.quantized, result.tokenizer, eval_opts,
