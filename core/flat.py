@@ -17,6 +17,7 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 from .adapters import LinearGroup, ModelAdapter, adapter_for
@@ -41,6 +42,17 @@ class FlatQuantLinear(nn.Module):
         self.real_quant_eligible = real_quant_eligible and w_bits < 16 and self.act_quantizer.bits < 16
         self.quant_enabled = True
         self.folded = False
+        # Training: recompute the transformed, fake-quantized weight in backward instead of keeping its fp32
+        # temporaries for the whole step (a 7B layer's would be several GiB); gradients are unchanged.
+        self.checkpoint_weight = True
+
+    def _quantized_weight(self) -> torch.Tensor:
+        return self.weight_quantizer(self.effective_weight())
+
+    def _weight_params(self):
+        yield from self.weight_quantizer.parameters()
+        if self.weight_trans is not None:
+            yield from self.weight_trans.parameters()
 
     def effective_weight(self) -> torch.Tensor:
         w = self.linear.weight
@@ -51,6 +63,11 @@ class FlatQuantLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.in_trans is not None:
             x = self.in_trans(x)
+        if self.quant_enabled and not self.folded and self.checkpoint_weight and torch.is_grad_enabled() and \
+                any(p.requires_grad for p in self._weight_params()):
+            w = torch.utils.checkpoint.checkpoint(self._quantized_weight, use_reentrant=False)
+            return F.linear(self.act_quantizer(x), w.to(x.dtype),
+                            None if self.linear.bias is None else self.linear.bias.to(x.dtype))
         w = self.effective_weight()
         if self.quant_enabled and self.folded and self.weight_quantizer.bits < 16 and self.act_quantizer.bits < 16:
             # the deployable form: the real kernels' integer math, so real-quant equals this model bit for bit

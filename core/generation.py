@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from .progress import Reporter
+from .streaming import needs_streaming
 
 # The sample's prompt. "/no_think" switches Qwen3's reasoning trace off; other models get the prompt without it.
 DEFAULT_PROMPT = "Give me a short introduction to the Ascend Model Compression Toolkit(AMCT)."
@@ -46,8 +47,17 @@ def _device_of(model: nn.Module) -> torch.device:
 
 
 @torch.inference_mode()
-def generate_text(model: nn.Module, tokenizer, chat_text: str, options: GenerationOptions, streamer=None) -> dict:
-    """Generate from an already templated text; returns text, token counts, seconds and tokens/s."""
+def generate_text(model: nn.Module, tokenizer, chat_text: str, options: GenerationOptions, streamer=None,
+                  device: Optional[torch.device] = None) -> dict:
+    """Generate from an already templated text; returns text, token counts, seconds and tokens/s. ``streamer``: a
+    transformers streamer (live text). A model on the host with an accelerator ``device`` is streamed there one
+    decoder layer at a time (``streamed: true``)."""
+    from .streaming import LayerStreamer
+
+    if needs_streaming(model, device):
+        with LayerStreamer(model, device):
+            result = generate_text(model, tokenizer, chat_text, options, streamer)
+        return dict(result, streamed=True)
     enc = tokenizer(chat_text, return_tensors="pt", add_special_tokens=False)
     device = _device_of(model)
     input_ids = enc.input_ids.to(device)
@@ -75,7 +85,7 @@ def generate_text(model: nn.Module, tokenizer, chat_text: str, options: Generati
 
 def compare_generation(original: nn.Module, quantized: Optional[nn.Module], tokenizer,
                        options: GenerationOptions | None = None, reporter: Reporter | None = None,
-                       streamer_for=None) -> dict:
+                       streamer_for=None, device: Optional[torch.device] = None) -> dict:
     """The report's "generation" section: prompt, templated input and both models' outputs (``quantized=None``:
     the original only). ``streamer_for(label)`` may give a transformers streamer per model (live text)."""
     options = options or GenerationOptions()
@@ -94,7 +104,8 @@ def compare_generation(original: nn.Module, quantized: Optional[nn.Module], toke
         if model is None:
             continue
         reporter.check()
-        reporter.emit("eval", f"generating with the {label} model ({options.max_new_tokens} new tokens max)")
+        reporter.emit("eval", f"generating with the {label} model ({options.max_new_tokens} new tokens max)"
+                              + (f", streaming its layers to {device}" if needs_streaming(model, device) else ""))
         section[label] = generate_text(model, tokenizer, chat_text, options,
-                                       streamer_for(label) if streamer_for else None)
+                                       streamer_for(label) if streamer_for else None, device)
     return section

@@ -91,6 +91,16 @@ def resolve_model_path(model_path: Optional[str]) -> Path:
 
 
 def read_architecture(path: Path) -> str:
+    cfg = read_model_config(path)
+    archs = cfg.get("architectures") or []
+    arch = archs[0] if archs else str(cfg.get("model_type", "unknown"))
+    adapter_for_architecture(arch)  # one clear line naming the supported ones otherwise
+    return arch
+
+
+def read_model_config(path: Path) -> dict:
+    """config.json of a model folder as a dict; one clear error when it is unreadable, not UTF-8 or not an object."""
+    path = Path(path)
     try:
         cfg = json.loads((path / "config.json").read_text(encoding="utf-8"))
     except UnicodeDecodeError as exc:
@@ -101,17 +111,28 @@ def read_architecture(path: Path) -> str:
     if not isinstance(cfg, dict):
         raise ModelLoadError(f"{path.name}/config.json holds a JSON {type(cfg).__name__}, not an object; restore the "
                              "file saved by transformers.")
-    archs = cfg.get("architectures") or []
-    arch = archs[0] if archs else str(cfg.get("model_type", "unknown"))
-    adapter_for_architecture(arch)  # one clear line naming the supported ones otherwise
-    return arch
+    return cfg
+
+
+def checkpoint_dtype(config: dict) -> torch.dtype:
+    """The dtype the checkpoint was saved in (config ``torch_dtype``/``dtype``); fp32 when it does not say."""
+    name = config.get("torch_dtype") or config.get("dtype") or "float32"
+    dtype = getattr(torch, str(name).replace("torch.", ""), None)
+    return dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else torch.float32
 
 
 def load_model(model_path: Optional[str] = None, device: str | torch.device = "cpu",
-               dtype: torch.dtype = torch.float32) -> LoadedModel:
-    """Load a supported causal LM and its tokenizer from a local folder (no hub access)."""
+               dtype: Optional[torch.dtype | str] = None) -> LoadedModel:
+    """Load a supported causal LM and its tokenizer from a local folder (no hub access).
+
+    ``dtype``: None or "auto" loads in the checkpoint's own dtype (config ``torch_dtype``), so a bf16 checkpoint
+    costs 2 bytes per parameter and is never materialized in fp32 as a whole; or bf16/fp16/fp32 (name or
+    torch.dtype). Weights are read straight into their final tensors (no random init first)."""
+    from .memory import parse_dtype
+
     path = resolve_model_path(model_path)
     arch = read_architecture(path)
+    dtype = parse_dtype(dtype) or checkpoint_dtype(read_model_config(path))
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
@@ -207,3 +228,13 @@ def build_random_mistral(hidden_size: int = 256, intermediate_size: int = 768, l
     return _build_random(MistralConfig, MistralForCausalLM, seed, hidden_size=hidden_size,
                          intermediate_size=intermediate_size, num_hidden_layers=layers, num_attention_heads=heads,
                          num_key_value_heads=kv_heads, vocab_size=vocab_size, sliding_window=32)
+
+
+def shared_copy(model: nn.Module) -> nn.Module:
+    """A new module tree whose parameters and buffers are the same tensors as ``model``'s: costs no weight memory.
+    Changing a module of the copy (swapping a submodule) leaves ``model`` alone; changing a tensor in place does
+    not, so a layer is deep-copied before its weights are modified (see core.calibrate copy_layers)."""
+    import copy
+
+    memo = {id(t): t for t in list(model.parameters()) + list(model.buffers())}
+    return copy.deepcopy(model, memo)

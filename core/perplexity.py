@@ -25,29 +25,52 @@ def autocast_for(model: torch.nn.Module, dtype: Optional[torch.dtype | str]):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+def _window_nll(model: torch.nn.Module, batch: torch.Tensor) -> float:
+    """Summed next-token NLL of a batch of windows. The head runs one window at a time, so the logits held at once
+    are [seqlen, vocab] rather than [batch, seqlen, vocab] (a 49k-token vocabulary makes that the peak)."""
+    base = getattr(model, "base_model", None)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if base is None or base is model or head is None:
+        logits = model(input_ids=batch, use_cache=False).logits
+        return float(F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1),
+                                     reduction="sum"))
+    hidden = base(input_ids=batch, use_cache=False).last_hidden_state
+    total = 0.0
+    for b in range(batch.shape[0]):
+        logits = head(hidden[b, :-1])
+        total += float(F.cross_entropy(logits.float(), batch[b, 1:], reduction="sum"))
+    return total
+
+
 @torch.no_grad()
 def perplexity_from_ids(model: torch.nn.Module, ids: torch.Tensor, seqlen: int = 512, batch_size: int = 4,
                         max_windows: Optional[int] = None, reporter: Optional[Reporter] = None,
-                        dtype: Optional[torch.dtype | str] = "auto", label: str = "") -> float:
+                        dtype: Optional[torch.dtype | str] = "auto", label: str = "",
+                        device: Optional[torch.device] = None) -> float:
+    """``device``: where to compute. A model on the host with an accelerator ``device`` is streamed there one
+    decoder layer at a time (core.streaming), so a model larger than the device still gets its perplexity."""
+    from .streaming import LayerStreamer, model_device, needs_streaming
+
     n = ids.numel() // seqlen
     if max_windows is not None:
         n = min(n, max_windows)
     if n == 0:
         raise DataError(f"Perplexity text has {ids.numel()} tokens, fewer than one window of {seqlen}.")
-    device = next(model.parameters()).device
+    stream = needs_streaming(model, device)
+    if stream and reporter is not None:
+        reporter.emit("ppl", f"perplexity {label}: streaming decoder layers to {device} one at a time")
+    target = torch.device(device) if stream else model_device(model)
     windows = ids[: n * seqlen].view(n, seqlen)
     nll_sum, count = 0.0, 0
-    for start in range(0, n, batch_size):
-        if reporter is not None:
-            reporter.check()
-            reporter.emit("ppl", f"perplexity {label} window {start}/{n}", step=start, steps=n)
-        batch = windows[start:start + batch_size].to(device)
-        with autocast_for(model, dtype):
-            logits = model(input_ids=batch, use_cache=False).logits
-        loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1),
-                               reduction="sum")
-        nll_sum += float(loss)
-        count += batch[:, 1:].numel()
+    with LayerStreamer(model, target) if stream else nullcontext():
+        for start in range(0, n, batch_size):
+            if reporter is not None:
+                reporter.check()
+                reporter.emit("ppl", f"perplexity {label} window {start}/{n}", step=start, steps=n)
+            batch = windows[start:start + batch_size].to(target)
+            with autocast_for(model, dtype):  # inside the streamer the embeddings are on the target
+                nll_sum += _window_nll(model, batch)
+            count += batch[:, 1:].numel()
     return math.exp(nll_sum / count)
 
 

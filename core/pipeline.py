@@ -1,27 +1,38 @@
-"""The quantize job: load → calibrate (or load matrices) → fold → baselines → perplexity → report.json.
-One function used by the CLI and the GUI runner; progress and cancellation go through core.progress."""
+"""The quantize job: load → estimate memory → calibrate (or load matrices) → fold → baselines → perplexity →
+report.json. One function used by the CLI and the GUI runner; progress and cancellation go through core.progress.
+
+Memory model (README "Memory model"): the model is loaded once, on the host, in its storage dtype. Calibration
+modifies it in place, one layer at a time on the device. When the float original is kept for comparisons
+(``keep_original``; None keeps it when it fits), the quantized model shares every tensor with it except the layers
+it has changed, which are copied as they are reached. When it is not kept, the original and RTN perplexities are
+measured first (RTN shares the original's weights: its quantization happens in the forward), then the model is
+quantized in place."""
 from __future__ import annotations
 
-import copy
 import logging
 import os
 import resource
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Optional
 
 import torch
 from torch import nn
 
+from .algorithms import ALGORITHMS, get_algorithm
 from .calibrate import LayerResult, calibrate_model
 from .config import FlatQuantConfig, load_config_file, normalize_skip_layers, parse_config
 from .data import EMBEDDED_TEXT_LABEL, load_text, sample_windows, tokenize, wikitext_test_path
 from .device import compute_dtype, dtype_name, resolve_device
-from .errors import FlatQuantError, JobCancelled, MatrixFileError
+from .distributed import DistInfo, finish, gather_to_main, init_distributed, layer_range
+from .errors import FlatQuantError, JobCancelled, MatrixFileError, ModelLoadError
 from .flat import apply_flat_structure, fold_model
-from .matrices import MATRIX_FILE, RESUME_FILE, build_payload, load_matrices, read_matrices, save_matrices
-from .models import LoadedModel, load_model, model_identity
+from .matrices import MATRIX_FILE, RESUME_FILE, build_payload, check_identity, read_matrices, save_matrices
+from .memory import (GIB, ActivationStore, ModelShape, check_fits, current_rss_bytes, device_peak_bytes,
+                     estimate_quantize_memory, host_available_bytes, parse_dtype)
+from .models import (LoadedModel, checkpoint_dtype, decoder_layers, load_model, model_identity, read_model_config,
+                     read_architecture, resolve_model_path, shared_copy)
 from .perplexity import perplexity_from_ids
 from .progress import CancelToken, ProgressCallback, Reporter
 from .report import update_report
@@ -58,6 +69,13 @@ class QuantizeOptions:
     max_layers: Optional[int] = None  # calibrate only the first N decoder layers (quick runs)
     seed: int = 0
     resume: bool = True
+    # memory and scale (issue 10)
+    dtype: str = "auto"  # storage dtype of the loaded model: auto (the checkpoint's) | bf16 | fp16 | fp32
+    activation_dir: Optional[str] = None  # keep captured calibration activations in files here instead of RAM
+    keep_original: Optional[bool] = None  # keep a float original for comparisons; None: when it fits in memory
+    check_memory: bool = True  # refuse a job whose estimated peak does not fit
+    algorithm: str = "flatquant"  # a name in core.algorithms.ALGORITHMS
+    distributed: bool = False  # layer-parallel over torchrun ranks
     compute_dtype: Optional[str] = None  # auto | bf16 | fp16 | fp32 (core.device.compute_dtype); None = auto
 
     def resolved_config(self) -> FlatQuantConfig:
@@ -87,6 +105,10 @@ class QuantizeOptions:
         compute_dtype("cpu", self.compute_dtype)  # an unknown name is an error before anything runs
         if self.max_layers is not None and self.max_layers < 1:
             raise FlatQuantError(f"--max_layers must be >= 1, got {self.max_layers}.")
+        parse_dtype(self.dtype)
+        if self.algorithm not in ALGORITHMS:
+            raise FlatQuantError(f"--algorithm must be one of {', '.join(sorted(ALGORITHMS))}, "
+                                 f"got {self.algorithm!r}.")
 
 
 def _validated(cfg: FlatQuantConfig) -> FlatQuantConfig:
@@ -99,9 +121,9 @@ def _validated(cfg: FlatQuantConfig) -> FlatQuantConfig:
 @dataclass
 class QuantizeResult:
     report: dict
-    original: LoadedModel  # untouched float model
-    quantized: nn.Module  # fake-quant, folded
-    rtn: Optional[nn.Module]
+    original: LoadedModel  # untouched float model; its .model is None when it was not kept (memory policy)
+    quantized: nn.Module  # fake-quant, folded (None on distributed ranks other than 0)
+    rtn: Optional[nn.Module]  # shares the original's weights; None when not kept
     tokenizer: object
     output_dir: Path
     matrix_path: Path
@@ -139,11 +161,61 @@ def ppl_token_ids(tokenizer, ppl_data: Optional[str]) -> tuple[torch.Tensor, str
 
 
 def rtn_model(original: nn.Module, cfg: FlatQuantConfig, max_layers: Optional[int]) -> nn.Module:
-    """The RTN W4A4 baseline: same modules, no transforms, no learned clipping."""
-    model = copy.deepcopy(original)
+    """The RTN W4A4 baseline: same modules, no transforms, no learned clipping. It shares the original's weight
+    tensors (RTN quantizes in the forward and folding changes nothing), so it costs no second copy."""
+    model = shared_copy(original)
     apply_flat_structure(model, cfg, num_layers=max_layers, use_transforms=False)
     fold_model(model)
     return model
+
+
+def _memory_plan(options: QuantizeOptions, cfg: FlatQuantConfig, device: torch.device, path: Path,
+                 reporter: Reporter) -> tuple[torch.dtype, bool, dict]:
+    """The storage dtype, whether the float original is kept, and the estimate (refusing a job that cannot fit)."""
+    config = read_model_config(path)
+    dtype = parse_dtype(options.dtype) or checkpoint_dtype(config)
+    try:
+        shape = ModelShape.from_config(config)
+    except (TypeError, ValueError) as exc:
+        raise ModelLoadError(f"{path / 'config.json'} lacks the sizes of the model ({exc}); pass a folder saved by "
+                             "transformers' save_pretrained.") from exc
+    calibrate = not options.load_matrix
+    common = dict(weight_dtype=dtype, nsamples=options.nsamples, seqlen=options.seqlen, cali_bsz=cfg.cali_bsz,
+                  device=device, activations_on_disk=bool(options.activation_dir), calibrate=calibrate,
+                  ppl_seqlen=options.ppl_seqlen, layers_trained=options.max_layers)
+    available = host_available_bytes()
+    resident = current_rss_bytes()
+    keep = options.keep_original
+    if keep is None:
+        with_copy = estimate_quantize_memory(shape, keep_original=True, **common)
+        keep = available is None or with_copy.host_total <= 0.85 * (available + resident)
+    est = estimate_quantize_memory(shape, keep_original=keep, **common)
+    reporter.emit("load", f"memory estimate: {est.summary()}; float original "
+                          f"{'kept for comparisons' if keep else 'not kept (evaluated first, then quantized in place)'}")
+    if options.check_memory:
+        knobs = []
+        if dtype == torch.float32:
+            knobs.append("--dtype bf16")
+        if calibrate and not options.activation_dir:
+            knobs.append("--activation_dir DIR")
+        if calibrate:
+            knobs.append("--nsamples (now %d)" % options.nsamples)
+        if keep:
+            knobs.append("--no_rtn/--no_keep_original")
+        check_fits(est, device, knobs or ["--max_layers"], available, already_resident=resident)
+    return dtype, keep, est.to_dict()
+
+
+def _evaluate_ppl(models: dict, ids: torch.Tensor, options: QuantizeOptions, device: torch.device,
+                  reporter: Reporter, ppl: dict, out_dir: Path, report: dict) -> None:
+    for name, model in models.items():
+        if model is None:
+            continue
+        ppl[name] = perplexity_from_ids(model, ids, options.ppl_seqlen, max_windows=options.ppl_max_windows,
+                                        reporter=reporter, label=name, device=device,
+                                        dtype=options.compute_dtype or "auto")
+        reporter.emit("ppl", f"PPL {name}: {ppl[name]:.3f}")
+        update_report(out_dir, dict(report, ppl=dict(ppl)))  # a cancel during the next model keeps this number
 
 
 @guarded_job(kept_name=RESUME_FILE)
@@ -163,20 +235,53 @@ def run_quantize(options: QuantizeOptions, on_event: Optional[ProgressCallback] 
 
     reporter = Reporter(log_event, cancel)
     device = resolve_device(options.device)
+    dist_info = DistInfo()
+    if options.distributed:
+        dist_info, device = init_distributed(device)
+        reporter.emit("load", f"distributed: rank {dist_info.rank} of {dist_info.world} ({dist_info.backend})")
+    reporter.device = device
     matrix_path = out_dir / MATRIX_FILE
     resume_path = out_dir / RESUME_FILE
     t_start = time.monotonic()
 
-    reporter.emit("load", f"loading model {options.model_path or 'smollm2 (embedded default)'} on {device}")
-    original = load_model(options.model_path, device=device)
+    path = resolve_model_path(options.model_path)
+    read_architecture(path)  # an unsupported model is refused before anything is estimated or loaded
+    if dist_info.world > 1:  # ranks quantize in place; rank 0 reports quantized PPL only
+        options = replace(options, keep_original=False)
+    dtype, keep_original, estimate = _memory_plan(options, cfg, device, path, reporter)
+    reporter.emit("load", f"loading model {options.model_path or 'smollm2 (embedded default)'} on the host "
+                          f"({str(dtype).replace('torch.', '')}); layers go to {device} one at a time")
+    original = load_model(options.model_path, device="cpu", dtype=dtype)
     reporter.check()
-    quantized = copy.deepcopy(original.model)
+    model = original.model
+    ppl: dict = {}
+    ids = None
+    want_ppl = not options.skip_ppl and dist_info.is_main
+    want_rtn = want_ppl and not options.skip_rtn
+    if want_ppl:
+        ids, ppl_label = ppl_token_ids(original.tokenizer, options.ppl_data)
+        ppl.update({"dataset": ppl_label, "seqlen": options.ppl_seqlen, "max_windows": options.ppl_max_windows})
+    rtn = None
+    if keep_original:
+        quantized = shared_copy(model)  # shares every tensor until calibration copies the layer it changes
+        if want_rtn:
+            rtn = rtn_model(model, cfg, options.max_layers)
+    else:
+        quantized = model
+        if want_ppl:  # the float model and RTN before the weights change (RTN shares them: no extra memory)
+            baselines = {"original": model}
+            if want_rtn:
+                baselines["rtn"] = rtn_model(model, cfg, options.max_layers)
+            _evaluate_ppl(baselines, ids, options, device, reporter, ppl, out_dir, _model_section(original, cfg))
+            del baselines
     calib: dict = {"nsamples": options.nsamples, "seqlen": options.seqlen, "epochs": cfg.epochs,
-                   "cali_bsz": cfg.cali_bsz, "flat_lr": cfg.flat_lr, "device": str(device)}
+                   "cali_bsz": cfg.cali_bsz, "flat_lr": cfg.flat_lr, "device": str(device),
+                   "algorithm": options.algorithm, "dtype": str(dtype).replace("torch.", ""),
+                   "keep_original": keep_original, "activation_dir": options.activation_dir,
+                   "memory_estimate": estimate}
     if options.load_matrix:
         reporter.emit("load", f"loading calibrated matrices from {options.flat_matrix_path}")
-        loaded_cfg = load_matrices(options.flat_matrix_path, quantized)
-        cfg = loaded_cfg
+        cfg = _apply_matrix_file(options.flat_matrix_path, quantized, keep_original)
         matrix_path = Path(options.flat_matrix_path)
         calib = {"loaded_from": str(matrix_path), "seconds": 0.0}
     else:
@@ -185,59 +290,150 @@ def run_quantize(options: QuantizeOptions, on_event: Optional[ProgressCallback] 
         samples = sample_windows(tokenize(original.tokenizer, text), options.nsamples, options.seqlen, options.seed)
         run_key = {"nsamples": options.nsamples, "seqlen": options.seqlen, "data": data_label, "seed": options.seed,
                    "max_layers": options.max_layers}
-        done_states = _resume_states(resume_path, quantized, cfg, run_key, reporter) if options.resume else {}
+        if options.algorithm != "flatquant":
+            run_key["algorithm"] = options.algorithm
+        use_resume = options.resume and dist_info.world == 1
+        done_states = _resume_states(resume_path, quantized, cfg, run_key, reporter) if use_resume else {}
         layer_states: dict[int, dict] = dict(done_states)
         layer_results: list[LayerResult] = []
 
         def on_layer_done(i: int, state: dict, result: LayerResult) -> None:
             layer_states[i] = state
             layer_results.append(result)
-            save_matrices(resume_path, build_payload(quantized, cfg, layer_states, complete=False, extra=run_key))
+            if use_resume:
+                save_matrices(resume_path, build_payload(quantized, cfg, layer_states, complete=False, extra=run_key))
 
+        num = len(decoder_layers(quantized))
+        num = num if options.max_layers is None else min(num, options.max_layers)
+        rng = layer_range(num, dist_info.rank, dist_info.world) if dist_info.world > 1 else None
+        store = ActivationStore(options.activation_dir)
+        algo = get_algorithm(options.algorithm, cfg)
         t0 = time.monotonic()
         try:
             calibrate_model(quantized, samples, cfg, device, reporter, dtype=options.compute_dtype or "auto",
                             max_layers=options.max_layers,
-                            done_states=done_states, on_layer_done=on_layer_done)
+                            done_states=done_states, on_layer_done=on_layer_done, algorithm=algo, layer_range=rng,
+                            store=store, copy_layers=keep_original)
         except JobCancelled:
             resume_path.unlink(missing_ok=True)  # a cancel leaves nothing half-done behind
             logger.info("[cancel] calibration cancelled; no matrix file written")
             raise
+        finally:
+            store.close()
         seconds = time.monotonic() - t0
+        if dist_info.world > 1:
+            gathered = gather_to_main(({i: s for i, s in layer_states.items()},
+                                       [_layer_record(r) for r in layer_results]), dist_info)
+            if not dist_info.is_main:
+                finish(dist_info)
+                return QuantizeResult({}, LoadedModel(None, original.tokenizer, original.name, original.path,
+                                                      original.architecture), None, None, original.tokenizer,
+                                      out_dir, matrix_path, cfg, {"rank": dist_info.rank})
+            records = []
+            for rank_states, rank_records in gathered:
+                for i, state in rank_states.items():
+                    if i not in layer_states:  # another rank's layer: rebuild it here from its state
+                        layer = decoder_layers(quantized)[i]
+                        algo.prepare_layer(layer, i, None)
+                        algo.restore_layer(layer, i, state)
+                        algo.freeze_layer(layer)
+                        algo.fold_layer(layer)
+                        layer_states[i] = state
+                records.extend(rank_records)
+            finish(dist_info)
+        else:
+            records = [_layer_record(r) for r in layer_results]
         meta = dict(run_key, seconds=seconds)
         save_matrices(matrix_path, build_payload(quantized, cfg, layer_states, complete=True, extra=meta))
         resume_path.unlink(missing_ok=True)
         reporter.emit("fold", f"saved {matrix_path}")
         calib.update({"seconds": round(seconds, 2), "data": data_label, "max_layers": options.max_layers,
-                      "warnings": loss_warnings(layer_results),
-                      "layers": [{"layer": r.index, "first_loss": r.first_loss, "last_loss": r.last_loss,
-                                  "epoch_losses": r.losses, "seconds": round(r.seconds, 3)} for r in layer_results]})
+                      "world_size": dist_info.world, "warnings": loss_warnings(layer_results),
+                      "layers": sorted(records, key=lambda r: r["layer"])})
     calib["peak_rss_mb"] = round(peak_rss_mb(), 1)
     calib["compute_dtype"] = dtype_name(compute_dtype(device, options.compute_dtype))
+    dev_peak = device_peak_bytes(device)
+    if dev_peak is not None:
+        calib["device_peak_mb"] = round(dev_peak / 2 ** 20, 1)  # torch max_memory_allocated
 
-    rtn = None if (options.skip_rtn or options.skip_ppl) else rtn_model(original.model, cfg, options.max_layers)
     report = {
-        "model": {"name": original.name, "path": original.path, **model_identity(original.model)},
-        "config": cfg.to_amct_dict(),
+        **_model_section(original, cfg, quantized),
         "calibration": calib,
         "artifacts": {"flat_matrices": str(matrix_path), "log": str(out_dir / LOG_FILE)},
     }
-    if not options.skip_ppl:
-        ids, ppl_label = ppl_token_ids(original.tokenizer, options.ppl_data)
-        ppl = {"dataset": ppl_label, "seqlen": options.ppl_seqlen, "max_windows": options.ppl_max_windows}
-        for name, model in (("original", original.model), ("quantized", quantized), ("rtn", rtn)):
-            if model is None:
-                continue
-            ppl[name] = perplexity_from_ids(model, ids, options.ppl_seqlen, max_windows=options.ppl_max_windows,
-                                            reporter=reporter, label=name, dtype=options.compute_dtype or "auto")
-            reporter.emit("ppl", f"PPL {name}: {ppl[name]:.3f}")
-            update_report(out_dir, dict(report, ppl=ppl))  # a cancel during the next model keeps this number
-        report["ppl"] = ppl
+    if want_ppl:
+        models = {"original": model, "quantized": quantized, "rtn": rtn} if keep_original else {"quantized": quantized}
+        _evaluate_ppl(models, ids, options, device, reporter, ppl, out_dir, report)
+        report["ppl"] = {k: ppl[k] for k in ("original", "quantized", "rtn", "dataset", "seqlen", "max_windows")
+                         if k in ppl}
     report["calibration"]["peak_rss_mb"] = round(peak_rss_mb(), 1)
     report["total_seconds"] = round(time.monotonic() - t_start, 2)
     report = update_report(out_dir, report)
+    if device.type != "cpu":
+        _place_on_device([model, quantized, rtn] if keep_original else [quantized], device, reporter)
+    if not keep_original:
+        original = LoadedModel(None, original.tokenizer, original.name, original.path, original.architecture)
     reporter.emit("done", f"report written to {out_dir / 'report.json'}")
-    return QuantizeResult(report, original, quantized, rtn, original.tokenizer, out_dir, matrix_path, cfg)
+    return QuantizeResult(report, original, quantized, rtn, original.tokenizer, out_dir, matrix_path, cfg,
+                          {"keep_original": keep_original})
+
+
+def _model_section(original: LoadedModel, cfg: FlatQuantConfig, model: Optional[nn.Module] = None) -> dict:
+    """report.json's model and config sections."""
+    return {"model": {"name": original.name, "path": original.path, **model_identity(model or original.model)},
+            "config": cfg.to_amct_dict()}
+
+
+def _layer_record(r: LayerResult) -> dict:
+    return {"layer": r.index, "first_loss": r.first_loss, "last_loss": r.last_loss, "epoch_losses": r.losses,
+            "seconds": round(r.seconds, 3)}
+
+
+def _apply_matrix_file(path: str, model: nn.Module, copy_layers: bool) -> FlatQuantConfig:
+    """--load_matrix: rebuild and fold every saved layer with the algorithm that wrote the file."""
+    import copy
+
+    payload = read_matrices(path)
+    if not payload.get("complete", True):
+        raise MatrixFileError(f"Matrix file {str(path)!r} is a partial (resume) checkpoint; finish the calibration "
+                              "with the same --output_dir first.")
+    check_identity(payload, model, str(path))
+    cfg = parse_config(payload["config"])
+    algo = get_algorithm((payload.get("meta") or {}).get("algorithm", "flatquant"), cfg)
+    layers = decoder_layers(model)
+    for i, state in sorted(payload["layers"].items()):
+        i = int(i)
+        if not 0 <= i < len(layers):
+            raise MatrixFileError(f"Matrix file {path!r} names layer {i}, but the model has {len(layers)} layers.")
+        if copy_layers:
+            layers[i] = copy.deepcopy(layers[i])
+        algo.prepare_layer(layers[i], i, None)
+        try:
+            algo.restore_layer(layers[i], i, state)
+        except KeyError as exc:
+            raise MatrixFileError(f"Matrix file {path!r} does not match this model's layer {i} ({exc}); "
+                                  "it was made with another config or another model.") from exc
+        algo.freeze_layer(layers[i])
+        algo.fold_layer(layers[i])
+    return cfg
+
+
+def _place_on_device(models: list, device: torch.device, reporter: Reporter) -> None:
+    """Move the result models to the device when all of them fit there (as before, for the GUI's comparisons);
+    otherwise they stay on the host and evaluation streams their layers."""
+    from .memory import device_free_bytes
+
+    models = [m for m in models if m is not None]
+    need = sum(t.numel() * t.element_size() for t in {id(t): t for m in models for t in
+                                                       list(m.parameters()) + list(m.buffers())}.values())
+    free = device_free_bytes(device)
+    if free is not None and need < 0.8 * free:
+        for m in models:
+            m.to(device)
+        reporter.emit("done", f"models moved to {device} ({need / GIB:.2f} GiB)")
+    else:
+        reporter.emit("done", f"models stay on the host ({need / GIB:.2f} GiB does not fit {device}); evaluation "
+                              "streams their decoder layers to the device one at a time")
 
 
 def _resume_states(path: Path, model: nn.Module, cfg: FlatQuantConfig, run_key: dict, reporter: Reporter) -> dict:

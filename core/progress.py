@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass
 from typing import Callable, Optional
 
 from .errors import JobCancelled
+from .memory import resident_mb
 
 
 @dataclass
@@ -22,6 +23,8 @@ class ProgressEvent:
     loss: Optional[float] = None
     elapsed_s: float = 0.0
     eta_s: Optional[float] = None
+    rss_mb: Optional[float] = None  # host resident memory of the process when the event was emitted (MiB)
+    device_mb: Optional[float] = None  # memory allocated on the cuda/npu device (MiB); None on cpu
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -55,12 +58,16 @@ class Reporter:
         self.callback = callback
         self.cancel = cancel or CancelToken()
         self.start = time.monotonic()
+        self.device = None  # set by the job once its device is known: events then carry device memory too
 
     def elapsed(self) -> float:
         return time.monotonic() - self.start
 
     def emit(self, stage: str, message: str = "", **fields) -> None:
         if self.callback is not None:
+            mem = resident_mb(self.device)
+            fields.setdefault("rss_mb", mem["rss_mb"])
+            fields.setdefault("device_mb", mem["device_mb"])
             self.callback(ProgressEvent(stage=stage, message=message, elapsed_s=self.elapsed(), **fields))
 
     def check(self) -> None:

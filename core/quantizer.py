@@ -261,8 +261,8 @@ class WeightQuantizer(nn.Module):
         if self.clip is None:
             return
         w = weight.detach().float()
-        best_err = torch.full((w.shape[0], 1), float("inf"))
-        best = torch.ones(w.shape[0], 1)
+        best_err = torch.full((w.shape[0], 1), float("inf"), device=w.device)
+        best = torch.ones(w.shape[0], 1, device=w.device)
         for r in torch.linspace(low, 1.0, grid + 1).tolist():
             err = ((fake_quant_sym(w, self.bits, dim=1, clip_ratio=torch.tensor(r)) - w) ** 2).sum(1, keepdim=True)
             better = err < best_err

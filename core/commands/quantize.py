@@ -47,6 +47,22 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--no_time_diff", dest="time_diff", action="store_false",
                    help="skip timing one forward of the original vs the real int4 model")
     p.add_argument("--seed", type=int, default=0)
+    scale = p.add_argument_group("memory and scale")
+    scale.add_argument("--dtype", default="auto", choices=("auto", "bf16", "fp16", "fp32"),
+                       help="storage dtype of the loaded model (auto: the checkpoint's torch_dtype); the layer being "
+                            "calibrated is upcast to fp32 on the device")
+    scale.add_argument("--activation_dir", default=None,
+                       help="keep the calibration set's captured activations in files in this folder, not in RAM")
+    scale.add_argument("--keep_original", dest="keep_original", action="store_true", default=None,
+                       help="keep a float copy of the original for comparisons (default: only when it fits)")
+    scale.add_argument("--no_keep_original", dest="keep_original", action="store_false",
+                       help="quantize in place; the original and RTN are evaluated first")
+    scale.add_argument("--no_memory_check", dest="check_memory", action="store_false",
+                       help="start even when the memory estimate says the job will not fit")
+    scale.add_argument("--algorithm", default="flatquant", help="layer-wise algorithm: flatquant | rtn")
+    scale.add_argument("--distributed", action="store_true",
+                       help="layer-parallel calibration over torchrun ranks (torchrun --nproc_per_node N -m core "
+                            "quantize ... --distributed); rank 0 writes the files")
     p.add_argument("--output_dir", default=None, help="default: ./outputs/<model name>")
     p.add_argument("--export", choices=("native", "ascend"), default=None,
                    help="also write OUTPUT_DIR/checkpoint (native int4) or OUTPUT_DIR/ascend (vllm-ascend layout)")
@@ -68,7 +84,8 @@ class _TqdmProgress:
             total = (e.num_layers or 1) * (e.epochs or 1) * (e.steps or 1)
             if self.bar is None:
                 self.bar = tqdm(total=total, desc="calibrate", unit="step", file=sys.stderr, dynamic_ncols=True)
-            self.bar.set_postfix_str(f"layer {e.layer + 1}/{e.num_layers} ep {e.epoch + 1} loss {e.loss:.4g}")
+            rss = f" rss {e.rss_mb / 1024:.2f}G" if e.rss_mb else ""
+            self.bar.set_postfix_str(f"layer {e.layer + 1}/{e.num_layers} ep {e.epoch + 1} loss {e.loss:.4g}{rss}")
             self.bar.update(1)
         elif e.stage == "ppl" and e.step is not None:
             return
@@ -94,7 +111,11 @@ def run(args: argparse.Namespace) -> int:
         cali_bsz=args.cali_bsz, flat_lr=args.flat_lr, device=args.device, ppl_data=args.ppl_data,
         ppl_seqlen=args.ppl_seqlen, ppl_max_windows=args.ppl_max_windows, skip_ppl=args.skip_ppl,
         skip_rtn=args.no_rtn, output_dir=output_dir, max_layers=args.max_layers, seed=args.seed, resume=args.resume,
-        compute_dtype=args.compute_dtype)
+        compute_dtype=args.compute_dtype,
+        # the CLI quantizes in place by default (the original is re-read from disk for the time diff / --eval)
+        dtype=args.dtype, activation_dir=args.activation_dir,
+        keep_original=False if args.keep_original is None else args.keep_original,
+        check_memory=args.check_memory, algorithm=args.algorithm, distributed=args.distributed)
     if args.export == "ascend":
         from ..realquant.ascend import prepare_quantize
 
@@ -104,7 +125,15 @@ def run(args: argparse.Namespace) -> int:
         result = run_quantize(opts, on_event=progress)
     finally:
         progress.close()
+    if result.quantized is None:  # a distributed rank other than 0: rank 0 reports
+        return 0
     report = result.report
+    original = result.original.model
+    eval_wanted = bool(getattr(args, "eval", None) is not None or getattr(args, "eval_default_sections", None))
+    if original is None and (args.time_diff or eval_wanted):
+        from ..models import load_model
+
+        original = load_model(args.model_path, dtype=args.dtype).model  # lazily re-read, after the job
     ppl = report.get("ppl")
     if ppl:
         print(f"PPL score (original): {ppl['original']:.4f}")
@@ -114,7 +143,7 @@ def run(args: argparse.Namespace) -> int:
     if args.time_diff:
         from ..realquant.convert import report_time_diff
 
-        td = report_time_diff(result.original.model, result.quantized, result.tokenizer, output_dir)
+        td = report_time_diff(original, result.quantized, result.tokenizer, output_dir)
         print(f"Time diff orig: {td['time_orig_ms']:.2f}")
         print(f"Time diff after real quant: {td['time_real_quant_ms']:.2f}")
     from ..evaluate import eval_options_from_args, evaluate_pair, summary_lines
@@ -123,7 +152,7 @@ def run(args: argparse.Namespace) -> int:
     if eval_opts.sections:
         from ..progress import Reporter
 
-        results = evaluate_pair(result.original.model, result.quantized, result.tokenizer, eval_opts,
+        results = evaluate_pair(original, result.quantized, result.tokenizer, eval_opts,
                                 Reporter(progress), rtn=result.rtn)
         for line in summary_lines(results):
             print(line)

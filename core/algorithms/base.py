@@ -1,0 +1,87 @@
+"""The hook interface every layer-wise algorithm implements; the loop that calls the hooks is core.calibrate.
+
+Lifecycle of one decoder layer (the loop owns capture, device placement, resume, progress, cancel and memory):
+  prepare_layer(layer, i, stats)   swap the algorithm's modules in (in place), initialized from activation stats
+  calibrate_layer(layer, i, ctx)   learn on the layer's full-precision inputs/targets (may do nothing)
+  restore_layer(layer, i, state)   instead of calibrating: load a saved state (resume, --load_matrix)
+  freeze_layer(layer)              stop learning: learned parameters become fixed buffers
+  layer_state(layer)               the tensors to save for this layer (flat_matrices.pth)
+  fold_layer(layer)                reparameterize into deployable weights (output unchanged up to rounding)
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+from ..config import FlatQuantConfig
+from ..progress import Reporter
+
+
+@dataclass
+class LayerResult:
+    index: int
+    first_loss: float
+    last_loss: float
+    seconds: float
+    losses: list[float] = field(default_factory=list)  # mean loss per epoch
+
+    @classmethod
+    def untrained(cls, index: int) -> "LayerResult":
+        return cls(index, math.nan, math.nan, 0.0)
+
+
+@dataclass
+class LayerContext:
+    """What calibrate_layer gets from the loop: the layer's fp32 inputs and full-precision outputs (host or disk
+    tensors [N, L, H]; batches are moved to ``device`` by the algorithm), the decoder's keyword arguments (rotary
+    embeddings, mask; already on the device), the matmul dtype, progress/cancel and an ETA callback."""
+
+    inps: torch.Tensor
+    fp_outs: torch.Tensor
+    layer_kwargs: dict
+    device: torch.device
+    dtype: Optional[torch.dtype]
+    reporter: Reporter
+    num_layers: int
+    eta: Callable[[int], Optional[float]]
+
+
+class LayerAlgorithm:
+    """Base class: an algorithm that needs no calibration data (e.g. RTN) overrides only prepare/fold."""
+
+    name = "base"
+    needs_data = True  # whether the loop must capture inputs and full-precision outputs for calibrate_layer
+
+    def __init__(self, cfg: FlatQuantConfig):
+        self.cfg = cfg
+
+    def steps_per_layer(self, nsamples: int) -> int:
+        return 0
+
+    def prepare_layer(self, layer: nn.Module, index: int, stats) -> None:
+        raise NotImplementedError
+
+    def calibrate_layer(self, layer: nn.Module, index: int, ctx: LayerContext) -> LayerResult:
+        return LayerResult.untrained(index)
+
+    def restore_layer(self, layer: nn.Module, index: int, state: dict) -> None:
+        raise NotImplementedError
+
+    def freeze_layer(self, layer: nn.Module) -> None:
+        pass
+
+    def layer_state(self, layer: nn.Module) -> dict:
+        raise NotImplementedError
+
+    def fold_layer(self, layer: nn.Module) -> None:
+        raise NotImplementedError
+
+
+def run_layer(layer: nn.Module, x: torch.Tensor, layer_kwargs: dict) -> torch.Tensor:
+    """One decoder layer's hidden-state output (HF layers return a tensor or a tuple)."""
+    out = layer(x, **layer_kwargs)
+    return out[0] if isinstance(out, tuple) else out

@@ -1,0 +1,134 @@
+"""Seed-sized models on small ones: layer streaming, storage dtype, memory estimate/refusal, the algorithm registry
+and layer-parallel calibration over torch.distributed (gloo, 2 ranks)."""
+import copy
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from core.cli import main
+from core.matrices import MATRIX_FILE, read_matrices
+from core.memory import ActivationStore, MemoryBudgetError, ModelShape, check_fits, estimate_quantize_memory
+from core.models import load_model
+from core.pipeline import QuantizeOptions, run_quantize
+from core.streaming import LayerStreamer, storage_dtype
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_layer_streamed_forward_equals_in_memory_forward(tiny_qwen3):
+    stored = copy.deepcopy(tiny_qwen3).to(torch.bfloat16)  # host copy in its storage dtype
+    reference = copy.deepcopy(stored).float()  # the whole model upcast in memory
+    ids = torch.randint(0, 1000, (2, 24))
+    with torch.no_grad():
+        want = reference(input_ids=ids).logits
+        with LayerStreamer(stored, torch.device("cpu"), compute_dtype=torch.float32):
+            got = stored(input_ids=ids).logits
+    assert got.dtype == torch.float32 and torch.equal(got, want)
+    # nothing stays upcast: every layer and the embeddings are back in bf16 afterwards
+    assert all(p.dtype == torch.bfloat16 for p in stored.parameters())
+
+
+def test_load_in_checkpoint_dtype(tiny_qwen3, tmp_path, smollm2):
+    path = tmp_path / "bf16"
+    copy.deepcopy(tiny_qwen3).to(torch.bfloat16).save_pretrained(path)
+    smollm2.tokenizer.save_pretrained(path)
+    assert {p.dtype for p in load_model(str(path)).model.parameters()} == {torch.bfloat16}  # auto
+    assert {p.dtype for p in load_model(str(path), dtype="fp32").model.parameters()} == {torch.float32}
+
+
+def test_memory_estimate_refuses_with_one_error_line(tiny_qwen3_dir, tmp_path, capsys):
+    code = main(["quantize", "--model_path", str(tiny_qwen3_dir), "--nsamples", "4000000", "--seqlen", "2048",
+                 "--output_dir", str(tmp_path / "out"), "--no_ppl", "--no_time_diff"])
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert code == 2 and len(errors) == 1 and errors[0].startswith("error: this job needs about")
+    assert "--nsamples" in errors[0] and "--activation_dir" in errors[0] and "Traceback" not in err
+    assert not (tmp_path / "out" / MATRIX_FILE).exists()
+
+
+def test_estimate_parts_scale_with_the_knobs():
+    shape = ModelShape(32, 4096, 11008, 32, 32, 128, 32000, False)
+    cpu = torch.device("cpu")
+    base = estimate_quantize_memory(shape, torch.bfloat16, 128, 2048, 4, cpu)
+    assert abs(base.host["weights"] / 2**30 - 12.55) < 0.1  # LLaMA-2-7B in bf16: 6.74e9 params
+    assert base.host["activations"] == 2 * 128 * 2048 * 4096 * 4
+    disk = estimate_quantize_memory(shape, torch.bfloat16, 128, 2048, 4, cpu, activations_on_disk=True)
+    assert disk.host_total == base.host_total - base.host["activations"]
+    fp32 = estimate_quantize_memory(shape, torch.float32, 128, 2048, 4, cpu)
+    assert fp32.host["weights"] == 2 * base.host["weights"]
+    with pytest.raises(MemoryBudgetError, match="--dtype bf16"):
+        check_fits(fp32, cpu, ["--dtype bf16"], host_available=16 * 2**30)
+    check_fits(disk, cpu, ["--nsamples"], host_available=24 * 2**30)
+
+
+def test_activation_store_on_disk_leaves_no_files(tmp_path):
+    store = ActivationStore(tmp_path / "act")
+    t = store.empty((3, 5, 7))
+    t.copy_(torch.arange(105, dtype=torch.float32).view(3, 5, 7))
+    assert float(t.sum()) == sum(range(105))
+    store.close()
+    assert list((tmp_path / "act").iterdir()) == []
+
+
+def test_bf16_in_place_job_with_disk_activations(tiny_qwen3, smollm2, tmp_path):
+    path = tmp_path / "bf16"
+    copy.deepcopy(tiny_qwen3).to(torch.bfloat16).save_pretrained(path)
+    smollm2.tokenizer.save_pretrained(path)
+    events = []
+    result = run_quantize(QuantizeOptions(model_path=str(path), nsamples=4, seqlen=64, epochs=1, ppl_max_windows=2,
+                                          activation_dir=str(tmp_path / "act"), keep_original=False,
+                                          output_dir=str(tmp_path / "run")), on_event=events.append)
+    assert result.original.model is None and result.rtn is None  # one model resident: quantized in place
+    ppl = result.report["ppl"]
+    assert {"original", "quantized", "rtn"} <= set(ppl) and all(ppl[k] > 1 for k in ("original", "quantized"))
+    assert storage_dtype(result.quantized.model.layers[0]) == torch.bfloat16
+    assert result.report["calibration"]["dtype"] == "bfloat16"
+    assert list((tmp_path / "act").iterdir()) == []
+    assert all(e.rss_mb and e.rss_mb > 0 for e in events)
+
+
+def test_rtn_algorithm_equals_the_rtn_baseline(tiny_qwen3_dir, tmp_path):
+    result = run_quantize(QuantizeOptions(model_path=str(tiny_qwen3_dir), algorithm="rtn", nsamples=2, seqlen=32,
+                                          ppl_max_windows=2, keep_original=True, output_dir=str(tmp_path / "run")))
+    ppl = result.report["ppl"]
+    assert ppl["quantized"] == ppl["rtn"] != ppl["original"]
+
+
+def _run(cmd, env):
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def test_distributed_two_ranks_equal_single_process(tiny_qwen3_dir, tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1", OMP_WAIT_POLICY="PASSIVE")
+    args = ["quantize", "--model_path", str(tiny_qwen3_dir), "--nsamples", "4", "--seqlen", "32", "--epochs", "1",
+            "--no_ppl", "--no_time_diff", "--device", "cpu"]
+    _run([sys.executable, "-m", "core", *args, "--output_dir", str(tmp_path / "single")], env)
+    _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+          "-m", "core", *args, "--output_dir", str(tmp_path / "dist"), "--distributed"], env)
+    single = read_matrices(tmp_path / "single" / MATRIX_FILE)
+    dist = read_matrices(tmp_path / "dist" / MATRIX_FILE)
+    assert set(single["layers"]) == set(dist["layers"]) == {0, 1}
+    for i, state in single["layers"].items():
+        assert set(state) == set(dist["layers"][i])
+        for k, v in state.items():
+            assert torch.equal(v, dist["layers"][i][k]), (i, k)
+
+
+def test_streamed_generation_equals_in_memory(tiny_qwen3, smollm2):
+    from core.generation import GenerationOptions, generate_text
+
+    stored = copy.deepcopy(tiny_qwen3).to(torch.bfloat16)
+    opts = GenerationOptions(max_new_tokens=6)
+    want = generate_text(stored, smollm2.tokenizer, "Hello there", opts)
+    # the streamer's hooks move each layer (and the KV cache it writes) in and out around every decode step
+    from core.streaming import LayerStreamer
+
+    with LayerStreamer(stored, torch.device("cpu")):
+        got = generate_text(stored, smollm2.tokenizer, "Hello there", opts)
+    assert got["text"] == want["text"] and got["new_tokens"] == want["new_tokens"]
