@@ -86,7 +86,7 @@ def capture_layer_inputs(model: nn.Module, samples: torch.Tensor, device: torch.
 def _stat_points(layer: nn.Module) -> list[tuple[str, nn.Module, bool]]:
     """(stat name, module, use its input) for the SmoothQuant-style diag init, from the family's adapter."""
     ad = adapter_for(layer)
-    return [(g.name, ad.get(layer, g.norm), False) for g in ad.groups()] + [("down", ad.get(layer, ad.down_proj), True)]
+    return [(g.name, ad.get(layer, g.norm), False) for g in ad.groups] + [("down", ad.get(layer, ad.down_proj), True)]
 
 
 @torch.no_grad()
