@@ -21,7 +21,6 @@ Sections
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import resource
@@ -146,35 +145,39 @@ def qwen3(args, tmp: Path) -> dict:
 
 
 def llama7b(args, tmp: Path) -> dict:
-    from transformers import LlamaConfig, LlamaForCausalLM
+    """The model is built by bench/scale.py's builder (random bf16 weights written one decoder layer per shard, never
+    the whole model in memory); the random transforms depend only on shapes and seeds, so they come from one empty
+    layer at a time."""
+    from transformers import LlamaForCausalLM
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
     from core.config import parse_config
     from core.flat import flat_state, iter_transforms, wrap_layer
     from core.matrices import build_payload, save_matrices
-    from core.models import load_model
 
-    cfg_hf = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=args.layers,
-                         num_attention_heads=32, num_key_value_heads=32, vocab_size=32000)
-    with torch.device("meta"):
-        meta = LlamaForCausalLM(cfg_hf)
-    model = meta.to_empty(device="cpu").to(torch.bfloat16)
-    for p in model.parameters():
-        p.data.normal_(0, 0.02)
-    model.save_pretrained(tmp / "l7", max_shard_size="50GB")
-    load_model().tokenizer.save_pretrained(tmp / "l7")
+    sys.path.insert(0, str(ROOT / "bench"))
+    from scale import _config, build_model
+
+    path = build_model("llama2-7b", args.layers, tmp)
     cfg = parse_config(None)
+    cfg_hf = _config(dict(hidden=4096, inter=11008, heads=32, kv=32, head_dim=128, vocab=32000, arch="llama"),
+                     args.layers)
     states = {}
-    for i, layer in enumerate(model.model.layers):  # random transforms, one layer at a time (fp32 copy)
-        one = copy.deepcopy(layer).float()
+    for i in range(args.layers):
+        with torch.device("meta"):
+            one = LlamaDecoderLayer(cfg_hf, i)
+        one = one.to_empty(device="cpu").float()
         wrap_layer(one, i, cfg, None)
         for t in iter_transforms(one):
             t.freeze()
         states[i] = flat_state(one)
         del one
-    matrix = save_matrices(tmp / "l7.pth", build_payload(model, cfg, states, complete=True))
-    source_mib = sum(p.stat().st_size for p in (tmp / "l7").glob("*.safetensors")) / 2 ** 20
-    del model
-    exp = _export(tmp / "l7", matrix, tmp / "l7_ascend")
+
+    with torch.device("meta"):  # build_payload reads the architecture and sizes only
+        skeleton = LlamaForCausalLM(cfg_hf)
+    matrix = save_matrices(tmp / "l7.pth", build_payload(skeleton, cfg, states, complete=True))
+    source_mib = sum(p.stat().st_size for p in path.glob("*.safetensors")) / 2 ** 20
+    exp = _export(path, matrix, tmp / "l7_ascend")
     return {"layers": args.layers, "source_bf16_mib": round(source_mib, 1), "export": exp,
             **_sizes(tmp / "l7_ascend")}
 
