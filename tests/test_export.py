@@ -1,6 +1,7 @@
 """`python -m core export --format native` (the default): the project's own real-quant checkpoint, written in the
 serving dtype, staged and renamed, and refused for targets that would lose data."""
 import errno
+import os
 
 import torch
 
@@ -83,3 +84,24 @@ def test_native_export_refuses_targets_that_lose_data(tiny_qwen3_dir, tiny_qwen3
     monkeypatch.setattr("core.realquant.checkpoint.atomic_write_bytes", full_disk)
     refused(base + [str(busy), "--overwrite"], "No space left on device")
     assert (busy / "x").read_text() == "keep" and not list(tmp_path.glob(".busy*"))
+
+
+def test_gui_checkpoint_zip_of_fully_quantized_smollm2_is_at_most_0_6_of_bf16(smollm2, tmp_path):
+    """Issue 13, acceptance 3: every decoder layer quantized, exported as the GUI does (export_quantized, native),
+    zipped as the Artifacts tab does (RunStore.zip_checkpoint): at most 0.6x the bf16 model's bytes."""
+    from core.config import parse_config
+    from core.flat import fold_model
+    from core.matrices import uncalibrated_states
+    from core.realquant.ascend import export_quantized
+    from flatgui.runs import CHECKPOINT_DIR, CHECKPOINT_ZIP, RunStore
+
+    cfg = parse_config(None)
+    quantized, _ = uncalibrated_states(smollm2.model, cfg)  # all 30 layers wrapped (random starting transforms)
+    fold_model(quantized)
+    store = RunStore(tmp_path)
+    run = store.new_run()
+    export_quantized(quantized, cfg, smollm2.tokenizer, "smollm2", run / CHECKPOINT_DIR, "native", say=lambda s: None)
+    zipped = store.zip_checkpoint(run.name, CHECKPOINT_DIR, CHECKPOINT_ZIP)
+    bf16_bytes = 2 * sum(p.numel() for p in smollm2.model.parameters())  # tied embeddings counted once
+    assert zipped is not None
+    assert os.path.getsize(zipped) <= 0.6 * bf16_bytes, (os.path.getsize(zipped), bf16_bytes)
