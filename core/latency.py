@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from .device import synchronize
+from .memory import proc_kb
 
 
 def model_device(model: nn.Module) -> torch.device:
@@ -44,17 +45,6 @@ def model_weights_mb(model: nn.Module) -> float:
 # --- peak memory --------------------------------------------------------------------------------------------------
 
 
-def _read_status_kb(field: str) -> Optional[int]:
-    try:
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        return None
-    return None
-
-
 def reset_peak_memory(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -73,7 +63,7 @@ def peak_memory_mb(device: torch.device) -> float:
         return torch.cuda.max_memory_allocated(device) / 2**20
     if device.type == "npu":
         return torch.npu.max_memory_allocated(device) / 2**20
-    hwm = _read_status_kb("VmHWM")
+    hwm = proc_kb("/proc/self/status", "VmHWM")
     if hwm is None:  # not Linux: lifetime peak of the process
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return hwm / 1024

@@ -39,9 +39,10 @@ class MemoryBudgetError(FlatQuantError):
 # --- what the machine has and the process holds ---------------------------------------------------------------
 
 
-def _meminfo_kb(key: str) -> Optional[int]:
+def proc_kb(path: str, key: str) -> Optional[int]:
+    """A ``key: N kB`` line of a /proc file (/proc/meminfo, /proc/self/status) in KiB; None where there is none."""
     try:
-        with open("/proc/meminfo") as f:
+        with open(path) as f:
             for line in f:
                 if line.startswith(key + ":"):
                     return int(line.split()[1])
@@ -52,7 +53,7 @@ def _meminfo_kb(key: str) -> Optional[int]:
 
 def host_available_bytes() -> Optional[int]:
     """MemAvailable (Linux), else psutil's available memory, else None (unknown: no check)."""
-    kb = _meminfo_kb("MemAvailable")
+    kb = proc_kb("/proc/meminfo", "MemAvailable")
     if kb is not None:
         return kb * 1024
     try:
@@ -76,34 +77,27 @@ def device_free_bytes(device: torch.device) -> Optional[int]:
 
 
 def current_rss_bytes() -> int:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return peak_rss_bytes()
+    kb = proc_kb("/proc/self/status", "VmRSS")
+    return kb * 1024 if kb is not None else peak_rss_bytes()
 
 
 def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def device_allocated_bytes(device: torch.device) -> Optional[int]:
-    if device.type == "cuda":
-        return int(torch.cuda.memory_allocated(device))
-    if device.type == "npu":
-        return int(torch.npu.memory_allocated(device))
+def _device_counter(device: torch.device, name: str) -> Optional[int]:
+    """torch.cuda / torch.npu ``name`` (memory_allocated, max_memory_allocated) of an accelerator; None on cpu."""
+    if device.type in ("cuda", "npu"):
+        return int(getattr(getattr(torch, device.type), name)(device))
     return None
+
+
+def device_allocated_bytes(device: torch.device) -> Optional[int]:
+    return _device_counter(device, "memory_allocated")
 
 
 def device_peak_bytes(device: torch.device) -> Optional[int]:
-    if device.type == "cuda":
-        return int(torch.cuda.max_memory_allocated(device))
-    if device.type == "npu":
-        return int(torch.npu.max_memory_allocated(device))
-    return None
+    return _device_counter(device, "max_memory_allocated")
 
 
 def resident_mb(device: Optional[torch.device] = None) -> dict:
