@@ -18,6 +18,7 @@ from types import SimpleNamespace
 from typing import Callable, Iterable, Optional
 
 from .config import FlatQuantConfig, parse_config
+from .data import check_disjoint
 from .device import resolve_device
 from .errors import CalibrationError, ConfigError, DataError, MatrixFileError, ModelLoadError, OutputError
 from .matrices import non_finite_tensors, read_matrices
@@ -207,6 +208,8 @@ def validate_quantize_options(options) -> FlatQuantConfig:
     check_skip_layers(model_cfg, cfg, None if options.load_matrix else options.max_layers)
     if not options.skip_ppl:
         check_data_source(options.ppl_data, "--ppl_data")
+        if not options.load_matrix:
+            check_disjoint(options.calib_data, options.ppl_data)  # never calibrate on the perplexity text
     # The resume file, the final file and a temp copy of each may coexist; report and log are small.
     check_output_dir(options.output_dir, 3 * estimated_matrix_bytes(model_cfg, options.max_layers) + 4 * 2**20)
     return cfg
