@@ -264,7 +264,9 @@ def calibrate_model(model: nn.Module, samples: torch.Tensor, cfg: FlatQuantConfi
                     apply_rounding_state(layer, saved_rounding)
                 else:
                     reporter.emit("calibrate", f"layer {i + 1}/{num}: GPTQ weight rounding", layer=i, num_layers=num)
+                    reporter.check()
                     saved_rounding = _gptq_round(layer, inps, layer_kwargs, device, bsz, dtype, gptq)
+                    reporter.check()
                 state = {**state, **saved_rounding}
             to_host(layer, keep)
             results.append(result)
