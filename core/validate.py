@@ -209,7 +209,9 @@ def validate_quantize_options(options) -> FlatQuantConfig:
     if not options.skip_ppl:
         check_data_source(options.ppl_data, "--ppl_data")
         if not options.load_matrix:
-            check_disjoint(options.calib_data, options.ppl_data)  # never calibrate on the perplexity text
+            # never calibrate on the perplexity text; both default (embedded): the pipeline splits it in halves
+            check_disjoint(options.calib_data, options.ppl_data,
+                           split_explicitly=options.calib_data is None and options.ppl_data is None)
     # The resume file, the final file and a temp copy of each may coexist; report and log are small.
     check_output_dir(options.output_dir, 3 * estimated_matrix_bytes(model_cfg, options.max_layers) + 4 * 2**20)
     return cfg
