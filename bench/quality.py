@@ -1,8 +1,14 @@
-"""FlatQuant W4A4 quality on SmolLM2 with real WikiText-2: calibrate on the first half of the test split's tokens,
-perplexity at --ppl_seqlen on the second half. Prints original, RTN W4A4 and FlatQuant W4A4 PPL, calibration wall
-time and peak RSS, for use_down_quant on and/or off.
+"""W4A4 quality of the algorithms side by side on SmolLM2 (issue 11, acceptance 1): FP, RTN, QuaRot-RTN, QuaRot-GPTQ,
+FlatQuant-RTN and FlatQuant-GPTQ perplexity in one run, each with its calibration seconds, through the project's
+layer-wise loop (core.calibrate.calibrate_model with --algorithm / --weight_rounding).
 
-    python bench/quality.py --nsamples 32 --seqlen 512 --epochs 5
+Calibration reads WikiText-2 validation (wiki.valid.tokens), perplexity the whole WikiText-2 test (wiki.test.raw) at
+--ppl_seqlen; the two are checked to be different files (core.data.check_disjoint). Everything runs in fp32 (storage
+and compute dtype). An X-GPTQ row reuses the X-RTN row's layer states when that row ran in the same invocation (the
+transforms/rotation are the same; only the rounding is added), and its seconds are X-RTN's plus the GPTQ pass.
+
+    python bench/quality.py                                  # 32 x 512 x 5 epochs (the 5-minute budget), all rows
+    python bench/quality.py --methods fp,flatquant-rtn,flatquant-gptq --ppl_max_windows 40
 """
 from __future__ import annotations
 
@@ -25,75 +31,83 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from core.calibrate import calibrate_model  # noqa: E402
 from core.config import parse_config  # noqa: E402
-from core.data import load_text, sample_windows, tokenize, wikitext_test_path  # noqa: E402
-from core.matrices import build_payload, save_matrices  # noqa: E402
+from core.data import check_disjoint, load_text, sample_windows, shared_data_dir, tokenize  # noqa: E402
 from core.models import load_model  # noqa: E402
 from core.perplexity import perplexity_from_ids  # noqa: E402
 from core.pipeline import peak_rss_mb, rtn_model  # noqa: E402
 from core.progress import Reporter  # noqa: E402
 
+METHODS = ("fp", "rtn", "quarot-rtn", "quarot-gptq", "flatquant-rtn", "flatquant-gptq")
+
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model_path", default=None)
+    ap.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {','.join(METHODS)}")
     ap.add_argument("--nsamples", type=int, default=32)
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--epochs", type=int, default=5)
     ap.add_argument("--cali_bsz", type=int, default=4)
     ap.add_argument("--flat_lr", type=float, default=5e-3)
-    ap.add_argument("--down", choices=("on", "off", "both"), default="both")
+    ap.add_argument("--use_o_quant", action="store_true",
+                    help="all seven linears W4A4 (the reference code's default); default: o_proj FP (AMCT default)")
     ap.add_argument("--ppl_seqlen", type=int, default=512)
-    ap.add_argument("--ppl_max_windows", type=int, default=None)
+    ap.add_argument("--ppl_max_windows", type=int, default=None, help="first N windows only (quick looks)")
     ap.add_argument("--json", default=None, help="also write the results here")
-    ap.add_argument("--timing_only", action="store_true", help="calibrate only (wall time, RSS); no perplexity")
-    ap.add_argument("--save_dir", default=None, help="also save each run's flat_matrices_down_<on|off>.pth here")
     args = ap.parse_args()
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = sorted(set(methods) - set(METHODS))
+    if unknown:
+        raise SystemExit(f"error: unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
+    data = shared_data_dir()
+    if data is None:
+        raise SystemExit("error: needs ../shared/data (wikitext-2-raw/wiki.test.raw, wikitext-2/wiki.valid.tokens)")
+    test_file, calib_file = data / "wikitext-2-raw" / "wiki.test.raw", data / "wikitext-2" / "wiki.valid.tokens"
+    check_disjoint(calib_file, test_file)
 
-    wiki = wikitext_test_path()
-    if wiki is None:
-        raise SystemExit("needs ../shared/data/wikitext-2-raw/wiki.test.raw (or FLATQUANT_DATA_DIR)")
-    lm = load_model(args.model_path)
-    ids = tokenize(lm.tokenizer, load_text(wiki)[0])
-    half = ids.numel() // 2
-    calib_ids, test_ids = ids[:half], ids[half:]
-    samples = sample_windows(calib_ids, args.nsamples, args.seqlen, seed=0)
-    print(f"# {lm.name}: {ids.numel()} WikiText-2 test tokens; calibrate on the first {half}, PPL@{args.ppl_seqlen} "
-          f"on the last {test_ids.numel()}; torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"{platform.processor() or platform.machine()}", flush=True)
+    lm = load_model(args.model_path, dtype=torch.float32)
+    test_ids = tokenize(lm.tokenizer, load_text(test_file)[0])
+    samples = sample_windows(tokenize(lm.tokenizer, load_text(calib_file)[0]), args.nsamples, args.seqlen, seed=0)
+    windows = test_ids.numel() // args.ppl_seqlen
+    if args.ppl_max_windows:
+        windows = min(windows, args.ppl_max_windows)
+    cfg = parse_config()
+    cfg.epochs, cfg.cali_bsz, cfg.flat_lr = args.epochs, args.cali_bsz, args.flat_lr
+    cfg.use_o_quant = args.use_o_quant
+    print(f"# {lm.name} fp32 (storage and compute): PPL@{args.ppl_seqlen} on {windows} windows of {test_file.name} "
+          f"({test_ids.numel()} tokens); calibration {args.nsamples} x {args.seqlen} x {args.epochs} epochs from "
+          f"{calib_file.name}; o_proj {'W4A4' if args.use_o_quant else 'FP'}; torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}", flush=True)
 
-    def ppl(model):
-        if args.timing_only:
-            return float("nan")
-        return perplexity_from_ids(model, test_ids, args.ppl_seqlen, max_windows=args.ppl_max_windows)
+    def ppl(model) -> float:
+        return perplexity_from_ids(model, test_ids, args.ppl_seqlen, max_windows=windows, dtype=None)
 
-    results = {"setup": vars(args), "original": ppl(lm.model)}
-    print(f"original      PPL {results['original']:.3f}", flush=True)
-    base_cfg = parse_config()
-    base_cfg.epochs, base_cfg.cali_bsz, base_cfg.flat_lr = args.epochs, args.cali_bsz, args.flat_lr
-    downs = {"on": [True], "off": [False], "both": [True, False]}[args.down]
-    for down in downs:
-        cfg = copy.deepcopy(base_cfg)
-        cfg.use_down_quant = down
-        tag = f"down_{'on' if down else 'off'}"
-        rtn = ppl(rtn_model(lm.model, cfg, None))
-        model = copy.deepcopy(lm.model)
+    results = {"setup": vars(args), "windows": windows, "ppl": {}, "calibration_seconds": {}}
+    states: dict[str, tuple[dict, float]] = {}  # X-rtn's layer states and seconds, reused by X-gptq
+    for method in methods:
         t0 = time.monotonic()
-        layer_states: dict[int, dict] = {}
-        calibrate_model(model, samples, cfg, torch.device("cpu"), Reporter(),
-                        on_layer_done=lambda i, state, _result: layer_states.__setitem__(i, state))
-        seconds = time.monotonic() - t0
-        if args.save_dir:
-            meta = {"nsamples": args.nsamples, "seqlen": args.seqlen, "seconds": round(seconds, 1),
-                    "data": "first half of WikiText-2 test tokens"}
-            saved = save_matrices(Path(args.save_dir) / f"flat_matrices_{tag}.pth",
-                                  build_payload(model, cfg, layer_states, complete=True, extra=meta))
-            print(f"saved {saved}", flush=True)
-        flat = ppl(model)
-        results[tag] = {"rtn": rtn, "flatquant": flat, "ratio_to_original": flat / results["original"],
-                        "calibration_seconds": round(seconds, 1), "peak_rss_mb": round(peak_rss_mb(), 1)}
-        print(f"{tag:13s} RTN W4A4 PPL {rtn:.3f} | FlatQuant W4A4 PPL {flat:.3f} "
-              f"({flat / results['original']:.2f}x original) | calibration {seconds:.0f}s | "
-              f"peak RSS {peak_rss_mb():.0f} MB", flush=True)
+        seconds = 0.0
+        if method == "fp":
+            model = lm.model
+        elif method == "rtn":
+            model = rtn_model(lm.model, cfg, None)
+        else:
+            algorithm, rounding = method.split("-")
+            model = copy.deepcopy(lm.model)
+            done, before = states.get(algorithm, ({}, 0.0)) if rounding == "gptq" else ({}, 0.0)
+            layer_states: dict[int, dict] = {}
+            calibrate_model(model, samples, cfg, torch.device("cpu"), Reporter(), dtype=None, algorithm=algorithm,
+                            weight_rounding=rounding, done_states=done,
+                            on_layer_done=lambda i, s, _r: layer_states.__setitem__(i, s))
+            seconds = before + time.monotonic() - t0
+            if rounding == "rtn":
+                states[algorithm] = (layer_states, seconds)
+        value = ppl(model)
+        results["ppl"][method] = value
+        results["calibration_seconds"][method] = round(seconds, 1)
+        ratio = value / results["ppl"]["fp"] if "fp" in results["ppl"] else float("nan")
+        print(f"{method:15s} PPL {value:10.3f}  ({ratio:5.2f}x FP)  calibration {seconds:7.1f}s  "
+              f"total {time.monotonic() - t0:7.1f}s  peak RSS {peak_rss_mb():.0f} MB", flush=True)
         del model
     print(json.dumps(results))
     if args.json:

@@ -1,6 +1,9 @@
 """The generic layer-wise loop: capture layer 0's inputs, then per decoder layer compute its full-precision outputs
 and activation statistics, call the algorithm's hooks (prepare -> calibrate or restore -> freeze -> state -> fold),
 hand the state to the caller (checkpoint/resume), and move on with the full-precision outputs as the next inputs.
+Before the layers, the algorithm's model-level hook (prepare_model) runs once. With ``weight_rounding="gptq"`` each
+folded layer's quantized linears are then GPTQ-rounded on the Hessians of their (transformed) inputs over the
+calibration inputs, under any algorithm; the rounding (int8 codes + fp32 scales) joins the layer's state.
 
 Memory policy: the model stays on the host in its storage dtype; only the current layer is on the device, upcast to
 ``train_dtype``; inputs/outputs of the calibration set live in an ActivationStore (host RAM or disk). With
@@ -21,7 +24,8 @@ from .algorithms.base import run_layer
 from .config import FlatQuantConfig
 from .device import keep_freed_host_memory
 from .errors import CalibrationError
-from .flat import ActivationStats
+from .flat import ActivationStats, set_quant_enabled
+from .gptq import GPTQConfig, apply_rounding_state, gptq_layer_state, split_rounding_state
 from .memory import ActivationStore, trim_host_heap
 from .models import decoder_layers
 from .perplexity import autocast_for
@@ -31,7 +35,10 @@ from .validate import check_trained_layer, loss_change
 
 SMALL_LAYER_PARAMS = 50_000_000  # a LLaMA-2-7B layer has 202M
 
-__all__ = ["LayerResult", "calibrate_model", "capture_layer_inputs", "fp_forward_with_stats", "run_layer"]
+WEIGHT_ROUNDINGS = ("rtn", "gptq")
+
+__all__ = ["LayerResult", "WEIGHT_ROUNDINGS", "calibrate_model", "capture_layer_inputs", "fp_forward_with_stats",
+           "rebuild_layer", "run_layer"]
 
 
 class _Captured(Exception):
@@ -118,6 +125,35 @@ def fp_forward_with_stats(layer: nn.Module, inps: torch.Tensor, layer_kwargs: di
     return outs, stats
 
 
+def rebuild_layer(algo: LayerAlgorithm, layer: nn.Module, index: int, state: dict) -> None:
+    """A layer from its saved state, without data: the algorithm's modules and tensors, folded, then the saved
+    GPTQ rounding when there is one (--load_matrix, another rank's layers, resume of a data-free algorithm)."""
+    own, rounding = split_rounding_state(state)
+    algo.prepare_layer(layer, index, None)
+    algo.restore_layer(layer, index, own)
+    algo.freeze_layer(layer)
+    algo.fold_layer(layer)
+    apply_rounding_state(layer, rounding)
+
+
+@torch.no_grad()
+def _gptq_round(layer: nn.Module, inps: torch.Tensor, layer_kwargs: dict, device: torch.device, batch_size: int,
+                dtype: Optional[torch.dtype], cfg: GPTQConfig) -> dict:
+    """GPTQ on a folded layer: Hessians of its quantized linears' inputs (after their online transforms) while it
+    runs over the calibration inputs with quantization off; returns the rounding's state."""
+    def run() -> None:
+        for s in range(0, inps.shape[0], batch_size):
+            with autocast_for(layer, dtype):
+                run_layer(layer, inps[s:s + batch_size].to(device), layer_kwargs)
+
+    set_quant_enabled(layer, False)
+    try:
+        state, _ = gptq_layer_state(layer, run, adapter_for(layer).linears(), cfg)
+    finally:
+        set_quant_enabled(layer, True)
+    return state
+
+
 def _oom_guard(exc: BaseException) -> None:
     if isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower():
         raise CalibrationError("Out of memory during calibration; lower --nsamples, --seqlen or --cali_bsz, "
@@ -130,10 +166,14 @@ def calibrate_model(model: nn.Module, samples: torch.Tensor, cfg: FlatQuantConfi
                     on_layer_done: Optional[Callable[[int, dict, LayerResult], None]] = None,
                     algorithm: Optional[LayerAlgorithm | str] = None, layer_range: Optional[tuple[int, int]] = None,
                     store: Optional[ActivationStore] = None, copy_layers: bool = False,
-                    train_dtype: Optional[torch.dtype] = torch.float32) -> list[LayerResult]:
+                    train_dtype: Optional[torch.dtype] = torch.float32, weight_rounding: str = "rtn",
+                    gptq: Optional[GPTQConfig] = None) -> list[LayerResult]:
     """Calibrate (and fold) decoder layers in place with ``algorithm`` (default: FlatQuant). ``done_states`` holds
     layers finished by an interrupted run (resume): they are rebuilt from their saved tensors instead of retrained.
+    ``weight_rounding``: "rtn" (the quantizer's rounding) or "gptq" (see the module docstring).
     Returns per-layer results of the layers in ``layer_range`` (default: all, or the first ``max_layers``)."""
+    if weight_rounding not in WEIGHT_ROUNDINGS:
+        raise ValueError(f"weight_rounding must be one of {', '.join(WEIGHT_ROUNDINGS)}, got {weight_rounding!r}")
     layers = decoder_layers(model)
     if device.type == "cpu" and sum(p.numel() for p in layers[0].parameters()) < SMALL_LAYER_PARAMS:
         keep_freed_host_memory()  # ~10% faster on small layers; large ones return freed memory to the OS instead
@@ -145,17 +185,21 @@ def calibrate_model(model: nn.Module, samples: torch.Tensor, cfg: FlatQuantConfi
     done_states = done_states or {}
     store = store or ActivationStore()
     results: list[LayerResult] = []
-    if not algo.needs_data:  # nothing to capture: prepare, freeze and fold each layer where it is
+    gptq = gptq or GPTQConfig()
+    algo.prepare_model(model, unshare=copy_layers)
+    if not algo.needs_data and weight_rounding == "rtn":  # nothing to capture: each layer where it is
         for i in range(start, end):
             reporter.check()
             if copy_layers:
                 layers[i] = copy.deepcopy(layers[i])
-            algo.prepare_layer(layers[i], i, None)
             if i in done_states:
-                algo.restore_layer(layers[i], i, done_states[i])
-            algo.freeze_layer(layers[i])
-            state = algo.layer_state(layers[i])
-            algo.fold_layer(layers[i])
+                state = done_states[i]
+                rebuild_layer(algo, layers[i], i, state)
+            else:
+                algo.prepare_layer(layers[i], i, None)
+                algo.freeze_layer(layers[i])
+                state = algo.layer_state(layers[i])
+                algo.fold_layer(layers[i])
             results.append(LayerResult.untrained(i))
             if on_layer_done is not None:
                 on_layer_done(i, state, results[-1])
@@ -195,8 +239,10 @@ def calibrate_model(model: nn.Module, samples: torch.Tensor, cfg: FlatQuantConfi
             fp_outs, stats = fp_forward_with_stats(layer, inps, layer_kwargs, device, bsz, dtype, store)
             algo.prepare_layer(layer, i, stats)
             layer.to(device)  # the parameters the algorithm just added
+            saved_rounding: dict = {}
             if i in done_states:
-                algo.restore_layer(layer, i, done_states[i])
+                own, saved_rounding = split_rounding_state(done_states[i])
+                algo.restore_layer(layer, i, own)
                 result = LayerResult.untrained(i)
                 reporter.emit("layer_done", f"layer {i + 1}/{num} restored from the resume checkpoint",
                               layer=i, num_layers=num)
@@ -213,6 +259,15 @@ def calibrate_model(model: nn.Module, samples: torch.Tensor, cfg: FlatQuantConfi
             state = algo.layer_state(layer)
             check_trained_layer(i, state, result.first_loss, result.last_loss, reporter)
             algo.fold_layer(layer)
+            if weight_rounding == "gptq":
+                if saved_rounding:
+                    apply_rounding_state(layer, saved_rounding)
+                else:
+                    reporter.emit("calibrate", f"layer {i + 1}/{num}: GPTQ weight rounding", layer=i, num_layers=num)
+                    reporter.check()
+                    saved_rounding = _gptq_round(layer, inps, layer_kwargs, device, bsz, dtype, gptq)
+                    reporter.check()
+                state = {**state, **saved_rounding}
             to_host(layer, keep)
             results.append(result)
             if on_layer_done is not None:

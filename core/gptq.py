@@ -109,7 +109,8 @@ def _weight_holder(module: nn.Module) -> nn.Linear:
 def gptq_linear(module: nn.Module, hessian: torch.Tensor, cfg: Optional[GPTQConfig] = None) -> dict:
     """Replace a linear's weight by its GPTQ rounding, in place. ``module``: an nn.Linear (weight-only rounding at
     cfg.bits) or a folded FlatQuantLinear (its bits, its clip ratio; the clip is then dropped, being in the grid).
-    Returns the rounding's proxy losses: tr((W-Q)·H·(W-Q)ᵀ) for GPTQ and for round-to-nearest on the same grid."""
+    Returns the rounding's proxy losses: tr((W-Q)·H·(W-Q)ᵀ) for GPTQ and for round-to-nearest on the same grid,
+    and (``codes`` int8, ``scale`` fp32) the rounding itself, which set_rounded_weight puts back exactly."""
     cfg = cfg or GPTQConfig()
     clip = None
     quantizer = getattr(module, "weight_quantizer", None)
@@ -120,8 +121,7 @@ def gptq_linear(module: nn.Module, hessian: torch.Tensor, cfg: Optional[GPTQConf
             return {}
         cfg = GPTQConfig(quantizer.bits, cfg.damp, cfg.block_size, cfg.act_order)
         clip = quantizer.clip_ratio()
-    linear = _weight_holder(module)
-    w = linear.weight.detach()
+    w = _weight_holder(module).weight.detach()
     codes, scale = gptq_quantize(w, hessian, cfg, clip)
     rtn, _ = rtn_codes(w, cfg.bits, clip)
     h = hessian.double()
@@ -131,10 +131,19 @@ def gptq_linear(module: nn.Module, hessian: torch.Tensor, cfg: Optional[GPTQConf
         return float(((d @ h) * d).sum())
 
     losses = {"gptq": proxy(codes), "rtn": proxy(rtn)}
-    linear.weight.data = dequantize(codes, scale, linear.weight.dtype)
+    set_rounded_weight(module, codes, scale)
+    return dict(losses, codes=codes.to(torch.int8), scale=scale.float())
+
+
+@torch.no_grad()
+def set_rounded_weight(module: nn.Module, codes: torch.Tensor, scale: torch.Tensor) -> None:
+    """Put a rounding (integer codes, per-row scales) in as the module's weight and drop its weight clip (it is in
+    the scales already; re-quantizing with it again would change the codes)."""
+    linear = _weight_holder(module)
+    linear.weight.data = dequantize(codes, scale, linear.weight.dtype).to(linear.weight.device)
+    quantizer = getattr(module, "weight_quantizer", None)
     if quantizer is not None and quantizer.clip is not None:
-        quantizer.clip = None  # the clip is in the GPTQ grid; re-quantizing with it again would change the codes
-    return losses
+        quantizer.clip = None
 
 
 class HessianCollector:
@@ -158,11 +167,12 @@ class HessianCollector:
             trans = getattr(module, "in_trans", None)
             if trans is not None:
                 x = trans(x)
-            x = x.reshape(-1, x.shape[-1]).float()
+            x = x.reshape(-1, x.shape[-1]).double()
             n = x.shape[0]
             prev = self.counts.get(name, 0)
             total = prev + n
-            xtx = (x.t() @ x).double()
+            with torch.autocast(x.device.type, enabled=False):  # the layer may run under autocast (bf16)
+                xtx = x.t() @ x
             h = self.hessians.get(name)
             self.hessians[name] = xtx * (2.0 / total) if h is None else h * (prev / total) + xtx * (2.0 / total)
             self.counts[name] = total
@@ -198,3 +208,43 @@ def gptq_layer(layer: nn.Module, run: Callable[[], None], linear_paths: tuple[st
     with HessianCollector(targets) as hc:
         run()
     return {path: gptq_linear(m, hc.hessians[path], cfg) for path, m in targets.items() if path in hc.hessians}
+
+
+# --- GPTQ as the weight rounding of the layer-wise pipeline (core.calibrate) ------------------------------------
+
+STATE_PREFIX = "gptq."
+
+
+def split_rounding_state(state: dict) -> tuple[dict, dict]:
+    """(the algorithm's own tensors, the GPTQ rounding's) of a saved layer state."""
+    own = {k: v for k, v in state.items() if not k.startswith(STATE_PREFIX)}
+    return own, {k: v for k, v in state.items() if k.startswith(STATE_PREFIX)}
+
+
+@torch.no_grad()
+def gptq_layer_state(layer: nn.Module, run: Callable[[], None], linear_paths: tuple[str, ...],
+                     cfg: Optional[GPTQConfig] = None) -> tuple[dict, dict]:
+    """gptq_layer, returning also the state that reproduces the rounding: ``gptq.<path>.codes`` (int8) and
+    ``gptq.<path>.scale`` (fp32) per rounded linear. Returns (state, proxy losses per path)."""
+    losses = gptq_layer(layer, run, linear_paths, cfg)
+    state, proxies = {}, {}
+    for path, res in losses.items():
+        if "codes" in res:
+            state[f"{STATE_PREFIX}{path}.codes"] = res.pop("codes").cpu()
+            state[f"{STATE_PREFIX}{path}.scale"] = res.pop("scale").cpu()
+        proxies[path] = res
+    return state, proxies
+
+
+@torch.no_grad()
+def apply_rounding_state(layer: nn.Module, state: dict) -> None:
+    """Inverse of gptq_layer_state on the same folded layer: every saved linear gets its saved rounding."""
+    paths = {k[len(STATE_PREFIX):-len(".codes")] for k in state if k.endswith(".codes")}
+    for path in sorted(paths):
+        module = layer.get_submodule(path)
+        codes, scale = state[f"{STATE_PREFIX}{path}.codes"], state[f"{STATE_PREFIX}{path}.scale"]
+        w = _weight_holder(module).weight
+        if tuple(codes.shape) != tuple(w.shape) or scale.shape[0] != w.shape[0]:
+            raise KeyError(f"{STATE_PREFIX}{path}: shape {tuple(codes.shape)} does not match the weight's "
+                           f"{tuple(w.shape)}")
+        set_rounded_weight(module, codes, scale)

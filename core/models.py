@@ -238,3 +238,20 @@ def shared_copy(model: nn.Module) -> nn.Module:
 
     memo = {id(t): t for t in list(model.parameters()) + list(model.buffers())}
     return copy.deepcopy(model, memo)
+
+
+@torch.no_grad()
+def unshare_tensors(model: nn.Module) -> None:
+    """Give ``model`` its own copy of every parameter and buffer (the inverse of shared_copy), so that changing its
+    tensors in place leaves a model it shared them with alone. A tensor tied between modules stays tied."""
+    clones: dict[int, torch.Tensor] = {}
+    for module in model.modules():
+        for registry in (module._parameters, module._buffers):
+            for name, t in registry.items():
+                if t is None:
+                    continue
+                if id(t) not in clones:
+                    c = t.detach().clone()
+                    clones[id(t)] = nn.Parameter(c, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) \
+                        else c
+                registry[name] = clones[id(t)]

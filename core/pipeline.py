@@ -21,9 +21,10 @@ import torch
 from torch import nn
 
 from .algorithms import ALGORITHMS, get_algorithm
-from .calibrate import LayerResult, calibrate_model
+from .algorithms.quarot import apply_quarot
+from .calibrate import WEIGHT_ROUNDINGS, LayerResult, calibrate_model, rebuild_layer
 from .config import FlatQuantConfig, load_config_file, normalize_skip_layers, parse_config
-from .data import EMBEDDED_TEXT_LABEL, load_text, sample_windows, tokenize, wikitext_test_path
+from .data import EMBEDDED_TEXT_LABEL, check_disjoint, load_text, sample_windows, tokenize, wikitext_test_path
 from .device import compute_dtype, dtype_name, resolve_device
 from .distributed import DistInfo, finish, gather_to_main, init_distributed, layer_range
 from .errors import FlatQuantError, JobCancelled, MatrixFileError, ModelLoadError
@@ -77,6 +78,13 @@ class QuantizeOptions:
     algorithm: str = "flatquant"  # a name in core.algorithms.ALGORITHMS
     distributed: bool = False  # layer-parallel over torchrun ranks
     compute_dtype: Optional[str] = None  # auto | bf16 | fp16 | fp32 (core.device.compute_dtype); None = auto
+    weight_rounding: str = "rtn"  # rtn | gptq (core.calibrate.WEIGHT_ROUNDINGS), under any algorithm
+    baselines: Optional[list[str] | str] = "rtn"  # names in BASELINES (comma-separated or a list); PPL of each
+
+    def baseline_names(self) -> list[str]:
+        raw = self.baselines or []
+        names = [n.strip() for n in (raw.split(",") if isinstance(raw, str) else raw) if n and n.strip()]
+        return list(dict.fromkeys(names))
 
     def resolved_config(self) -> FlatQuantConfig:
         raw = self.config
@@ -109,6 +117,12 @@ class QuantizeOptions:
         if self.algorithm not in ALGORITHMS:
             raise FlatQuantError(f"--algorithm must be one of {', '.join(sorted(ALGORITHMS))}, "
                                  f"got {self.algorithm!r}.")
+        if self.weight_rounding not in WEIGHT_ROUNDINGS:
+            raise FlatQuantError(f"--weight_rounding must be one of {', '.join(WEIGHT_ROUNDINGS)}, "
+                                 f"got {self.weight_rounding!r}.")
+        unknown = [n for n in self.baseline_names() if n not in BASELINES]
+        if unknown:
+            raise FlatQuantError(f"--baselines must name some of {', '.join(BASELINES)}, got {', '.join(unknown)}.")
 
 
 def _validated(cfg: FlatQuantConfig) -> FlatQuantConfig:
@@ -160,6 +174,21 @@ def ppl_token_ids(tokenizer, ppl_data: Optional[str]) -> tuple[torch.Tensor, str
     return tokenize(tokenizer, text), label
 
 
+def calibration_token_ids(tokenizer, options: QuantizeOptions, want_ppl: bool) -> tuple[torch.Tensor, str]:
+    """The calibration text's token ids and its label, never the text perplexity is measured on: a user path that
+    is the perplexity file is refused (core.data.check_disjoint); when both are the embedded default text (no
+    ../shared/data), calibration reads its first half (perplexity reads the second, see ppl_token_ids)."""
+    ppl_embedded = options.ppl_data is None and wikitext_test_path() is None
+    if want_ppl and options.calib_data is None and ppl_embedded:
+        text, _ = load_text(None)
+        ids = tokenize(tokenizer, text)
+        return ids[:ids.numel() // 2], f"{EMBEDDED_TEXT_LABEL}, first half (perplexity reads the second half)"
+    if want_ppl:
+        check_disjoint(options.calib_data, options.ppl_data)
+    text, label = load_text(options.calib_data)
+    return tokenize(tokenizer, text), label
+
+
 def rtn_model(original: nn.Module, cfg: FlatQuantConfig, max_layers: Optional[int]) -> nn.Module:
     """The RTN W4A4 baseline: same modules, no transforms, no learned clipping. It shares the original's weight
     tensors (RTN quantizes in the forward and folding changes nothing), so it costs no second copy."""
@@ -167,6 +196,23 @@ def rtn_model(original: nn.Module, cfg: FlatQuantConfig, max_layers: Optional[in
     apply_flat_structure(model, cfg, num_layers=max_layers, use_transforms=False)
     fold_model(model)
     return model
+
+
+def quarot_model(original: nn.Module, cfg: FlatQuantConfig, max_layers: Optional[int]) -> nn.Module:
+    """The QuaRot-RTN W4A4 baseline (core.algorithms.quarot, default settings): its rotated weights are a copy."""
+    import copy
+
+    model = copy.deepcopy(original)
+    apply_quarot(model, cfg, num_layers=max_layers)
+    fold_model(model)
+    return model
+
+
+BASELINES = {"rtn": rtn_model, "quarot": quarot_model}  # report.json's ppl key -> builder from the float model
+
+
+def _baseline_models(original: nn.Module, cfg: FlatQuantConfig, options: QuantizeOptions) -> dict:
+    return {name: BASELINES[name](original, cfg, options.max_layers) for name in options.baseline_names()}
 
 
 def _memory_plan(options: QuantizeOptions, cfg: FlatQuantConfig, device: torch.device, path: Path,
@@ -257,26 +303,28 @@ def run_quantize(options: QuantizeOptions, on_event: Optional[ProgressCallback] 
     ppl: dict = {}
     ids = None
     want_ppl = not options.skip_ppl and dist_info.is_main
-    want_rtn = want_ppl and not options.skip_rtn
+    want_baselines = want_ppl and not options.skip_rtn
     if want_ppl:
         ids, ppl_label = ppl_token_ids(original.tokenizer, options.ppl_data)
         ppl.update({"dataset": ppl_label, "seqlen": options.ppl_seqlen, "max_windows": options.ppl_max_windows})
-    rtn = None
+    baselines: dict = {}
     if keep_original:
         quantized = shared_copy(model)  # shares every tensor until calibration copies the layer it changes
-        if want_rtn:
-            rtn = rtn_model(model, cfg, options.max_layers)
+        if want_baselines:
+            baselines = _baseline_models(model, cfg, options)
     else:
         quantized = model
-        if want_ppl:  # the float model and RTN before the weights change (RTN shares them: no extra memory)
-            baselines = {"original": model}
-            if want_rtn:
-                baselines["rtn"] = rtn_model(model, cfg, options.max_layers)
-            _evaluate_ppl(baselines, ids, options, device, reporter, ppl, out_dir, _model_section(original, cfg))
-            del baselines
+        if want_ppl:  # the float model and the baselines (one at a time) before the weights change
+            section = _model_section(original, cfg)
+            _evaluate_ppl({"original": model}, ids, options, device, reporter, ppl, out_dir, section)
+            for name in options.baseline_names() if want_baselines else []:
+                _evaluate_ppl({name: BASELINES[name](model, cfg, options.max_layers)}, ids, options, device,
+                              reporter, ppl, out_dir, section)
+    rtn = baselines.get("rtn")
     calib: dict = {"nsamples": options.nsamples, "seqlen": options.seqlen, "epochs": cfg.epochs,
                    "cali_bsz": cfg.cali_bsz, "flat_lr": cfg.flat_lr, "device": str(device),
-                   "algorithm": options.algorithm, "dtype": str(dtype).replace("torch.", ""),
+                   "algorithm": options.algorithm, "weight_rounding": options.weight_rounding,
+                   "dtype": str(dtype).replace("torch.", ""),
                    "keep_original": keep_original, "activation_dir": options.activation_dir,
                    "memory_estimate": estimate}
     if options.load_matrix:
@@ -285,13 +333,18 @@ def run_quantize(options: QuantizeOptions, on_event: Optional[ProgressCallback] 
         matrix_path = Path(options.flat_matrix_path)
         calib = {"loaded_from": str(matrix_path), "seconds": 0.0}
     else:
-        text, data_label = load_text(options.calib_data)
+        calib_ids, data_label = calibration_token_ids(original.tokenizer, options, want_ppl)
         reporter.emit("data", f"calibration data: {data_label}")
-        samples = sample_windows(tokenize(original.tokenizer, text), options.nsamples, options.seqlen, options.seed)
+        samples = sample_windows(calib_ids, options.nsamples, options.seqlen, options.seed)
+        algo = get_algorithm(options.algorithm, cfg)
         run_key = {"nsamples": options.nsamples, "seqlen": options.seqlen, "data": data_label, "seed": options.seed,
                    "max_layers": options.max_layers}
         if options.algorithm != "flatquant":
             run_key["algorithm"] = options.algorithm
+        if algo.settings():
+            run_key["algorithm_settings"] = algo.settings()
+        if options.weight_rounding != "rtn":
+            run_key["weight_rounding"] = options.weight_rounding
         use_resume = options.resume and dist_info.world == 1
         done_states = _resume_states(resume_path, quantized, cfg, run_key, reporter) if use_resume else {}
         layer_states: dict[int, dict] = dict(done_states)
@@ -307,13 +360,12 @@ def run_quantize(options: QuantizeOptions, on_event: Optional[ProgressCallback] 
         num = num if options.max_layers is None else min(num, options.max_layers)
         rng = layer_range(num, dist_info.rank, dist_info.world) if dist_info.world > 1 else None
         store = ActivationStore(options.activation_dir)
-        algo = get_algorithm(options.algorithm, cfg)
         t0 = time.monotonic()
         try:
             calibrate_model(quantized, samples, cfg, device, reporter, dtype=options.compute_dtype or "auto",
                             max_layers=options.max_layers,
                             done_states=done_states, on_layer_done=on_layer_done, algorithm=algo, layer_range=rng,
-                            store=store, copy_layers=keep_original)
+                            store=store, copy_layers=keep_original, weight_rounding=options.weight_rounding)
         except JobCancelled:
             resume_path.unlink(missing_ok=True)  # a cancel leaves nothing half-done behind
             logger.info("[cancel] calibration cancelled; no matrix file written")
@@ -333,11 +385,7 @@ def run_quantize(options: QuantizeOptions, on_event: Optional[ProgressCallback] 
             for rank_states, rank_records in gathered:
                 for i, state in rank_states.items():
                     if i not in layer_states:  # another rank's layer: rebuild it here from its state
-                        layer = decoder_layers(quantized)[i]
-                        algo.prepare_layer(layer, i, None)
-                        algo.restore_layer(layer, i, state)
-                        algo.freeze_layer(layer)
-                        algo.fold_layer(layer)
+                        rebuild_layer(algo, decoder_layers(quantized)[i], i, state)
                         layer_states[i] = state
                 records.extend(rank_records)
             finish(dist_info)
@@ -362,20 +410,20 @@ def run_quantize(options: QuantizeOptions, on_event: Optional[ProgressCallback] 
         "artifacts": {"flat_matrices": str(matrix_path), "log": str(out_dir / LOG_FILE)},
     }
     if want_ppl:
-        models = {"original": model, "quantized": quantized, "rtn": rtn} if keep_original else {"quantized": quantized}
+        models = {"original": model, "quantized": quantized, **baselines} if keep_original else {"quantized": quantized}
         _evaluate_ppl(models, ids, options, device, reporter, ppl, out_dir, report)
-        report["ppl"] = {k: ppl[k] for k in ("original", "quantized", "rtn", "dataset", "seqlen", "max_windows")
+        report["ppl"] = {k: ppl[k] for k in ("original", "quantized", *BASELINES, "dataset", "seqlen", "max_windows")
                          if k in ppl}
     report["calibration"]["peak_rss_mb"] = round(peak_rss_mb(), 1)
     report["total_seconds"] = round(time.monotonic() - t_start, 2)
     report = update_report(out_dir, report)
     if device.type != "cpu":
-        _place_on_device([model, quantized, rtn] if keep_original else [quantized], device, reporter)
+        _place_on_device([model, quantized, *baselines.values()] if keep_original else [quantized], device, reporter)
     if not keep_original:
         original = LoadedModel(None, original.tokenizer, original.name, original.path, original.architecture)
     reporter.emit("done", f"report written to {out_dir / 'report.json'}")
     return QuantizeResult(report, original, quantized, rtn, original.tokenizer, out_dir, matrix_path, cfg,
-                          {"keep_original": keep_original})
+                          {"keep_original": keep_original, "baselines": baselines})
 
 
 def _model_section(original: LoadedModel, cfg: FlatQuantConfig, model: Optional[nn.Module] = None) -> dict:
@@ -399,22 +447,27 @@ def _apply_matrix_file(path: str, model: nn.Module, copy_layers: bool) -> FlatQu
                               "with the same --output_dir first.")
     check_identity(payload, model, str(path))
     cfg = parse_config(payload["config"])
-    algo = get_algorithm((payload.get("meta") or {}).get("algorithm", "flatquant"), cfg)
+    name = (payload.get("meta") or {}).get("algorithm", "flatquant")
+    states = sorted((int(i), s) for i, s in payload["layers"].items())
+    try:
+        settings = ALGORITHMS[name].settings_from_state(states[0][1]) if states and name in ALGORITHMS else None
+        algo = get_algorithm(name, cfg, settings)
+    except (KeyError, ValueError, TypeError) as exc:
+        raise MatrixFileError(f"Matrix file {path!r} lacks or garbles the {name!r} algorithm's settings ({exc}).") \
+            from exc
     layers = decoder_layers(model)
-    for i, state in sorted(payload["layers"].items()):
-        i = int(i)
+    for i, _ in states:
         if not 0 <= i < len(layers):
             raise MatrixFileError(f"Matrix file {path!r} names layer {i}, but the model has {len(layers)} layers.")
+    algo.prepare_model(model, unshare=copy_layers)
+    for i, state in states:
         if copy_layers:
             layers[i] = copy.deepcopy(layers[i])
-        algo.prepare_layer(layers[i], i, None)
         try:
-            algo.restore_layer(layers[i], i, state)
+            rebuild_layer(algo, layers[i], i, state)
         except KeyError as exc:
             raise MatrixFileError(f"Matrix file {path!r} does not match this model's layer {i} ({exc}); "
                                   "it was made with another config or another model.") from exc
-        algo.freeze_layer(layers[i])
-        algo.fold_layer(layers[i])
     return cfg
 
 

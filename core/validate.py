@@ -18,6 +18,7 @@ from types import SimpleNamespace
 from typing import Callable, Iterable, Optional
 
 from .config import FlatQuantConfig, parse_config
+from .data import check_disjoint
 from .device import resolve_device
 from .errors import CalibrationError, ConfigError, DataError, MatrixFileError, ModelLoadError, OutputError
 from .matrices import non_finite_tensors, read_matrices
@@ -152,8 +153,9 @@ def check_data_source(source: Optional[str], option: str) -> None:
         raise DataError(f"{option} {str(source)!r} does not exist; give a .txt or WikiText-2 raw file or folder.")
 
 
-def estimated_matrix_bytes(model_cfg: dict, max_layers: Optional[int] = None) -> int:
-    """Upper bound of a flat_matrices.pth for this model (fp32 transforms, inverses, diag and clip vectors)."""
+def estimated_matrix_bytes(model_cfg: dict, max_layers: Optional[int] = None, weight_rounding: str = "rtn") -> int:
+    """Upper bound of a flat_matrices.pth for this model (fp32 transforms, inverses, diag and clip vectors; with
+    GPTQ rounding also an int8 code per linear weight and fp32 row scales)."""
     hidden = int(model_cfg.get("hidden_size") or 0)
     inter = int(model_cfg.get("intermediate_size") or 0)
     heads = int(model_cfg.get("num_attention_heads") or 1)
@@ -162,6 +164,9 @@ def estimated_matrix_bytes(model_cfg: dict, max_layers: Optional[int] = None) ->
     layers = int(model_cfg.get("num_hidden_layers") or 0)
     layers = layers if max_layers is None else min(layers, max_layers)
     per_layer = 4 * (10 * hidden + 8 * inter + (heads + 2 * kv) * head_dim)
+    if weight_rounding == "gptq":
+        q_out = (heads + 2 * kv) * head_dim
+        per_layer += hidden * (q_out + heads * head_dim + 3 * inter) + 4 * (q_out + hidden * 2 + 2 * inter)
     return layers * per_layer * 2 + 64 * 1024
 
 
@@ -207,8 +212,13 @@ def validate_quantize_options(options) -> FlatQuantConfig:
     check_skip_layers(model_cfg, cfg, None if options.load_matrix else options.max_layers)
     if not options.skip_ppl:
         check_data_source(options.ppl_data, "--ppl_data")
+        if not options.load_matrix:
+            # never calibrate on the perplexity text; both default (embedded): the pipeline splits it in halves
+            check_disjoint(options.calib_data, options.ppl_data,
+                           split_explicitly=options.calib_data is None and options.ppl_data is None)
     # The resume file, the final file and a temp copy of each may coexist; report and log are small.
-    check_output_dir(options.output_dir, 3 * estimated_matrix_bytes(model_cfg, options.max_layers) + 4 * 2**20)
+    check_output_dir(options.output_dir, 3 * estimated_matrix_bytes(model_cfg, options.max_layers,
+                                                                     options.weight_rounding) + 4 * 2**20)
     return cfg
 
 

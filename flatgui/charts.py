@@ -11,6 +11,7 @@ from .i18n import t
 ORIGINAL_COLOR = "#64748b"
 QUANTIZED_COLOR = "#ea580c"
 RTN_COLOR = "#a3a3a3"
+QUAROT_COLOR = "#7c3aed"
 REAL_COLOR = "#16a34a"
 _LAYOUT = dict(template="plotly_white", margin=dict(l=50, r=20, t=60, b=40), height=360,
                legend=dict(orientation="h", yanchor="bottom", y=1.02, xanchor="right", x=1))
@@ -56,7 +57,8 @@ def loss_figure(events: list[dict], step_events: list[dict], lang: str = "en") -
 
 
 SERIES = (("original", "original", ORIGINAL_COLOR), ("quantized", "quantized", QUANTIZED_COLOR),
-          ("rtn", "rtn", RTN_COLOR), ("quantized_real", "quantized_real", REAL_COLOR))
+          ("rtn", "rtn", RTN_COLOR), ("quarot", "quarot", QUAROT_COLOR),
+          ("quantized_real", "quantized_real", REAL_COLOR))  # every baseline the quantize job can report
 
 
 def _grouped(title: str, categories: list[str], series: dict[str, list], lang: str, fmt: str = "{:.2f}",

@@ -154,6 +154,7 @@ STRINGS: dict[str, dict[str, str]] = {
     "original": {"en": "Original", "zh": "原始模型"},
     "quantized": {"en": "FlatQuant (fake quant)", "zh": "FlatQuant（伪量化）"},
     "rtn": {"en": "RTN baseline", "zh": "RTN 基线"},
+    "quarot": {"en": "QuaRot baseline", "zh": "QuaRot 基线"},
     "quantized_real": {"en": "FlatQuant (real int4)", "zh": "FlatQuant（真实 int4）"},
     "need_models": {"en": "No models in memory yet: run a calibration or load matrices first.",
                     "zh": "内存中还没有模型：请先校准或加载矩阵。"},

@@ -19,14 +19,16 @@ def run_cli(*args, timeout=600):
 def test_quantize_qwen3_folder_end_to_end(tiny_qwen3_dir, tmp_path):
     out = tmp_path / "out"
     proc = run_cli("quantize", "--model_path", str(tiny_qwen3_dir), "--nsamples", "4", "--seqlen", "64",
-                   "--epochs", "1", "--ppl_max_windows", "2", "--output_dir", str(out))
+                   "--epochs", "1", "--ppl_max_windows", "2", "--output_dir", str(out), "--baselines", "rtn,quarot")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "PPL score:" in proc.stdout and proc.stdout.rstrip().endswith("All done!")
+    assert "PPL score (rtn): " in proc.stdout and "PPL score (quarot): " in proc.stdout
     assert "Time diff orig: " in proc.stdout and "Time diff after real quant: " in proc.stdout
     report = json.loads((out / "report.json").read_text())
     assert report["real_quant"]["time_orig_ms"] > 0 and report["real_quant"]["time_real_quant_ms"] > 0
     assert report["model"]["architecture"] == "Qwen3ForCausalLM"
     assert report["ppl"]["seqlen"] == 512 and report["calibration"]["epochs"] == 1
+    assert report["ppl"]["rtn"] > 0 and report["ppl"]["quarot"] > 0
     assert (out / "flat_matrices.pth").exists() and (out / "quantize.log").exists()
     # load the matrices back instead of recalibrating
     proc = run_cli("quantize", "--model_path", str(tiny_qwen3_dir), "--load_matrix", "--flat_matrix_path",

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from core.data import EMBEDDED_TEXT_LABEL, load_text, sample_windows
+from core.data import EMBEDDED_TEXT_LABEL, load_text, sample_windows, tokenize
 from core.errors import DataError
 
 
@@ -83,3 +83,38 @@ def test_calibration_and_perplexity_text_must_differ(shared_data, tmp_path):
     assert check_disjoint(tmp_path / "a.txt", test) is None
     with pytest.raises(DataError, match="Python's bundled documentation"):
         check_disjoint(None, "embedded")
+
+
+def test_quantize_on_the_embedded_text_calibrates_on_its_first_half_only(tiny_qwen3_dir, tmp_path, monkeypatch):
+    """No ../shared/data: perplexity reads the embedded text's second half, so calibration reads only the first half,
+    and report.json says so."""
+    from core.models import load_model
+    from core.pipeline import QuantizeOptions, calibration_token_ids, ppl_token_ids, run_quantize
+
+    monkeypatch.setattr("core.pipeline.wikitext_test_path", lambda: None)
+    monkeypatch.setattr("core.data.wikitext_test_path", lambda: None)
+    tokenizer = load_model(str(tiny_qwen3_dir)).tokenizer
+    options = QuantizeOptions(model_path=str(tiny_qwen3_dir), algorithm="rtn", nsamples=2, seqlen=32,
+                              ppl_max_windows=1, output_dir=str(tmp_path / "run"))
+    calib, label = calibration_token_ids(tokenizer, options, want_ppl=True)
+    test, _ = ppl_token_ids(tokenizer, None)
+    assert "first half" in label and calib.numel() + test.numel() == len(tokenize(tokenizer, load_text(None)[0]))
+    report = run_quantize(options).report
+    assert "first half" in report["calibration"]["data"] and "second half" in report["ppl"]["dataset"]
+    skip_ppl = QuantizeOptions(model_path=str(tiny_qwen3_dir), skip_ppl=True)
+    assert calibration_token_ids(tokenizer, skip_ppl, want_ppl=False)[0].numel() == calib.numel() + test.numel()
+
+
+def test_quantize_refuses_to_calibrate_on_the_perplexity_text_before_loading(tiny_qwen3_dir, tmp_path, monkeypatch):
+    from core.pipeline import QuantizeOptions, run_quantize
+
+    def refuse(*_a, **_k):
+        raise AssertionError("the model was loaded before the data sources were checked")
+
+    monkeypatch.setattr("core.pipeline.load_model", refuse)
+    same = tmp_path / "same.txt"
+    same.write_text("some text " * 500)
+    with pytest.raises(DataError, match="same text"):
+        run_quantize(QuantizeOptions(model_path=str(tiny_qwen3_dir), calib_data=str(same), ppl_data=str(same),
+                                     output_dir=str(tmp_path / "run")))
+    assert not (tmp_path / "run").exists()

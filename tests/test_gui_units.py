@@ -454,3 +454,13 @@ def test_job_fraction_after_calibration_stays_at_the_calibrated_share():
     assert job_fraction(snap) == pytest.approx(0.75)
     snap.update(events=events + [fold], last_event=fold)
     assert job_fraction(snap) == pytest.approx(0.75)
+
+
+def test_ppl_chart_shows_every_baseline_of_the_report():
+    from core.pipeline import BASELINES
+
+    report = {"ppl": {"seqlen": 512, "original": 20.5, "quantized": 22.0, "rtn": 80.0, "quarot": 30.0}}
+    bars = _bars(charts.ppl_figure(report))
+    assert bars[t("rtn")] == [80.0] and bars[t("quarot")] == [30.0] and bars[t("quantized")] == [22.0]
+    assert set(BASELINES) <= {key for key, _, _ in charts.SERIES}  # a new baseline needs its series
+    assert charts.ppl_figure(report).layout.yaxis.type == "log"

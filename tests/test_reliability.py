@@ -140,6 +140,7 @@ PRELOAD_CASES = {
     "matrix_other_model": (lambda c: ["--model_path", str(c.qwen3_dir), "--load_matrix", "--flat_matrix_path",
                                       str(c.matrix_file)], "another model"),
     "calib_data_missing": (lambda c: ["--calib_data", str(c.tmp / "missing.txt")], "does not exist"),
+    "baselines_unknown": (lambda c: ["--baselines", "rtn,spinquant"], "--baselines must name some of rtn, quarot"),
     "output_dir_is_a_file": (lambda c: ["--output_dir", _write(c, "a_file", "x")], "is a file"),
     "output_dir_inside_a_file": (lambda c: ["--output_dir", str(Path(_write(c, "b_file", "x")) / "sub")],
                                  "which is a file"),

@@ -1,5 +1,8 @@
 """The hook interface every layer-wise algorithm implements; the loop that calls the hooks is core.calibrate.
 
+Once per model, before the layers (and before layer 0's inputs are captured):
+  prepare_model(model, unshare)    model-level changes (QuaRot's fused residual rotation); default: none
+
 Lifecycle of one decoder layer (the loop owns capture, device placement, resume, progress, cancel and memory):
   prepare_layer(layer, i, stats)   swap the algorithm's modules in (in place), initialized from activation stats
   calibrate_layer(layer, i, ctx)   learn on the layer's full-precision inputs/targets (may do nothing)
@@ -7,6 +10,9 @@ Lifecycle of one decoder layer (the loop owns capture, device placement, resume,
   freeze_layer(layer)              stop learning: learned parameters become fixed buffers
   layer_state(layer)               the tensors to save for this layer (flat_matrices.pth)
   fold_layer(layer)                reparameterize into deployable weights (output unchanged up to rounding)
+
+``settings()`` are the algorithm's own options (plain values) that a reload needs; an algorithm that has any puts
+them in its layer state too, and ``settings_from_state`` reads them back (--load_matrix rebuilds the same model).
 """
 from __future__ import annotations
 
@@ -56,8 +62,21 @@ class LayerAlgorithm:
     name = "base"
     needs_data = True  # whether the loop must capture inputs and full-precision outputs for calibrate_layer
 
-    def __init__(self, cfg: FlatQuantConfig):
+    def __init__(self, cfg: FlatQuantConfig, settings: Optional[dict] = None):
         self.cfg = cfg
+        if settings:
+            raise ValueError(f"algorithm {self.name!r} has no settings, got {sorted(settings)}")
+
+    def settings(self) -> dict:
+        return {}
+
+    @staticmethod
+    def settings_from_state(state: dict) -> dict:
+        return {}
+
+    def prepare_model(self, model: nn.Module, unshare: bool = False) -> None:
+        """Model-level changes before the per-layer loop. ``unshare``: the model shares its tensors with a float
+        original that must survive (core.models.shared_copy), so tensors are replaced, never changed in place."""
 
     def steps_per_layer(self, nsamples: int) -> int:
         return 0

@@ -14,7 +14,7 @@ is the MSE-optimal one of a grid (w_clip) and activations are clipped at a fixed
 are calibration-free and can be turned off."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Optional
 
 import torch
@@ -22,9 +22,11 @@ from torch import nn
 
 from ..adapters import ModelAdapter, adapter_for
 from ..config import FlatQuantConfig
-from ..flat import FlatQuantLinear, wrap_layer
+from ..flat import FlatQuantLinear, flat_state, fold_layer, load_flat_state, wrap_layer
 from ..hadamard import HadamardTransform, random_hadamard
+from ..models import unshare_tensors
 from ..quantizer import WeightQuantizer
+from .base import LayerAlgorithm
 
 
 @dataclass
@@ -146,3 +148,58 @@ def apply_quarot(model: nn.Module, flat_cfg: FlatQuantConfig, cfg: Optional[QuaR
             break
         wrap_layer_quarot(layer, i, flat_cfg, cfg, prefix=ad.layers_path, adapter=ad)
     return model
+
+
+STATE_PREFIX = "quarot."
+
+
+class QuaRotAlgorithm(LayerAlgorithm):
+    """QuaRot as a layer-wise algorithm: prepare_model fuses the norms and rotates the residual stream (the whole
+    model, once); each layer gets the RTN modules, the online Hadamard before down_proj and the calibration-free
+    clips. No calibration data. A layer's state is its quantizer tensors (clips, the online Hadamard's factors)
+    plus the settings (``quarot.seed`` ...), from which --load_matrix rotates the model the same way again."""
+
+    name = "quarot"
+    needs_data = False
+
+    def __init__(self, cfg: FlatQuantConfig, settings: Optional[dict] = None):
+        super().__init__(cfg)
+        known = {f.name for f in fields(QuaRotConfig)}
+        unknown = set(settings or {}) - known
+        if unknown:
+            raise ValueError(f"unknown QuaRot setting(s) {sorted(unknown)}; known: {sorted(known)}")
+        self.qcfg = QuaRotConfig(**(settings or {}))
+
+    def settings(self) -> dict:
+        return asdict(self.qcfg)
+
+    @staticmethod
+    def settings_from_state(state: dict) -> dict:
+        if STATE_PREFIX + "seed" not in state:
+            raise KeyError(f"{STATE_PREFIX}seed")
+        a_clip = float(state[STATE_PREFIX + "a_clip"])  # -1: no activation clip (NaN would be refused on save)
+        return {"seed": int(state[STATE_PREFIX + "seed"]), "online_down": bool(state[STATE_PREFIX + "online_down"]),
+                "w_clip": bool(state[STATE_PREFIX + "w_clip"]), "a_clip": None if a_clip < 0 else a_clip}
+
+    def prepare_model(self, model: nn.Module, unshare: bool = False) -> None:
+        if unshare:
+            unshare_tensors(model)
+        rotate_model(model, self.qcfg)
+
+    def prepare_layer(self, layer: nn.Module, index: int, stats) -> None:
+        wrap_layer_quarot(layer, index, self.cfg, self.qcfg)
+
+    def restore_layer(self, layer: nn.Module, index: int, state: dict) -> None:
+        saved = self.settings_from_state(state)
+        if saved != self.settings():
+            raise KeyError(f"layer {index} was saved with QuaRot settings {saved}, not {self.settings()}")
+        load_flat_state(layer, {k: v for k, v in state.items() if not k.startswith(STATE_PREFIX)})
+
+    def layer_state(self, layer: nn.Module) -> dict:
+        c = self.qcfg
+        return {**flat_state(layer), STATE_PREFIX + "seed": torch.tensor(c.seed, dtype=torch.int64),
+                STATE_PREFIX + "online_down": torch.tensor(c.online_down), STATE_PREFIX + "w_clip": torch.tensor(c.w_clip),
+                STATE_PREFIX + "a_clip": torch.tensor(-1.0 if c.a_clip is None else c.a_clip, dtype=torch.float64)}
+
+    def fold_layer(self, layer: nn.Module) -> None:
+        fold_layer(layer)

@@ -59,7 +59,13 @@ def register(subparsers) -> argparse.ArgumentParser:
                        help="quantize in place; the original and RTN are evaluated first")
     scale.add_argument("--no_memory_check", dest="check_memory", action="store_false",
                        help="start even when the memory estimate says the job will not fit")
-    scale.add_argument("--algorithm", default="flatquant", help="layer-wise algorithm: flatquant | rtn")
+    scale.add_argument("--algorithm", default="flatquant", help="layer-wise algorithm: flatquant | rtn | quarot")
+    scale.add_argument("--weight_rounding", default="rtn", choices=("rtn", "gptq"),
+                       help="rounding of the quantized weights after each layer is folded: rtn (the quantizer's) or "
+                            "gptq (on the Hessians of the transformed calibration inputs), under any --algorithm")
+    p.add_argument("--baselines", default="rtn",
+                   help="comma-separated baselines whose perplexity the report also gives: rtn, quarot "
+                        "(default rtn; --no_rtn skips them all)")
     scale.add_argument("--distributed", action="store_true",
                        help="layer-parallel calibration over torchrun ranks (torchrun --nproc_per_node N -m core "
                             "quantize ... --distributed); rank 0 writes the files")
@@ -115,7 +121,8 @@ def run(args: argparse.Namespace) -> int:
         # the CLI quantizes in place by default (the original is re-read from disk for the time diff / --eval)
         dtype=args.dtype, activation_dir=args.activation_dir,
         keep_original=False if args.keep_original is None else args.keep_original,
-        check_memory=args.check_memory, algorithm=args.algorithm, distributed=args.distributed)
+        check_memory=args.check_memory, algorithm=args.algorithm, distributed=args.distributed,
+        weight_rounding=args.weight_rounding, baselines=args.baselines)
     if args.export == "ascend":
         from ..realquant.ascend import prepare_quantize
 
@@ -137,8 +144,9 @@ def run(args: argparse.Namespace) -> int:
     ppl = report.get("ppl")
     if ppl:
         print(f"PPL score (original): {ppl['original']:.4f}")
-        if ppl.get("rtn") is not None:
-            print(f"PPL score (RTN W4A4): {ppl['rtn']:.4f}")
+        for name in opts.baseline_names():
+            if ppl.get(name) is not None:
+                print(f"PPL score ({name}): {ppl[name]:.4f}")
         print(f"PPL score: {ppl['quantized']:.4f}")
     if args.time_diff:
         from ..realquant.convert import report_time_diff

@@ -1,0 +1,124 @@
+"""Every registered algorithm (flatquant, rtn, quarot) under both weight roundings (rtn, gptq) through the generic
+layer-wise loop and the quantize job: folding equivalence with quantization off, real == fake, save/load through
+flat_matrices.pth, resume after an interruption, cancel; GPTQ lowers the layer-output error under FlatQuant."""
+import copy
+
+import pytest
+import torch
+
+from core.algorithms import ALGORITHMS
+from core.calibrate import calibrate_model, capture_layer_inputs, run_layer
+from core.config import parse_config
+from core.data import load_text, sample_windows, tokenize
+from core.errors import JobCancelled
+from core.flat import set_quant_enabled
+from core.matrices import MATRIX_FILE, RESUME_FILE
+from core.models import decoder_layers, load_model
+from core.pipeline import QuantizeOptions, run_quantize
+from core.progress import CancelToken, Reporter
+from core.realquant.convert import convert_model
+
+ROUNDINGS = ("rtn", "gptq")
+COMBOS = [(a, r) for a in sorted(ALGORITHMS) for r in ROUNDINGS]
+IDS = torch.randint(0, 49152, (2, 24), generator=torch.Generator().manual_seed(3))
+
+
+def _options(model_dir, out, algorithm, rounding, **kw):
+    base = dict(model_path=str(model_dir), algorithm=algorithm, weight_rounding=rounding, nsamples=2, seqlen=32,
+                epochs=1, skip_ppl=True, keep_original=True, output_dir=str(out))
+    base.update(kw)
+    return QuantizeOptions(**base)
+
+
+def _logits(model, ids=IDS):
+    with torch.no_grad():
+        return model(ids).logits
+
+
+def test_every_algorithm_is_registered():
+    assert set(ALGORITHMS) == {"flatquant", "rtn", "quarot"}
+
+
+@pytest.mark.parametrize("algorithm,rounding", COMBOS)
+def test_real_equals_fake_and_load_matrix_gives_identical_logits(tiny_qwen3_dir, tmp_path, algorithm, rounding):
+    result = run_quantize(_options(tiny_qwen3_dir, tmp_path / "run", algorithm, rounding))
+    fake = _logits(result.quantized)
+    assert torch.equal(_logits(convert_model(copy.deepcopy(result.quantized), "auto")), fake)
+    # the float original the job kept is untouched (QuaRot rotates the whole model: its tensors were unshared)
+    assert torch.equal(_logits(result.original.model), _logits(load_model(str(tiny_qwen3_dir)).model))
+    state = torch.load(result.matrix_path, weights_only=True)["layers"][0]
+    assert any(k.startswith("gptq.") for k in state) == (rounding == "gptq")
+    if rounding == "gptq":
+        assert all(v.dtype == torch.int8 for k, v in state.items() if k.endswith(".codes"))
+    loaded = run_quantize(_options(tiny_qwen3_dir, tmp_path / "load", algorithm, rounding, load_matrix=True,
+                                   flat_matrix_path=str(result.matrix_path)))
+    assert torch.equal(_logits(loaded.quantized), fake)
+
+
+@pytest.mark.parametrize("algorithm", sorted(ALGORITHMS))
+def test_folded_model_with_quantization_off_computes_the_original(tiny_qwen3, algorithm):
+    model = copy.deepcopy(tiny_qwen3)
+    samples = torch.randint(0, 49152, (2, 32), generator=torch.Generator().manual_seed(0))
+    cfg = parse_config()
+    cfg.epochs = 1
+    calibrate_model(model, samples, cfg, torch.device("cpu"), Reporter(), dtype=None, algorithm=algorithm)
+    set_quant_enabled(model, False)
+    ref, out = _logits(tiny_qwen3), _logits(model)
+    assert float((out - ref).abs().max()) <= 1e-4 * float(ref.abs().max())
+    set_quant_enabled(model, True)
+    assert not torch.allclose(_logits(model), ref, atol=1e-3)  # and quantization is really on
+
+
+@pytest.mark.parametrize("algorithm", sorted(ALGORITHMS))
+def test_gptq_run_resumes_after_an_interruption_and_cancels_cleanly(tiny_qwen3_dir, tmp_path, algorithm):
+    class Boom(Exception):
+        pass
+
+    def crash_in_layer_1(e):
+        if e.stage == "calibrate" and e.layer == 1:
+            raise Boom
+
+    out = tmp_path / "run"
+    with pytest.raises(Boom):
+        run_quantize(_options(tiny_qwen3_dir, out, algorithm, "gptq"), on_event=crash_in_layer_1)
+    assert (out / RESUME_FILE).exists()
+    events = []
+    resumed = run_quantize(_options(tiny_qwen3_dir, out, algorithm, "gptq"), on_event=events.append)
+    assert any("resuming: 1 layer" in e.message for e in events)
+    assert {e.layer for e in events if e.stage == "calibrate"} == {1}  # layer 0 was neither retrained nor rounded
+    straight = run_quantize(_options(tiny_qwen3_dir, tmp_path / "straight", algorithm, "gptq"))
+    assert torch.equal(_logits(resumed.quantized), _logits(straight.quantized))
+
+    token = CancelToken()
+
+    def cancel_in_layer_1(e):
+        if e.stage == "calibrate" and e.layer == 1:
+            token.cancel()
+
+    with pytest.raises(JobCancelled):
+        run_quantize(_options(tiny_qwen3_dir, tmp_path / "cancel", algorithm, "gptq"), on_event=cancel_in_layer_1,
+                     cancel=token)
+    assert not (tmp_path / "cancel" / MATRIX_FILE).exists() and not (tmp_path / "cancel" / RESUME_FILE).exists()
+
+
+def test_gptq_lowers_layer_output_error_under_flatquant(smollm2):
+    """Same FlatQuant transforms (the RTN run's states restored), rounding rtn vs gptq: layer 0's output error
+    against the float layer on held-out windows."""
+    ids = tokenize(smollm2.tokenizer, load_text(None)[0])
+    samples, held_out = sample_windows(ids, 8, 128, seed=0), sample_windows(ids, 4, 128, seed=1)
+    cfg = parse_config()
+    cfg.epochs = 2
+    states = {}
+    models = {}
+    for rounding in ROUNDINGS:
+        model = copy.deepcopy(smollm2.model)
+        calibrate_model(model, samples, cfg, torch.device("cpu"), Reporter(), dtype=None, max_layers=1,
+                        weight_rounding=rounding, done_states=dict(states),
+                        on_layer_done=lambda i, s, _r: states.__setitem__(i, s))
+        models[rounding] = model
+    inps, kwargs = capture_layer_inputs(smollm2.model, held_out, torch.device("cpu"))
+    with torch.no_grad():
+        ref = run_layer(decoder_layers(smollm2.model)[0], inps, kwargs)
+        err = {r: float(((run_layer(decoder_layers(m)[0], inps, kwargs) - ref) ** 2).mean())
+               for r, m in models.items()}
+    assert err["gptq"] < 0.95 * err["rtn"], err  # measured: 0.106 vs 0.116 (activation error stays)
