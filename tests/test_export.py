@@ -66,7 +66,15 @@ def test_native_export_refuses_targets_that_lose_data(tiny_qwen3_dir, tiny_qwen3
         errors = [line for line in err.splitlines() if line.startswith("error:")]
         assert rc == 2 and len(errors) == 1 and match in errors[0] and "Traceback" not in err, err
 
+    def hashes(folder):
+        import hashlib
+
+        return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir()) if p.is_file()}
+
+    source_before = hashes(tiny_qwen3_dir)
     refused(base + [str(tiny_qwen3_dir), "--overwrite"], "source model")  # would overwrite the source weights
+    refused(base + [str(tiny_qwen3_dir / "sub"), "--overwrite"], "source model")  # inside it
+    assert hashes(tiny_qwen3_dir) == source_before and not (tiny_qwen3_dir / "sub").exists()
     busy = tmp_path / "busy"
     busy.mkdir()
     (busy / "x").write_text("keep")
