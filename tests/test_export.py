@@ -3,6 +3,7 @@ serving dtype, staged and renamed, and refused for targets that would lose data.
 import errno
 import os
 
+import pytest
 import torch
 
 from core.cli import main
@@ -113,3 +114,19 @@ def test_gui_checkpoint_zip_of_fully_quantized_smollm2_is_at_most_0_6_of_bf16(sm
     bf16_bytes = 2 * sum(p.numel() for p in smollm2.model.parameters())  # tied embeddings counted once
     assert zipped is not None
     assert os.path.getsize(zipped) <= 0.6 * bf16_bytes, (os.path.getsize(zipped), bf16_bytes)
+
+
+@pytest.mark.parametrize("meta", [{"algorithm": "quarot"}, {"weight_rounding": "gptq"}])
+@pytest.mark.parametrize("fmt", ["native", "ascend"])
+def test_export_refuses_matrix_files_it_would_rebuild_wrongly(tiny_qwen3_dir, tiny_qwen3, tmp_path, capsys, meta,
+                                                              fmt):
+    """A QuaRot or GPTQ matrix file rebuilt as plain FlatQuant would lose its rotation or its GPTQ codes."""
+    cfg = parse_config(None)
+    _, states = uncalibrated_states(tiny_qwen3, cfg)
+    matrix = save_matrices(tmp_path / "m.pth", build_payload(tiny_qwen3, cfg, states, complete=True, extra=meta))
+    rc = main(["export", "--format", fmt, "--model_path", str(tiny_qwen3_dir), "--flat_matrix_path", str(matrix),
+               "--output_dir", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert rc == 2 and len(errors) == 1 and "--export native|ascend" in errors[0] and "Traceback" not in err, err
+    assert not (tmp_path / "out").exists()
