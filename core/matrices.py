@@ -135,15 +135,21 @@ def apply_layer_matrices(layers: nn.ModuleList, i: int, cfg: FlatQuantConfig, st
     fold_layer(layers[i])
 
 
-def load_matrices(path: str | os.PathLike, model: nn.Module) -> FlatQuantConfig:
-    """Read a matrix file and apply it to ``model`` in place (the GUI and CLI entry point)."""
+def read_complete_matrices(path: str | os.PathLike) -> dict:
+    """read_matrices, refusing a partial (resume) checkpoint: what every loader of a finished file reads."""
     payload = read_matrices(path)
     if not payload.get("complete", True):
         raise MatrixFileError(f"Matrix file {str(path)!r} is a partial (resume) checkpoint; finish the calibration "
                               "with the same --output_dir first.")
-    return apply_matrices(model, payload, str(path))
+    return payload
+
+
+def load_matrices(path: str | os.PathLike, model: nn.Module) -> FlatQuantConfig:
+    """Read a matrix file and apply it to ``model`` in place (the GUI and CLI entry point)."""
+    return apply_matrices(model, read_complete_matrices(path), str(path))
 
 
 __all__ = ["MATRIX_FILE", "RESUME_FILE", "build_payload", "non_finite_tensors", "save_matrices", "read_matrices",
+           "read_complete_matrices",
            "load_matrices", "apply_matrices", "apply_layer_matrices", "uncalibrated_states", "check_identity",
            "apply_flat_structure"]

@@ -29,7 +29,8 @@ from .device import compute_dtype, dtype_name, resolve_device
 from .distributed import DistInfo, finish, gather_to_main, init_distributed, layer_range
 from .errors import FlatQuantError, JobCancelled, MatrixFileError, ModelLoadError
 from .flat import apply_flat_structure, fold_model
-from .matrices import MATRIX_FILE, RESUME_FILE, build_payload, check_identity, read_matrices, save_matrices
+from .matrices import (MATRIX_FILE, RESUME_FILE, build_payload, check_identity, read_complete_matrices, read_matrices,
+                       save_matrices)
 from .memory import (GIB, ActivationStore, ModelShape, check_fits, current_rss_bytes, device_peak_bytes,
                      estimate_quantize_memory, host_available_bytes, parse_dtype)
 from .models import (LoadedModel, checkpoint_dtype, decoder_layers, load_model, model_identity, read_model_config,
@@ -441,10 +442,7 @@ def _apply_matrix_file(path: str, model: nn.Module, copy_layers: bool) -> FlatQu
     """--load_matrix: rebuild and fold every saved layer with the algorithm that wrote the file."""
     import copy
 
-    payload = read_matrices(path)
-    if not payload.get("complete", True):
-        raise MatrixFileError(f"Matrix file {str(path)!r} is a partial (resume) checkpoint; finish the calibration "
-                              "with the same --output_dir first.")
+    payload = read_complete_matrices(path)
     check_identity(payload, model, str(path))
     cfg = parse_config(payload["config"])
     name = (payload.get("meta") or {}).get("algorithm", "flatquant")

@@ -57,7 +57,7 @@ def _dtypes(args, model_path: str):
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..matrices import check_identity, read_matrices
+    from ..matrices import check_identity, read_complete_matrices
     from ..models import resolve_model_path
     from ..config import parse_config
     from ..errors import MatrixFileError
@@ -66,10 +66,7 @@ def run(args: argparse.Namespace) -> int:
     source = resolve_model_path(args.model_path)
     check_target(args.output_dir, source, args.overwrite)  # before anything slow
     shard_bytes = parse_size(args.shard_size)
-    payload = read_matrices(args.flat_matrix_path)
-    if not payload.get("complete", True):
-        raise MatrixFileError(f"Matrix file {args.flat_matrix_path!r} is a partial (resume) checkpoint; finish the "
-                              "calibration with the same --output_dir first.")
+    payload = read_complete_matrices(args.flat_matrix_path)
     meta = payload.get("meta") or {}
     made_with = [f"--{k} {meta[k]}" for k, plain in (("algorithm", "flatquant"), ("weight_rounding", "rtn"))
                  if meta.get(k, plain) != plain]
