@@ -31,11 +31,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from core.calibrate import calibrate_model  # noqa: E402
 from core.config import parse_config  # noqa: E402
+from core.device import resolve_device  # noqa: E402
 from core.data import check_disjoint, load_text, sample_windows, shared_data_dir, tokenize  # noqa: E402
 from core.models import load_model  # noqa: E402
 from core.perplexity import perplexity_from_ids  # noqa: E402
 from core.pipeline import peak_rss_mb, rtn_model  # noqa: E402
 from core.progress import Reporter  # noqa: E402
+
+def device_label(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"cuda ({torch.cuda.get_device_name(device)}, torch {torch.__version__})"
+    return str(device)
+
 
 METHODS = ("fp", "rtn", "quarot-rtn", "quarot-gptq", "flatquant-rtn", "flatquant-gptq")
 
@@ -53,6 +60,7 @@ def main() -> None:
                     help="all seven linears W4A4 (the reference code's default); default: o_proj FP (AMCT default)")
     ap.add_argument("--ppl_seqlen", type=int, default=512)
     ap.add_argument("--ppl_max_windows", type=int, default=None, help="first N windows only (quick looks)")
+    ap.add_argument("--device", default="cpu", help="where calibration and perplexity run: cpu | cuda | npu | auto")
     ap.add_argument("--json", default=None, help="also write the results here")
     args = ap.parse_args()
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -65,6 +73,7 @@ def main() -> None:
     test_file, calib_file = data / "wikitext-2-raw" / "wiki.test.raw", data / "wikitext-2" / "wiki.valid.tokens"
     check_disjoint(calib_file, test_file)
 
+    device = resolve_device(args.device)
     lm = load_model(args.model_path, dtype=torch.float32)
     test_ids = tokenize(lm.tokenizer, load_text(test_file)[0])
     samples = sample_windows(tokenize(lm.tokenizer, load_text(calib_file)[0]), args.nsamples, args.seqlen, seed=0)
@@ -77,12 +86,17 @@ def main() -> None:
     print(f"# {lm.name} fp32 (storage and compute): PPL@{args.ppl_seqlen} on {windows} windows of {test_file.name} "
           f"({test_ids.numel()} tokens); calibration {args.nsamples} x {args.seqlen} x {args.epochs} epochs from "
           f"{calib_file.name}; o_proj {'W4A4' if args.use_o_quant else 'FP'}; torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}", flush=True)
+          f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}, device {device_label(device)}",
+          flush=True)
 
     def ppl(model) -> float:
-        return perplexity_from_ids(model, test_ids, args.ppl_seqlen, max_windows=windows, dtype=None)
+        model.to(device)  # SmolLM2 fits any device whole; the models share no tensors with a moved one afterwards
+        try:
+            return perplexity_from_ids(model, test_ids, args.ppl_seqlen, max_windows=windows, dtype=None)
+        finally:
+            model.to("cpu")
 
-    results = {"setup": vars(args), "windows": windows, "ppl": {}, "calibration_seconds": {}}
+    results = {"setup": vars(args), "device": device_label(device), "windows": windows, "ppl": {}, "calibration_seconds": {}}
     states: dict[str, tuple[dict, float]] = {}  # X-rtn's layer states and seconds, reused by X-gptq
     for method in methods:
         t0 = time.monotonic()
@@ -96,7 +110,7 @@ def main() -> None:
             model = copy.deepcopy(lm.model)
             done, before = states.get(algorithm, ({}, 0.0)) if rounding == "gptq" else ({}, 0.0)
             layer_states: dict[int, dict] = {}
-            calibrate_model(model, samples, cfg, torch.device("cpu"), Reporter(), dtype=None, algorithm=algorithm,
+            calibrate_model(model, samples, cfg, device, Reporter(), dtype=None, algorithm=algorithm,
                             weight_rounding=rounding, done_states=done,
                             on_layer_done=lambda i, s, _r: layer_states.__setitem__(i, s))
             seconds = before + time.monotonic() - t0
