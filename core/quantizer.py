@@ -165,6 +165,31 @@ def float_gemm_is_exact(k: int, a_bits: int, w_bits: int) -> bool:
     return (1 << (a_bits - 1)) * (1 << (w_bits - 1)) * k <= FP32_EXACT_LIMIT
 
 
+CUDA_INT_MM_MIN_ROWS = 17  # cuBLASLt's int8 GEMM behind torch._int_mm: M > 16, K and N multiples of 8
+
+
+def _round_up(n: int, m: int) -> int:
+    return -(-n // m) * m
+
+
+def int_mm(rows: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """``torch._int_mm(rows, w.t())`` (int8 [M, K] x int8 [N, K'] -> int32 [M, N]) for any M, K, N, with K' >= K
+    (a weight already zero-padded in K). On CUDA the operands are zero-padded to cuBLASLt's rules and the result is
+    cut back to M rows; zero codes add nothing, so it is exact. Callers holding weights padded in N slice the
+    columns to their width."""
+    m, k = rows.shape
+    n, kw = w.shape
+    cuda = rows.device.type == "cuda"
+    kp = _round_up(max(k, kw), 8) if cuda else max(k, kw)
+    np_ = _round_up(n, 8) if cuda else n
+    if (kw, n) != (kp, np_):
+        w = F.pad(w, (0, kp - kw, 0, np_ - n))
+    pad_rows = max(CUDA_INT_MM_MIN_ROWS - m, 0) if cuda else 0
+    if k != kp or pad_rows:
+        rows = F.pad(rows, (0, kp - k, 0, pad_rows))
+    return torch._int_mm(rows, w.t())[:m, :n]
+
+
 def code_matmul(q_x: torch.Tensor, w_codes: torch.Tensor, a_bits: int, w_bits: int) -> torch.Tensor:
     """Exact Σ_k q_x[m, k]·w[n, k] of integer codes ([M, K] · [N, K]ᵀ), int32 or fp32 holding the same integers: the
     int8 GEMM where it is fast (VNNI CPUs, CUDA), else an fp32 GEMM of the codes (exact within
@@ -172,7 +197,7 @@ def code_matmul(q_x: torch.Tensor, w_codes: torch.Tensor, a_bits: int, w_bits: i
     k = q_x.shape[-1]
     if a_bits <= 8 and w_bits <= 8 and (int8_gemm_is_fast(q_x.device) or not float_gemm_is_exact(k, a_bits, w_bits)):
         rows = q_x.reshape(-1, k).to(torch.int8)
-        return torch._int_mm(rows, w_codes.to(torch.int8).t()).reshape(*q_x.shape[:-1], -1)
+        return int_mm(rows, w_codes.to(torch.int8)).reshape(*q_x.shape[:-1], -1)
     with torch.autocast(q_x.device.type, enabled=False):
         return F.linear(q_x.float(), w_codes.float())
 

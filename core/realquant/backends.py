@@ -22,7 +22,7 @@ import torch
 
 from ..device import npu_available
 from ..errors import ConfigError
-from ..quantizer import code_matmul, qmax
+from ..quantizer import code_matmul, int_mm, qmax
 from ..transforms import SMALL_ROWS, kronecker_matmul
 
 _EPS = 1e-8  # core.quantizer.sym_scale's floor: an all-zero token gets scale 1e-8 and codes 0
@@ -244,19 +244,14 @@ class CpuBackend(TorchCpuBackend):
 # --- CUDA ---------------------------------------------------------------------------------------------------------
 
 
-def _round_up(n: int, m: int) -> int:
-    return -(-n // m) * m
-
-
 @register_backend
 class CudaBackend(Backend):
-    """torch._int_mm on cuBLASLt. Its rules (M > 16, K and N multiples of 8) are met by zero padding: padded
-    weight rows/columns are zero codes, padded tokens are dropped, so results are exact for any width."""
+    """torch._int_mm on cuBLASLt. Its rules (M > 16, K and N multiples of 8) are met by zero padding (the weight
+    once here, the tokens in ``core.quantizer.int_mm``): zero codes add nothing, so results are exact for any width."""
 
     name = "cuda"
     device_type = "cuda"
     description = "CUDA int8 GEMM (torch._int_mm / cuBLASLt)"
-    min_rows = 17
 
     @classmethod
     def available(cls) -> bool:
@@ -264,7 +259,7 @@ class CudaBackend(Backend):
 
     def prepare_weight(self, codes, w_bits, a_bits=4):
         n, k = codes.shape
-        padded = torch.nn.functional.pad(codes.to(torch.int8), (0, _round_up(k, 8) - k, 0, _round_up(n, 8) - n))
+        padded = torch.nn.functional.pad(codes.to(torch.int8), (0, -k % 8, 0, -n % 8))
         return {"qweight": padded.contiguous()}
 
     def weight_codes(self, tensors, out_features, in_features):
@@ -275,8 +270,5 @@ class CudaBackend(Backend):
         return QuantizedInput(q, s)
 
     def matmul(self, qx, tensors, out_features, w_scale, bias, out_dtype):
-        w = tensors["qweight"]
-        m, k = qx.q.shape
-        q = torch.nn.functional.pad(qx.q, (0, w.shape[1] - k, 0, max(self.min_rows - m, 0)))
-        acc = torch._int_mm(q, w.t())[:m, :out_features]
+        acc = int_mm(qx.q, tensors["qweight"])[:, :out_features]
         return rescale(acc, qx.scale, w_scale, bias, out_dtype)

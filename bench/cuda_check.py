@@ -1,0 +1,62 @@
+"""CUDA checks of the real-quant path (run when a GPU is lent; the default suite has no GPU): on small random Qwen3
+and Qwen2 models with the FlatQuant structure folded, the `cuda` real-quant backend's logits must equal the folded
+fake-quant model's exactly (both sum int codes exactly: torch._int_mm with zero padding for cuBLASLt's shape rules)
+for prompt and decode shapes, and greedy generation must give the same tokens. Prints one JSON line per check and
+exits 1 when one fails.
+
+    python bench/cuda_check.py          # or: python bench/cuda_check.py cpu
+"""
+from __future__ import annotations
+
+import copy
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from core.config import parse_config  # noqa: E402
+from core.flat import apply_flat_structure, fold_model  # noqa: E402
+from core.models import build_random_qwen2, build_random_qwen3  # noqa: E402
+from core.realquant.convert import convert_model  # noqa: E402
+
+
+def main() -> int:
+    dev = torch.device(sys.argv[1] if len(sys.argv) > 1 else "cuda")  # `cpu`: the same checks of the cpu backend
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        print("error: no CUDA device visible")
+        return 2
+    ok = True
+    label = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
+    print(json.dumps({"device": label, "torch": torch.__version__}), flush=True)
+    for name, build in (("qwen3", build_random_qwen3), ("qwen2", build_random_qwen2)):
+        fake = build()
+        apply_flat_structure(fake, parse_config())
+        fold_model(fake)
+        fake.eval()
+        real = convert_model(copy.deepcopy(fake), dev.type).to(dev)
+        fake.to(dev)
+        g = torch.Generator().manual_seed(5)
+        for shape in ((1, 1), (1, 3), (2, 9), (1, 40), (3, 17)):
+            ids = torch.randint(0, fake.config.vocab_size, shape, generator=g).to(dev)
+            with torch.no_grad():
+                a, b = real(input_ids=ids).logits, fake(input_ids=ids).logits
+            equal = bool(torch.equal(a, b))
+            ok &= equal
+            print(json.dumps({"model": name, "shape": shape, "real_equals_fake": equal,
+                              "max_abs_diff": float((a - b).abs().max())}), flush=True)
+        ids = torch.randint(0, fake.config.vocab_size, (1, 12), generator=g).to(dev)
+        with torch.no_grad():
+            ta = real.generate(ids, max_new_tokens=8, do_sample=False)
+            tb = fake.generate(ids, max_new_tokens=8, do_sample=False)
+        same = bool(torch.equal(ta, tb))
+        ok &= same
+        print(json.dumps({"model": name, "greedy_8_tokens_equal": same}), flush=True)
+    print(json.dumps({"all_ok": ok}), flush=True)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
