@@ -23,6 +23,7 @@ import json  # noqa: E402
 import platform  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
+import traceback  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
@@ -98,7 +99,7 @@ def main() -> None:
 
     results = {"setup": vars(args), "device": device_label(device), "windows": windows, "ppl": {}, "calibration_seconds": {}}
     states: dict[str, tuple[dict, float]] = {}  # X-rtn's layer states and seconds, reused by X-gptq
-    for method in methods:
+    def row(method: str) -> None:
         t0 = time.monotonic()
         seconds = 0.0
         if method == "fp":
@@ -122,7 +123,14 @@ def main() -> None:
         ratio = value / results["ppl"]["fp"] if "fp" in results["ppl"] else float("nan")
         print(f"{method:15s} PPL {value:10.3f}  ({ratio:5.2f}x FP)  calibration {seconds:7.1f}s  "
               f"total {time.monotonic() - t0:7.1f}s  peak RSS {peak_rss_mb():.0f} MB", flush=True)
-        del model
+
+    for method in methods:  # one failing row (say, a backend missing on this device) does not lose the others
+        try:
+            row(method)
+        except Exception as exc:  # noqa: BLE001 - reported in the output and the JSON, then the next row
+            traceback.print_exc()
+            results.setdefault("errors", {})[method] = repr(exc)
+            print(f"{method:15s} FAILED: {exc!r}", flush=True)
     print(json.dumps(results))
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
