@@ -230,18 +230,18 @@ def evaluate_pair(original: nn.Module, quantized: Optional[nn.Module], tokenizer
     """Run the requested sections on both models (``quantized=None``: the original only) and return
     {ppl, accuracy, latency, generation} (only those asked for); each is also written to the report as it ends.
     ``options.baselines`` join the perplexity and accuracy sections (``baselines`` hands in those already built;
-    the others are built from the original); ``options.ppl_rtn`` adds RTN to the perplexity section only."""
+    the others are built from the original and added to it); ``options.ppl_rtn`` adds RTN to perplexity only."""
     options = options or EvalOptions()
     reporter = reporter or Reporter()
     models = _models(original, quantized)
-    built = {k: v for k, v in (baselines or {}).items() if v is not None}
-    if rtn is not None:
-        built.setdefault("rtn", rtn)
+    built = baselines if baselines is not None else {}  # what it builds is added: a caller may keep them
+    if rtn is not None and built.get("rtn") is None:
+        built["rtn"] = rtn
 
     def compared(names) -> dict[str, nn.Module]:
         out_models = dict(models)
         for name in names if quantized is not None else ():
-            if name not in built:
+            if built.get(name) is None:
                 built[name] = build_baseline(name, original, options.quant_config, wrapped_layer_count(quantized))
             out_models[name] = built[name]
         return out_models

@@ -193,7 +193,11 @@ def cli_args(cls, values: dict, implicit: Optional[dict] = None) -> list[str]:
     fields = {f.name: (f, o) for f, o in described_fields(cls)}
     implicit = implicit or {}
     argv: list[str] = []
-    for name, raw in values.items():
+    unknown = set(values) - set(fields)
+    if unknown:
+        raise ValueError(f"{cls.__name__} has no field(s) {sorted(unknown)}")
+    for name in (n for n in fields if n in values):  # in the class's field order
+        raw = values[name]
         f, opt = fields[name]
         if opt.internal:
             raise ValueError(f"{cls.__name__}.{name} has no CLI flag")
@@ -208,7 +212,7 @@ def cli_args(cls, values: dict, implicit: Optional[dict] = None) -> list[str]:
             if chosen is None:
                 raise ValueError(f"no flag sets {cls.__name__}.{name} to {value!r}")
             argv.append(chosen)
-        elif isinstance(value, str):
+        elif isinstance(value, str) and (value == "" or value.startswith("-") or "," in value):
             argv.append(f"{flag}={value}")  # '=' form: a value starting with '-' (or empty) stays a value
         else:
             argv += [flag, str(value)]
