@@ -212,9 +212,9 @@ class _Form:
             out[ff.option] = None if none is not UNSET and value == none else value
         return out
 
-    def quantize_kwargs(self, output_dir: Optional[str] = None, flat_matrix_path: Optional[str] = None) -> dict:
-        """Keyword arguments for core.pipeline.QuantizeOptions."""
-        kw: dict[str, Any] = dict(self._option_values(), config=self.config_dict(), output_dir=output_dir,
+    def _job_kwargs(self, output_dir: Optional[str], flat_matrix_path: Optional[str]) -> dict:
+        """QuantizeOptions keyword arguments but the config dict."""
+        kw: dict[str, Any] = dict(self._option_values(), output_dir=output_dir,
                                   use_kcache_quant=self.kv_quant, use_vcache_quant=self.kv_quant,
                                   ppl_max_windows=self.ppl_windows or None, ppl_seqlen=self.seqlen,
                                   skip_ppl=self.ppl_windows == 0)
@@ -222,9 +222,13 @@ class _Form:
             kw.update(load_matrix=True, flat_matrix_path=flat_matrix_path)
         return kw
 
+    def quantize_kwargs(self, output_dir: Optional[str] = None, flat_matrix_path: Optional[str] = None) -> dict:
+        """Keyword arguments for core.pipeline.QuantizeOptions."""
+        return dict(self._job_kwargs(output_dir, flat_matrix_path), config=self.config_dict())
+
     def baseline_names(self) -> list[str]:
         """The baselines the job measures next to the quantized model (the form's multi-select)."""
-        return QuantizeOptions(**self.quantize_kwargs()).baselines_to_run()
+        return QuantizeOptions(**self._job_kwargs(None, None)).baselines_to_run()
 
     def needs_config_file(self) -> bool:
         """Bit widths have no CLI flag: a run with non-default ones passes its config as a file."""
@@ -234,16 +238,16 @@ class _Form:
         """The `python -m core quantize ...` line that runs the same job without the GUI, generated from the same
         option metadata as the parser (tests parse it with core.cli's own parser). A config-key option is written
         only where it differs from the config the command reads (the default one, or the run's config file)."""
-        kw = self.quantize_kwargs(output_dir, flat_matrix_path)
-        config = kw.pop("config")
         args = ["python", "-m", "core", "quantize"]
+        base = parse_config(None)
         if self.needs_config_file():
             args += ["--config", f"{output_dir}/{CONFIG_FILE}"]
-        else:
-            config = None
-        base = parse_config(config)
+            try:
+                base = parse_config(self.config_dict())
+            except ConfigError:  # e.g. skip_layers '--': the preview shows it, validate() says what is wrong
+                pass
         implicit = {f.name: getattr(base, f.name) for f, opt in described_fields(QuantizeOptions) if opt.config_key}
-        args += cli_args(QuantizeOptions, kw, implicit)
+        args += cli_args(QuantizeOptions, self._job_kwargs(output_dir, flat_matrix_path), implicit)
         return " ".join(a if "<" in a else shlex.quote(a) for a in args)
 
 

@@ -201,6 +201,7 @@ def test_cli_preview_parses_to_the_same_job(changes, tmp_path):
     import shlex
 
     from core.cli import build_parser
+    from core.commands.quantize import quantize_options_from_args
     from core.pipeline import QuantizeOptions
 
     s = GuiSettings(**changes)
@@ -208,15 +209,8 @@ def test_cli_preview_parses_to_the_same_job(changes, tmp_path):
     (tmp_path / "flatquant_config.json").write_text(json.dumps(s.config_dict()))  # what the job writes
     argv = shlex.split(s.cli_command(out))
     assert argv[:4] == ["python", "-m", "core", "quantize"]
-    a = build_parser().parse_args(argv[3:])
-    # the same mapping core/commands/quantize.py's run() makes from its arguments
-    cli = QuantizeOptions(model_path=a.model_path, config_file=a.config_file, skip_layers=a.skip_layers,
-                          use_down_quant=a.use_down_quant, use_o_quant=a.use_o_quant,
-                          use_kcache_quant=a.use_kcache_quant, use_vcache_quant=a.use_vcache_quant,
-                          calib_data=a.calib_data, nsamples=a.nsamples, seqlen=a.seqlen, epochs=a.epochs,
-                          cali_bsz=a.cali_bsz, flat_lr=a.flat_lr, device=a.device, ppl_seqlen=a.ppl_seqlen,
-                          ppl_max_windows=a.ppl_max_windows, skip_ppl=a.skip_ppl, output_dir=a.output_dir,
-                          max_layers=a.max_layers)
+    # the mapping core/commands/quantize.py's run() makes from its arguments
+    cli = quantize_options_from_args(build_parser().parse_args(argv[3:]))
     gui = QuantizeOptions(**s.quantize_kwargs(out))
     assert cli.resolved_config() == gui.resolved_config()
     for key in ("nsamples", "seqlen", "calib_data", "device", "max_layers", "ppl_max_windows", "skip_ppl",
