@@ -75,10 +75,10 @@ class QuantizeOptions:
     use_down_quant: Optional[bool] = field(default=None, metadata=option(
         "quantize down_proj (the config's use_down_quant, on by default)", flag="--use_down_quant",
         negation="--no_down_quant", negation_help="keep down_proj in full precision (for models sensitive to it)",
-        config_key=True, gui=GuiControl("bits", "checkbox", "use_down_quant", default=True)))
+        config_key=True, gui=GuiControl("toggles", "checkbox", "use_down_quant", default=True)))
     use_o_quant: Optional[bool] = field(default=None, metadata=option(
         "fake-quantize o_proj inputs (off by default)", negation="--no_use_o_quant", config_key=True,
-        gui=GuiControl("bits", "checkbox", "o_proj_quant", name="o_proj_quant", default=False)))
+        gui=GuiControl("toggles", "checkbox", "o_proj_quant", name="o_proj_quant", default=False)))
     use_kcache_quant: Optional[bool] = field(default=None, metadata=option(
         "fake-quantize the k cache (k_bits, default 4)", negation="--no_use_kcache_quant", config_key=True))
     use_vcache_quant: Optional[bool] = field(default=None, metadata=option(
