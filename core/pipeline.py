@@ -31,10 +31,10 @@ from .errors import ConfigError, FlatQuantError, JobCancelled, MatrixFileError, 
 from .flat import apply_flat_structure, fold_model
 from .matrices import (MATRIX_FILE, RESUME_FILE, build_payload, check_identity, read_complete_matrices, read_matrices,
                        save_matrices)
-from .memory import (DTYPE_CHOICES, GIB, ActivationStore, ModelShape, check_fits, current_rss_bytes, device_peak_bytes,
-                     estimate_quantize_memory, host_available_bytes, parse_dtype)
-from .models import (DEFAULT_MODEL, LoadedModel, checkpoint_dtype, decoder_layers, load_model, model_identity, read_model_config,
-                     read_architecture, resolve_model_path, shared_copy)
+from .memory import (DTYPE_CHOICES, GIB, ActivationStore, ModelShape, check_fits, current_rss_bytes,
+                     device_peak_bytes, estimate_quantize_memory, host_available_bytes, parse_dtype)
+from .models import (DEFAULT_MODEL, LoadedModel, checkpoint_dtype, decoder_layers, load_model, model_identity,
+                     read_model_config, read_architecture, resolve_model_path, shared_copy)
 from .options import GuiControl, described_fields, option
 from .perplexity import perplexity_from_ids
 from .progress import CancelToken, ProgressCallback, Reporter

@@ -98,8 +98,8 @@ def build(ctx: AppContext) -> None:
             with gr.Row():
                 render_section(mgr, "quick")
         mgr.add("settings_check", gr.Markdown(OK + t("settings_ok"), elem_id="settings_check"))
-        mgr.add("cli_preview", gr.Code(value=GuiSettings().cli_command(), language="shell", label=t("cli_preview"), lines=2,
-                                       interactive=False, elem_id="cli_preview"), label="cli_preview")
+        mgr.add("cli_preview", gr.Code(value=GuiSettings().cli_command(), language="shell", label=t("cli_preview"),
+                                       lines=2, interactive=False, elem_id="cli_preview"), label="cli_preview")
         with gr.Row():
             mgr.add("save_settings", gr.Button(t("save_settings"), size="sm"), value="save_settings")
             mgr.add("settings_file", gr.File(label=t("settings_file"), file_types=[".json"], type="filepath",
