@@ -4,9 +4,10 @@ Used by ``python -m core evaluate``, by ``python -m core quantize --eval ...`` a
 is merged into ``output_dir/report.json`` at once (a cancelled or failed run keeps what it finished). Schema:
 
   ppl:        {unit, dataset, tokens, max_windows, dtype, seqlen: 512, original: p, quantized: p, rtn: p (at seqlen),
-               seqlens: [512, 2048], by_seqlen: {"512": {original, quantized, rtn}, "2048": {...}}}
+               <baseline>: p, seqlens: [512, 2048], by_seqlen: {"512": {original, quantized, rtn}, "2048": {...}}}
   accuracy:   {unit: "percent", limit, tasks, metric: {task: "acc_norm"|"acc"}, original: <section>,
-               quantized: <section>, delta: {task: quantized - original}}  (<section> from core.accuracy)
+               quantized: <section>, <baseline>: <section> (each of EvalOptions.baselines, e.g. rtn, quarot),
+               acc: {model: {task: pct, acc_avg}}, delta: {task: quantized - original}}  (<section>: core.accuracy)
   latency:    {units, prompt_tokens, decode_tokens, repeats, original: {...}, quantized: {...}[, quantized_real],
                speedup: {...}}
   generation: {prompt, model_input, chat_template_applied, ..., original: {text, ...}, quantized: {text, ...}}
@@ -45,6 +46,10 @@ class EvalOptions:
     ppl_max_windows: Optional[int] = None  # None = the whole text
     ppl_batch_size: int = 4
     ppl_rtn: bool = True  # also the round-to-nearest baseline (same quantizers, no transforms, no clipping)
+    # Baselines (names in core.pipeline.BASELINES) compared next to the original and the quantized model in every
+    # section that compares models (perplexity and accuracy): a quantize run's --baselines. Built from the
+    # original when evaluate_pair is not handed them.
+    baselines: Sequence[str] = ()
     quant_config: Optional[dict] = None  # AMCT-style dict for the RTN baseline; None = INT4_FLAT_QUANT_CFG
     # accuracy
     tasks: Sequence[str] = DEFAULT_TASKS
@@ -74,14 +79,20 @@ class EvalOptions:
             raise ConfigError("--limit must be a positive number of documents per task.")
 
 
+def build_baseline(name: str, original: nn.Module, quant_config: Optional[dict] = None,
+                   num_layers: Optional[int] = None) -> nn.Module:
+    """The baseline ``name`` (core.pipeline.BASELINES) of ``original``, quantized with ``quant_config``'s
+    quantizers (the first ``num_layers`` decoder layers; all by default)."""
+    from .config import parse_config
+    from .pipeline import BASELINES
+
+    return BASELINES[name](original, parse_config(quant_config), num_layers).eval().requires_grad_(False)
+
+
 def build_rtn_model(original: nn.Module, quant_config: Optional[dict] = None,
                     num_layers: Optional[int] = None) -> nn.Module:
-    """A deep copy of ``original`` with round-to-nearest W/A quantization on the FlatQuant code path (the first
-    ``num_layers`` decoder layers; all by default)."""
-    from .config import parse_config
-    from .pipeline import rtn_model
-
-    return rtn_model(original, parse_config(quant_config), num_layers).eval().requires_grad_(False)
+    """Round-to-nearest W/A quantization of ``original`` on the FlatQuant code path (shares its weights)."""
+    return build_baseline("rtn", original, quant_config, num_layers)
 
 
 def wrapped_layer_count(model: nn.Module) -> Optional[int]:
@@ -214,12 +225,27 @@ def _real_quant_copy(quantized: nn.Module) -> Optional[nn.Module]:
 
 
 def evaluate_pair(original: nn.Module, quantized: Optional[nn.Module], tokenizer, options: EvalOptions | None = None,
-                  reporter: Reporter | None = None, rtn: Optional[nn.Module] = None) -> dict:
+                  reporter: Reporter | None = None, rtn: Optional[nn.Module] = None,
+                  baselines: Optional[dict[str, nn.Module]] = None) -> dict:
     """Run the requested sections on both models (``quantized=None``: the original only) and return
-    {ppl, accuracy, latency, generation} (only those asked for); each is also written to the report as it ends."""
+    {ppl, accuracy, latency, generation} (only those asked for); each is also written to the report as it ends.
+    ``options.baselines`` join the perplexity and accuracy sections (``baselines`` hands in those already built;
+    the others are built from the original and added to it); ``options.ppl_rtn`` adds RTN to perplexity only."""
     options = options or EvalOptions()
     reporter = reporter or Reporter()
     models = _models(original, quantized)
+    built = baselines if baselines is not None else {}  # what it builds is added: a caller may keep them
+    if rtn is not None and built.get("rtn") is None:
+        built["rtn"] = rtn
+
+    def compared(names) -> dict[str, nn.Module]:
+        out_models = dict(models)
+        for name in names if quantized is not None else ():
+            if built.get(name) is None:
+                built[name] = build_baseline(name, original, options.quant_config, wrapped_layer_count(quantized))
+            out_models[name] = built[name]
+        return out_models
+
     out: dict = {}
     for sec in SECTIONS:  # fixed order: cheap and most-looked-at first
         if sec not in options.sections:
@@ -227,13 +253,10 @@ def evaluate_pair(original: nn.Module, quantized: Optional[nn.Module], tokenizer
         reporter.check()
         key = _SECTION_KEYS[sec]
         if sec == "ppl":
-            ppl_models = dict(models)
-            if quantized is not None and options.ppl_rtn:
-                ppl_models["rtn"] = rtn if rtn is not None else build_rtn_model(
-                    original, options.quant_config, wrapped_layer_count(quantized))
-            out[key] = evaluate_ppl(ppl_models, tokenizer, options, reporter)
+            names = list(dict.fromkeys([*options.baselines, *(["rtn"] if options.ppl_rtn else [])]))
+            out[key] = evaluate_ppl(compared(names), tokenizer, options, reporter)
         elif sec == "acc":
-            out[key] = evaluate_acc(models, tokenizer, options, reporter)
+            out[key] = evaluate_acc(compared(options.baselines), tokenizer, options, reporter)
         elif sec == "latency":
             out[key] = evaluate_latency(models, tokenizer, options, reporter)
         elif sec == "gen":
@@ -249,14 +272,12 @@ def summary_lines(results: dict) -> list[str]:
     lines = []
     acc = results.get("accuracy")
     if acc:
-        for name in ("original", "quantized"):
-            if name in acc:
-                lines.append(f"[{name}]")
-                lines.append(format_acc_line(acc[name]["acc"]))
+        for name in acc.get("acc") or {}:  # original, quantized, then each baseline
+            lines.append(f"[{name}]")
+            lines.append(format_acc_line(acc[name]["acc"]))
     ppl = results.get("ppl")
     if ppl:
-        for name in ("original", "quantized", "rtn"):
-            if name in ppl:
+        for name in next(iter(ppl["by_seqlen"].values()), {}):
                 vals = ", ".join(f"seqlen {s}: {row[name]:.3f}" if row.get(name) is not None else f"seqlen {s}: n/a"
                                  for s, row in ppl["by_seqlen"].items())
                 lines.append(f"PPL {name} ({ppl['dataset']}): {vals}")

@@ -28,6 +28,7 @@ GIB = 2 ** 30
 MIB = 2 ** 20
 # Python, torch, transformers and tokenizers before any model: measured ~0.45 GiB here; kept generous.
 RUNTIME_OVERHEAD_BYTES = int(0.6 * GIB)
+DTYPE_CHOICES = ("auto", "bf16", "fp16", "fp32")  # --dtype: auto = the checkpoint's own
 DTYPE_NAMES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
                "fp32": torch.float32, "float32": torch.float32}
 

@@ -25,16 +25,17 @@ from .algorithms.quarot import apply_quarot
 from .calibrate import WEIGHT_ROUNDINGS, LayerResult, calibrate_model, rebuild_layer
 from .config import FlatQuantConfig, load_config_file, normalize_skip_layers, parse_config
 from .data import EMBEDDED_TEXT_LABEL, check_disjoint, load_text, sample_windows, tokenize, wikitext_test_path
-from .device import compute_dtype, dtype_name, resolve_device
+from .device import COMPUTE_DTYPE_CHOICES, SUPPORTED_DEVICES, compute_dtype, dtype_name, resolve_device
 from .distributed import DistInfo, finish, gather_to_main, init_distributed, layer_range
-from .errors import FlatQuantError, JobCancelled, MatrixFileError, ModelLoadError
+from .errors import ConfigError, FlatQuantError, JobCancelled, MatrixFileError, ModelLoadError
 from .flat import apply_flat_structure, fold_model
 from .matrices import (MATRIX_FILE, RESUME_FILE, build_payload, check_identity, read_complete_matrices, read_matrices,
                        save_matrices)
-from .memory import (GIB, ActivationStore, ModelShape, check_fits, current_rss_bytes, device_peak_bytes,
-                     estimate_quantize_memory, host_available_bytes, parse_dtype)
-from .models import (LoadedModel, checkpoint_dtype, decoder_layers, load_model, model_identity, read_model_config,
-                     read_architecture, resolve_model_path, shared_copy)
+from .memory import (DTYPE_CHOICES, GIB, ActivationStore, ModelShape, check_fits, current_rss_bytes,
+                     device_peak_bytes, estimate_quantize_memory, host_available_bytes, parse_dtype)
+from .models import (DEFAULT_MODEL, LoadedModel, checkpoint_dtype, decoder_layers, load_model, model_identity,
+                     read_model_config, read_architecture, resolve_model_path, shared_copy)
+from .options import GuiControl, described_fields, option
 from .perplexity import perplexity_from_ids
 from .progress import CancelToken, ProgressCallback, Reporter
 from .report import update_report
@@ -43,49 +44,123 @@ from .validate import guarded_job, loss_warnings, validate_quantize_options
 LOG_FILE = "quantize.log"
 
 
+def _skip_layers_text(value) -> str:
+    """skip_layers as the command line writes it (sorted, comma-separated); text it cannot parse stays as typed
+    (the job refuses it with core.config's message)."""
+    try:
+        return ",".join(normalize_skip_layers(value))
+    except ConfigError:
+        return value if isinstance(value, str) else ",".join(map(str, value))
+
+
+_SCALE = "memory and scale"
+_ALGO = "algorithm"
+
+
 @dataclass
 class QuantizeOptions:
-    model_path: Optional[str] = None  # None or "smollm2": the embedded default model
-    config: Optional[dict] = None  # AMCT-style dict; None: INT4_FLAT_QUANT_CFG
-    config_file: Optional[str] = None
-    skip_layers: Optional[list[str] | str] = None  # replaces the config's skip_layers when given
-    use_down_quant: Optional[bool] = None
-    use_o_quant: Optional[bool] = None
-    use_kcache_quant: Optional[bool] = None
-    use_vcache_quant: Optional[bool] = None
-    load_matrix: bool = False
-    flat_matrix_path: Optional[str] = None
-    calib_data: Optional[str] = None  # None: embedded text (see core.data)
-    nsamples: int = 128
-    seqlen: int = 2048
-    epochs: Optional[int] = None
-    cali_bsz: Optional[int] = None
-    flat_lr: Optional[float] = None
-    device: str = "auto"
-    ppl_data: Optional[str] = None  # None: WikiText-2 test from ../shared/data when present, else embedded text
-    ppl_seqlen: int = 512
-    ppl_max_windows: Optional[int] = None
-    skip_ppl: bool = False
-    skip_rtn: bool = False
-    output_dir: str = "outputs/smollm2"
-    max_layers: Optional[int] = None  # calibrate only the first N decoder layers (quick runs)
-    seed: int = 0
-    resume: bool = True
+    """Every option of the quantize job. The field metadata (core.options) is the one source of the CLI's flags
+    (core/commands/quantize.py) and of the GUI form (flatgui/settings.py, flatgui/form.py)."""
+    model_path: Optional[str] = field(default=None, metadata=option(
+        "local model folder, or 'smollm2' (default) for the embedded SmolLM2-135M-Instruct",
+        gui=GuiControl("model", "dropdown", "model_path", info="model_path_info", default=DEFAULT_MODEL)))
+    config: Optional[dict] = field(default=None, metadata=option(
+        "AMCT-style config dict (None: INT4_FLAT_QUANT_CFG); the CLI gives --config FILE", internal=True))
+    config_file: Optional[str] = field(default=None, metadata=option(
+        "JSON/YAML config shaped like INT4_FLAT_QUANT_CFG", flag="--config"))
+    skip_layers: Optional[list[str] | str] = field(default=None, metadata=option(
+        "comma-separated names or name parts kept in full precision (substring match), e.g. "
+        "lm_head,layers.0.mlp.down_proj; replaces the config's", config_key=True, canonical=_skip_layers_text,
+        gui=GuiControl("skip", "text", "skip_layers", info="skip_layers_info", default="lm_head")))
+    use_down_quant: Optional[bool] = field(default=None, metadata=option(
+        "quantize down_proj (the config's use_down_quant, on by default)", flag="--use_down_quant",
+        negation="--no_down_quant", negation_help="keep down_proj in full precision (for models sensitive to it)",
+        config_key=True, gui=GuiControl("toggles", "checkbox", "use_down_quant", default=True)))
+    use_o_quant: Optional[bool] = field(default=None, metadata=option(
+        "fake-quantize o_proj inputs (off by default)", negation="--no_use_o_quant", config_key=True,
+        gui=GuiControl("toggles", "checkbox", "o_proj_quant", name="o_proj_quant", default=False)))
+    use_kcache_quant: Optional[bool] = field(default=None, metadata=option(
+        "fake-quantize the k cache (k_bits, default 4)", negation="--no_use_kcache_quant", config_key=True))
+    use_vcache_quant: Optional[bool] = field(default=None, metadata=option(
+        "fake-quantize the v cache (v_bits, default 4)", negation="--no_use_vcache_quant", config_key=True))
+    load_matrix: bool = field(default=False, metadata=option("load --flat_matrix_path instead of calibrating"))
+    flat_matrix_path: Optional[str] = field(default=None, metadata=option("flat_matrices.pth to load"))
+    calib_data: Optional[str] = field(default=None, metadata=option(
+        "calibration text: WikiText-2 raw file/folder, .txt, a datasets folder, or name[:config] in the local HF "
+        "cache (default: Python's bundled documentation text)",
+        gui=GuiControl("data", "text", "calib_data", info="calib_data_info", none_value="")))
+    nsamples: int = field(default=128, metadata=option(
+        "calibration windows (random, seeded by --seed)",
+        gui=GuiControl("budget", "number", "nsamples", default=16, minimum=1)))
+    seqlen: int = field(default=2048, metadata=option(
+        "tokens per calibration window", gui=GuiControl("budget", "number", "seqlen", default=256, minimum=8)))
+    epochs: Optional[int] = field(default=None, metadata=option(
+        "default: the config's (15)", config_key=True,
+        gui=GuiControl("budget", "number", "epochs", default=1, minimum=0)))
+    cali_bsz: Optional[int] = field(default=None, metadata=option(
+        "default: the config's (4)", config_key=True,
+        gui=GuiControl("budget", "number", "cali_bsz", default=4, minimum=1)))
+    flat_lr: Optional[float] = field(default=None, metadata=option(
+        "default: the config's (5e-3)", config_key=True, gui=GuiControl("budget", "number", "flat_lr", default=5e-3)))
+    device: str = field(default="auto", metadata=option(
+        "auto: npu when torch_npu imports and a device exists, else cuda, else cpu", choices=lambda: SUPPORTED_DEVICES,
+        gui=GuiControl("model", "dropdown", "device", info="device_info")))
+    ppl_data: Optional[str] = field(default=None, metadata=option(
+        "perplexity text: WikiText-2 raw file/folder or any text file (default: WikiText-2 test from "
+        "../shared/data when present, else the held-out half of the embedded text)"))
+    ppl_seqlen: int = field(default=512, metadata=option("perplexity window length"))
+    ppl_max_windows: Optional[int] = field(default=None, metadata=option(
+        "perplexity: at most N windows per seqlen"))
+    skip_ppl: bool = field(default=False, metadata=option("skip the perplexity comparison", flag="--no_ppl"))
+    skip_rtn: bool = field(default=False, metadata=option(
+        "skip the baselines (--baselines) in perplexity and evaluation", flag="--no_rtn"))
+    output_dir: str = field(default="outputs/smollm2", metadata=option(
+        "default: ./outputs/<model name>", cli_default=None))
+    max_layers: Optional[int] = field(default=None, metadata=option(
+        "calibrate only the first N decoder layers (quick runs)",
+        gui=GuiControl("quick", "number", "max_layers", none_value=0, minimum=0)))
+    seed: int = field(default=0, metadata=option("seed of the calibration windows and of random rotations"))
+    resume: bool = field(default=True, metadata=option("ignore a resume checkpoint", flag="--no_resume"))
     # memory and scale (issue 10)
-    dtype: str = "auto"  # storage dtype of the loaded model: auto (the checkpoint's) | bf16 | fp16 | fp32
-    activation_dir: Optional[str] = None  # keep captured calibration activations in files here instead of RAM
-    keep_original: Optional[bool] = None  # keep a float original for comparisons; None: when it fits in memory
-    check_memory: bool = True  # refuse a job whose estimated peak does not fit
-    algorithm: str = "flatquant"  # a name in core.algorithms.ALGORITHMS
-    distributed: bool = False  # layer-parallel over torchrun ranks
-    compute_dtype: Optional[str] = None  # auto | bf16 | fp16 | fp32 (core.device.compute_dtype); None = auto
-    weight_rounding: str = "rtn"  # rtn | gptq (core.calibrate.WEIGHT_ROUNDINGS), under any algorithm
-    baselines: Optional[list[str] | str] = "rtn"  # names in BASELINES (comma-separated or a list); PPL of each
+    dtype: str = field(default="auto", metadata=option(
+        "storage dtype of the loaded model (auto: the checkpoint's torch_dtype); the layer being calibrated is "
+        "upcast to fp32 on the device", choices=lambda: DTYPE_CHOICES, group=_SCALE))
+    activation_dir: Optional[str] = field(default=None, metadata=option(
+        "keep the calibration set's captured activations in files in this folder, not in RAM", group=_SCALE))
+    keep_original: Optional[bool] = field(default=None, metadata=option(
+        "keep a float copy of the original for comparisons (API default: only when it fits)",
+        negation="--no_keep_original", negation_help="quantize in place; the original and RTN are evaluated first",
+        group=_SCALE, cli_default=False))
+    check_memory: bool = field(default=True, metadata=option(
+        "start even when the memory estimate says the job will not fit", flag="--no_memory_check", group=_SCALE))
+    algorithm: str = field(default="flatquant", metadata=option(
+        "layer-wise algorithm", choices=lambda: sorted(ALGORITHMS), group=_ALGO,
+        gui=GuiControl("algorithm", "dropdown", "algorithm", info="algorithm_info", choice_label="algo_{}")))
+    distributed: bool = field(default=False, metadata=option(
+        "layer-parallel calibration over torchrun ranks (torchrun --nproc_per_node N -m core quantize ... "
+        "--distributed); rank 0 writes the files", group=_SCALE))
+    compute_dtype: Optional[str] = field(default=None, metadata=option(
+        "matmul dtype of calibration and evaluation (default auto: bf16 where native, i.e. AVX512-BF16/AMX CPUs "
+        "and accelerators, else fp32)", choices=lambda: COMPUTE_DTYPE_CHOICES, group=_SCALE))
+    weight_rounding: str = field(default="rtn", metadata=option(
+        "rounding of the quantized weights after each layer is folded: rtn (the quantizer's) or gptq (on the "
+        "Hessians of the transformed calibration inputs), under any --algorithm", choices=lambda: WEIGHT_ROUNDINGS,
+        group=_ALGO, gui=GuiControl("algorithm", "dropdown", "weight_rounding", info="weight_rounding_info",
+                                    choice_label="rounding_{}")))
+    baselines: Optional[list[str] | str] = field(default="rtn", metadata=option(
+        "baselines whose perplexity (and, with --eval, accuracy) the report also gives (default rtn; --no_rtn "
+        "skips them all)", choices=lambda: list(BASELINES), multiple=True, group=_ALGO,
+        gui=GuiControl("algorithm", "multiselect", "baselines", info="baselines_info", default=["rtn"],
+                       choice_label="{}")))
 
     def baseline_names(self) -> list[str]:
         raw = self.baselines or []
         names = [n.strip() for n in (raw.split(",") if isinstance(raw, str) else raw) if n and n.strip()]
         return list(dict.fromkeys(names))
+
+    def baselines_to_run(self) -> list[str]:
+        """The baselines this job measures: --baselines, none with --no_rtn."""
+        return [] if self.skip_rtn else self.baseline_names()
 
     def resolved_config(self) -> FlatQuantConfig:
         raw = self.config
@@ -94,11 +169,12 @@ class QuantizeOptions:
         cfg = parse_config(raw)
         if self.skip_layers is not None:
             cfg.skip_layers = normalize_skip_layers(self.skip_layers, "--skip_layers")
-        for key in ("use_down_quant", "use_o_quant", "use_kcache_quant", "use_vcache_quant", "epochs", "cali_bsz",
-                    "flat_lr"):
-            value = getattr(self, key)
+        for f, opt in described_fields(QuantizeOptions):
+            value = getattr(self, f.name)
+            if not opt.config_key or f.name == "skip_layers":
+                continue
             if value is not None:
-                setattr(cfg, key, value)
+                setattr(cfg, f.name, value)
         if cfg.use_kcache_quant and cfg.k_bits >= 16:
             cfg.k_bits = 4  # turning the cache quant on without bits means the paper's 4-bit kv-cache
         if cfg.use_vcache_quant and cfg.v_bits >= 16:
@@ -213,7 +289,7 @@ BASELINES = {"rtn": rtn_model, "quarot": quarot_model}  # report.json's ppl key 
 
 
 def _baseline_models(original: nn.Module, cfg: FlatQuantConfig, options: QuantizeOptions) -> dict:
-    return {name: BASELINES[name](original, cfg, options.max_layers) for name in options.baseline_names()}
+    return {name: BASELINES[name](original, cfg, options.max_layers) for name in options.baselines_to_run()}
 
 
 def _memory_plan(options: QuantizeOptions, cfg: FlatQuantConfig, device: torch.device, path: Path,
@@ -318,7 +394,7 @@ def run_quantize(options: QuantizeOptions, on_event: Optional[ProgressCallback] 
         if want_ppl:  # the float model and the baselines (one at a time) before the weights change
             section = _model_section(original, cfg)
             _evaluate_ppl({"original": model}, ids, options, device, reporter, ppl, out_dir, section)
-            for name in options.baseline_names() if want_baselines else []:
+            for name in options.baselines_to_run() if want_ppl else []:
                 _evaluate_ppl({name: BASELINES[name](model, cfg, options.max_layers)}, ids, options, device,
                               reporter, ppl, out_dir, section)
     rtn = baselines.get("rtn")

@@ -49,6 +49,26 @@ STRINGS: dict[str, dict[str, str]] = {
     "quick_limits": {"en": "Quick-run limits", "zh": "快速运行限制"},
     "max_layers": {"en": "Calibrate only the first N layers (0 = all)", "zh": "只校准前 N 层（0 = 全部）"},
     "ppl_windows": {"en": "PPL windows to evaluate (0 = skip PPL)", "zh": "困惑度评估窗口数（0 = 不评估）"},
+    "algorithm": {"en": "Algorithm", "zh": "算法"},
+    "algorithm_info": {"en": "FlatQuant learns a transform per layer; QuaRot rotates with Hadamard matrices (no "
+                             "training); RTN rounds to nearest with no transform.",
+                       "zh": "FlatQuant 为每层学习变换；QuaRot 用 Hadamard 矩阵旋转（无需训练）；"
+                             "RTN 不做变换，直接四舍五入量化。"},
+    "algo_flatquant": {"en": "FlatQuant (learned transforms)", "zh": "FlatQuant（学习的变换）"},
+    "algo_quarot": {"en": "QuaRot (Hadamard rotation)", "zh": "QuaRot（Hadamard 旋转）"},
+    "algo_rtn": {"en": "RTN (round to nearest)", "zh": "RTN（四舍五入）"},
+    "weight_rounding": {"en": "Weight rounding", "zh": "权重舍入"},
+    "weight_rounding_info": {"en": "How the folded weights are rounded to int4: RTN, or GPTQ (error-compensating, "
+                                   "uses the calibration data; works with every algorithm).",
+                             "zh": "折叠后的权重如何舍入到 int4：RTN，或 GPTQ（误差补偿，使用校准数据；"
+                                   "可与任一算法搭配）。"},
+    "rounding_rtn": {"en": "RTN (round to nearest)", "zh": "RTN（四舍五入）"},
+    "rounding_gptq": {"en": "GPTQ", "zh": "GPTQ"},
+    "baselines": {"en": "Baselines to compare", "zh": "对比基线"},
+    "baselines_info": {"en": "Measured next to the original and the quantized model: perplexity after "
+                             "calibration, and every evaluation (perplexity, accuracy) on the Compare tab.",
+                       "zh": "与原始模型和量化模型一起评估：校准后的困惑度，以及“对比”页上的每项评估"
+                             "（困惑度、准确率）。"},
     "save_settings": {"en": "Save settings (JSON)", "zh": "保存设置 (JSON)"},
     "load_settings": {"en": "Load settings (JSON)", "zh": "加载设置 (JSON)"},
     "settings_file": {"en": "Settings file", "zh": "设置文件"},
@@ -122,11 +142,11 @@ STRINGS: dict[str, dict[str, str]] = {
     "log_cancel": {"en": "cancel requested; stopping after the current step", "zh": "已请求取消，当前步骤后停止"},
     "log_job_end": {"en": "{kind}: {status}", "zh": "{kind}：{status}"},
     "log_job_end_error": {"en": "{kind}: {status}: {error}", "zh": "{kind}：{status}：{error}"},
-    "acc_estimate": {"en": "Accuracy: {n} examples × {tasks} tasks × 2 models, about {minutes} min.",
-                     "zh": "准确率：{n} 个样本 × {tasks} 项任务 × 2 个模型，约 {minutes} 分钟。"},
-    "acc_estimate_long": {"en": "⚠ Accuracy: {n} examples × {tasks} tasks × 2 models, about {minutes} min; lower "
-                                "Examples per task for a quicker look.",
-                          "zh": "⚠ 准确率：{n} 个样本 × {tasks} 项任务 × 2 个模型，约 {minutes} 分钟；"
+    "acc_estimate": {"en": "Accuracy: {n} examples × {tasks} tasks × {m} models, about {minutes} min.",
+                     "zh": "准确率：{n} 个样本 × {tasks} 项任务 × {m} 个模型，约 {minutes} 分钟。"},
+    "acc_estimate_long": {"en": "⚠ Accuracy: {n} examples × {tasks} tasks × {m} models, about {minutes} min; "
+                                "lower Examples per task for a quicker look.",
+                          "zh": "⚠ 准确率：{n} 个样本 × {tasks} 项任务 × {m} 个模型，约 {minutes} 分钟；"
                                 "想快速看结果可减少每项任务样本数。"},
     "cancelled_kept": {"en": "Cancelled; the numbers finished before the cancel are kept.",
                        "zh": "已取消；取消前完成的结果已保留。"},

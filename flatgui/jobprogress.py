@@ -17,7 +17,7 @@ STAGE_EVENTS = {
 }
 
 
-def plan_for(kind: str, *, ppl_parts: int = 0, sections: tuple = ()) -> list[dict]:
+def plan_for(kind: str, *, ppl_parts: int = 0, acc_parts: int = 2, sections: tuple = ()) -> list[dict]:
     """[{stage, weight, parts}] for a job; weights are rough shares of the wall time on a CPU."""
     if kind in ("calibrate", "load_matrices"):
         plan = [{"stage": "load", "weight": 0.05 if kind == "calibrate" else 0.3, "parts": 1}]
@@ -28,8 +28,8 @@ def plan_for(kind: str, *, ppl_parts: int = 0, sections: tuple = ()) -> list[dic
         return plan
     if kind == "evaluate":
         weights = {"ppl": 1.0, "acc": 3.0, "latency": 1.0, "gen": 0.3}
-        return [{"stage": s, "weight": weights.get(s, 1.0), "parts": ppl_parts if s == "ppl" else 2}
-                for s in sections]
+        parts = {"ppl": ppl_parts, "acc": acc_parts}
+        return [{"stage": s, "weight": weights.get(s, 1.0), "parts": parts.get(s, 2)} for s in sections]
     return [{"stage": kind, "weight": 1.0, "parts": 1}]
 
 

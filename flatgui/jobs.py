@@ -82,6 +82,9 @@ def start_quantize(ctx: AppContext, settings: GuiSettings, matrix_path: Optional
             raise
         ctx.runner.workspace = {
             "original": result.original, "quantized": result.quantized, "rtn": result.rtn,
+            # the run's baselines (QuantizeOptions.baselines): built ones are reused by the Compare tab's
+            # evaluations, the others are built there from the original
+            "baselines": dict(result.extras.get("baselines") or {}), "baseline_names": options.baselines_to_run(),
             "tokenizer": result.tokenizer, "config": result.config, "run_id": run_dir.name,
             "output_dir": str(run_dir),
         }
@@ -89,7 +92,7 @@ def start_quantize(ctx: AppContext, settings: GuiSettings, matrix_path: Optional
 
     title = "load matrices" if matrix_path else f"calibrate {settings.model_path}"
     kind = "load_matrices" if matrix_path else "calibrate"
-    ppl_parts = 3 if settings.ppl_windows else 0  # original, FlatQuant, RTN
+    ppl_parts = 2 + len(settings.baseline_names()) if settings.ppl_windows else 0  # original, quantized, baselines
     return ctx.runner.start(kind, target, title, plan=plan_for(kind, ppl_parts=ppl_parts))
 
 
@@ -156,12 +159,21 @@ def start_generate(ctx: AppContext, prompt: str, max_new_tokens: int) -> tuple[J
     return ctx.runner.start("generate", target, "generate"), live
 
 
+def evaluated_baselines(ws: dict) -> list[str]:
+    """The baselines the Compare tab's evaluations put next to the original and the quantized model: the run's
+    (a workspace from before baselines were recorded: RTN, as it always had)."""
+    return list(ws.get("baseline_names", ["rtn"]))
+
+
 def start_evaluate(ctx: AppContext, sections: list[str], ppl_seqlen: int, ppl_windows: Optional[int],
                    limit: Optional[int]) -> Job:
     """PPL / lm-eval accuracy / latency on the models in memory; each section lands in report.json as it ends."""
     ws = _workspace(ctx)
     if not sections:
         raise FlatQuantError("Pick at least one of Perplexity, Six-task accuracy or Latency.")
+    ws.setdefault("baselines", {})
+    names = evaluated_baselines(ws)
+    models = 2 + len(names)  # original, quantized and the run's baselines, in perplexity and accuracy
 
     def target(job: Job) -> dict:
         from core.data import shared_data_dir
@@ -172,6 +184,7 @@ def start_evaluate(ctx: AppContext, sections: list[str], ppl_seqlen: int, ppl_wi
         tasks_dir = data / "eval" if data is not None and (data / "eval").is_dir() else None
         options = EvalOptions(sections=tuple(sections), output_dir=ws["output_dir"], ppl_seqlens=(int(ppl_seqlen),),
                               ppl_max_windows=ppl_windows or None, limit=limit or None,
+                              ppl_rtn=False, baselines=tuple(names),
                               tasks_data_dir=str(tasks_dir) if tasks_dir else None,
                               quant_config=ws["config"].to_amct_dict() if ws.get("config") is not None else None,
                               **GUI_LATENCY)
@@ -181,13 +194,14 @@ def start_evaluate(ctx: AppContext, sections: list[str], ppl_seqlen: int, ppl_wi
             for section in options.sections:  # one at a time: the accuracy section is timed for the next estimate
                 started = time.monotonic()
                 evaluate_pair(ws["original"].model, ws["quantized"], ws["tokenizer"],
-                              dataclasses.replace(options, sections=(section,)), reporter, rtn=ws.get("rtn"))
+                              dataclasses.replace(options, sections=(section,)), reporter, baselines=ws["baselines"])
                 if section == "acc" and options.limit:
-                    out["acc_seconds_per_example"] = (time.monotonic() - started) / (options.limit * len(options.tasks))
+                    out["acc_seconds_per_example"] = (time.monotonic() - started) / (
+                        options.limit * len(options.tasks) * models / 2)
         return out
 
     return ctx.runner.start("evaluate", target, "evaluate " + ", ".join(sections),
-                            plan=plan_for("evaluate", ppl_parts=3, sections=tuple(sections)))
+                            plan=plan_for("evaluate", ppl_parts=models, acc_parts=models, sections=tuple(sections)))
 
 
 def start_export(ctx: AppContext, fmt: str = "native") -> Job:

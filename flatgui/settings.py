@@ -1,46 +1,111 @@
-"""The GUI's settings: one small dataclass, mapped to core's config dict, QuantizeOptions and the CLI command.
+"""The GUI's settings form, generated from QuantizeOptions' field metadata (core/options.py), plus the few controls
+that map to the config dict or to several options (``FormOnly``). The same metadata maps the form to
+QuantizeOptions, to the config dict and to the equivalent `python -m core quantize` command line, so an option
+marked ``gui=GuiControl(...)`` in core appears in the form, in the job and in the command with that one edit (plus
+its label in flatgui/i18n.py).
 
-Defaults are a small budget on purpose: a newcomer presses Calibrate with the embedded SmolLM2 and sees the whole
-flow finish on a CPU in a few minutes. The paper-scale values (128 samples, 2048 tokens, 15 epochs) are a few
-clicks away.
+Defaults are a small budget on purpose (``GuiControl.default``): a newcomer presses Calibrate with the embedded
+SmolLM2 and sees the whole flow finish on a CPU in a few minutes. The paper-scale values (128 samples, 2048 tokens,
+15 epochs) are a few clicks away.
 """
 from __future__ import annotations
 
 import json
 import shlex
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields, make_dataclass
 from pathlib import Path
 from typing import Any, Optional
 
 from core.config import default_config_dict, normalize_skip_layers, parse_config
 from core.errors import ConfigError, DataError, ModelLoadError
 from core.models import DEFAULT_MODEL, read_architecture, resolve_model_path
+from core.options import UNSET, GuiControl, choices_of, cli_args, described_fields, option, value_type
+from core.pipeline import QuantizeOptions
 
 BITS_CHOICES = (4, 8, 16)
-BIT_FIELDS = ("w_bits", "a_bits", "kv_bits")
 CONFIG_FILE = "flatquant_config.json"  # the run's AMCT-style config, written into every GUI run folder
-DEVICE_CHOICES = ("auto", "cpu", "cuda", "npu")
+# The form's rows, in page order (flatgui/form.py renders one row per section; the tabs place them).
+SECTIONS = ("model", "skip", "bits", "toggles", "budget", "data", "quick", "algorithm")
 
 
 @dataclass
-class GuiSettings:
-    model_path: str = DEFAULT_MODEL
-    device: str = "auto"
-    skip_layers: str = "lm_head"
-    w_bits: int = 4
-    a_bits: int = 4
-    use_down_quant: bool = True
-    o_proj_quant: bool = False
-    kv_quant: bool = False
-    kv_bits: int = 4
-    epochs: int = 1
-    nsamples: int = 16
-    seqlen: int = 256
-    flat_lr: float = 5e-3
-    cali_bsz: int = 4
-    calib_data: str = ""
-    max_layers: int = 0  # 0 = every decoder layer
-    ppl_windows: int = 16  # WikiText-2 windows for the PPL after calibration; 0 = skip
+class FormOnly:
+    """Form controls that are not one QuantizeOptions field: bit widths (config only), one toggle for both caches,
+    and the perplexity budget (ppl_max_windows, skip_ppl and ppl_seqlen together)."""
+    w_bits: int = field(default=4, metadata=option(
+        "weight bits (the config's quant_cfg.weights.type)", internal=True, choices=lambda: BITS_CHOICES,
+        gui=GuiControl("bits", "dropdown", "w_bits")))
+    a_bits: int = field(default=4, metadata=option(
+        "activation bits (the config's quant_cfg.inputs.type)", internal=True, choices=lambda: BITS_CHOICES,
+        gui=GuiControl("bits", "dropdown", "a_bits")))
+    kv_quant: bool = field(default=False, metadata=option(
+        "fake-quantize the k and v caches (use_kcache_quant, use_vcache_quant)", internal=True,
+        gui=GuiControl("toggles", "checkbox", "kv_quant")))
+    kv_bits: int = field(default=4, metadata=option(
+        "k and v cache bits", internal=True, choices=lambda: (4, 8), gui=GuiControl("toggles", "dropdown", "kv_bits")))
+    ppl_windows: int = field(default=16, metadata=option(
+        "WikiText-2 windows for the perplexity after calibration (at the calibration seqlen); 0 = skip",
+        internal=True, gui=GuiControl("quick", "number", "ppl_windows", minimum=0)))
+
+
+@dataclass(frozen=True)
+class FormField:
+    name: str  # the form's (and the saved settings file's) name
+    option: Optional[str]  # the QuantizeOptions field it sets; None for FormOnly controls
+    kind: type  # bool | int | float | str | list
+    default: Any
+    control: GuiControl
+    choices: Optional[list]
+    config_key: bool  # a key of the config dict as well (core.config.FlatQuantConfig)
+
+
+def _form_fields() -> list[FormField]:
+    out = []
+    for order, cls in enumerate((QuantizeOptions, FormOnly)):
+        for f, opt in described_fields(cls):
+            c = opt.gui
+            if c is None:
+                continue
+            default = c.default if c.default is not UNSET else f.default
+            if default is None and c.none_value is not UNSET:
+                default = c.none_value  # e.g. max_layers None (every layer) is 0 in the form
+            kind = str if c.widget == "text" else value_type(cls, f.name)  # skip_layers: typed as text
+            out.append((SECTIONS.index(c.section), order, FormField(
+                c.name or f.name, f.name if cls is QuantizeOptions else None, kind, default, c, choices_of(opt),
+                opt.config_key)))
+    return [ff for *_, ff in sorted(out, key=lambda x: x[:2])]  # by section, QuantizeOptions' fields first
+
+
+FORM_FIELDS: list[FormField] = _form_fields()
+_BY_NAME = {ff.name: ff for ff in FORM_FIELDS}
+
+
+def form_field(name: str) -> FormField:
+    return _BY_NAME[name]
+
+
+def _coerce(ff: FormField, value: Any) -> Any:
+    """What gradio (or a settings file) hands over, as the field's type; ValueError when it cannot be."""
+    if ff.kind is int:
+        if isinstance(value, bool) or float(value) != int(float(value)):
+            raise ValueError
+        return int(float(value))
+    if ff.kind is float:
+        return float(value)
+    if ff.kind is bool:
+        if not isinstance(value, bool):
+            raise ValueError
+        return value
+    if ff.kind is list:
+        items = value.split(",") if isinstance(value, str) else value
+        if not isinstance(items, (list, tuple)) or not all(isinstance(v, str) for v in items):
+            raise ValueError
+        return [v.strip() for v in items if v.strip()]
+    return str(value).strip()
+
+
+class _Form:
+    """Methods of the generated GuiSettings dataclass."""
 
     # -- conversions ----------------------------------------------------------------------------------------
 
@@ -50,7 +115,7 @@ class GuiSettings:
         return [f.name for f in fields(cls)]
 
     @classmethod
-    def from_values(cls, *values) -> "GuiSettings":
+    def from_values(cls, *values):
         """Build from the UI components' values (in field order), coercing what gradio hands over."""
         names = cls.field_names()
         if len(values) != len(names):
@@ -58,43 +123,35 @@ class GuiSettings:
         return cls.from_dict(dict(zip(names, values)))
 
     @classmethod
-    def from_dict(cls, data: dict) -> "GuiSettings":
+    def from_dict(cls, data: dict):
         if not isinstance(data, dict):
             raise ConfigError("A settings file must hold a JSON object.")
         unknown = sorted(set(data) - set(cls.field_names()))
         if unknown:
             raise ConfigError(f"Unknown setting(s) {unknown}; known: {cls.field_names()}.")
         out = cls()
-        for f in fields(cls):
-            if f.name not in data or data[f.name] is None:
+        for name, value in data.items():
+            if value is None:
                 continue
-            value = data[f.name]
+            ff = _BY_NAME[name]
             try:
-                if f.type in ("int", int):
-                    if isinstance(value, bool) or float(value) != int(float(value)):
-                        raise ValueError
-                    value = int(float(value))
-                elif f.type in ("float", float):
-                    value = float(value)
-                elif f.type in ("bool", bool):
-                    if not isinstance(value, bool):
-                        raise ValueError
-                else:
-                    value = str(value).strip()
+                value = _coerce(ff, value)
             except (TypeError, ValueError):
-                raise ConfigError(f"Setting {f.name!r} must be {f.type}, got {value!r}.") from None
-            setattr(out, f.name, value)
+                raise ConfigError(f"Setting {name!r} must be {ff.kind.__name__}, got {value!r}.") from None
+            setattr(out, name, value)
         return out
 
     def values(self) -> list:
-        """The form's values; bit widths as the dropdowns' strings (the API advertises them as strings)."""
-        return [str(getattr(self, n)) if n in BIT_FIELDS else getattr(self, n) for n in self.field_names()]
+        """The form's values; numbers picked from a dropdown (bit widths) as the dropdown's strings (the API
+        advertises them as strings)."""
+        return [str(v) if ff.control.widget == "dropdown" and ff.kind is int else v
+                for ff, v in ((_BY_NAME[n], getattr(self, n)) for n in self.field_names())]
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
 
     @classmethod
-    def from_json(cls, text: str) -> "GuiSettings":
+    def from_json(cls, text: str):
         try:
             data = json.loads(text)
         except ValueError as exc:
@@ -102,15 +159,16 @@ class GuiSettings:
         return cls.from_dict(data)
 
     def config_dict(self) -> dict:
-        """The AMCT-shaped config (INT4_FLAT_QUANT_CFG with this form's toggles)."""
+        """The AMCT-shaped config (INT4_FLAT_QUANT_CFG with this form's values)."""
         cfg = default_config_dict()
         cfg["quant_cfg"]["weights"]["type"] = f"int{self.w_bits}"
         cfg["quant_cfg"]["inputs"]["type"] = f"int{self.a_bits}"
         algo = cfg["algorithm"]["flatquant"]
-        algo.update(use_down_quant=self.use_down_quant, use_o_quant=self.o_proj_quant,
-                    use_kcache_quant=self.kv_quant, use_vcache_quant=self.kv_quant,
-                    k_bits=self.kv_bits if self.kv_quant else 16, v_bits=self.kv_bits if self.kv_quant else 16,
-                    epochs=self.epochs, cali_bsz=self.cali_bsz, flat_lr=self.flat_lr)
+        for key, value in self._option_values().items():
+            if _BY_NAME_OPTION[key].config_key and key != "skip_layers":
+                algo[key] = value
+        algo.update(use_kcache_quant=self.kv_quant, use_vcache_quant=self.kv_quant,
+                    k_bits=self.kv_bits if self.kv_quant else 16, v_bits=self.kv_bits if self.kv_quant else 16)
         cfg["skip_layers"] = normalize_skip_layers(self.skip_layers)
         return cfg
 
@@ -124,15 +182,15 @@ class GuiSettings:
                 and not Path(self.calib_data).expanduser().exists()):  # other values may name a cached dataset
             raise DataError(f"Calibration data path {self.calib_data!r} does not exist; leave it empty for the "
                             "default text.")
-        if self.device not in DEVICE_CHOICES:
-            raise ConfigError(f"Device must be one of {', '.join(DEVICE_CHOICES)}, got {self.device!r}.")
-        for name, low in (("nsamples", 1), ("seqlen", 8), ("epochs", 0), ("cali_bsz", 1), ("max_layers", 0),
-                          ("ppl_windows", 0)):
-            if getattr(self, name) < low:
-                raise ConfigError(f"{name} must be >= {low}, got {getattr(self, name)}.")
-        for name in ("w_bits", "a_bits", "kv_bits"):
-            if getattr(self, name) not in BITS_CHOICES:
-                raise ConfigError(f"{name} must be one of {BITS_CHOICES}, got {getattr(self, name)}.")
+        for ff in FORM_FIELDS:
+            value = getattr(self, ff.name)
+            if ff.control.minimum is not None and value < ff.control.minimum:
+                raise ConfigError(f"{ff.name} must be >= {ff.control.minimum:g}, got {value}.")
+            picked = value if ff.kind is list else [value]
+            wrong = [v for v in picked if ff.choices is not None and v not in ff.choices]
+            if wrong:
+                raise ConfigError(f"{ff.name} must be {'some' if ff.kind is list else 'one'} of "
+                                  f"{', '.join(map(str, ff.choices))}, got {', '.join(map(str, wrong))}.")
         cfg = parse_config(self.config_dict())
         if self.model_path != DEFAULT_MODEL:  # the model's own limits, from config.json (no weights read)
             from core.validate import check_seqlen, check_skip_layers, read_model_config
@@ -143,59 +201,61 @@ class GuiSettings:
 
     # -- what the engine and the shell see ------------------------------------------------------------------
 
-    def quantize_kwargs(self, output_dir: Optional[str] = None, flat_matrix_path: Optional[str] = None) -> dict:
-        """Keyword arguments for core.pipeline.QuantizeOptions."""
-        kw: dict[str, Any] = dict(
-            model_path=self.model_path or None,
-            config=self.config_dict(),
-            device=self.device,
-            nsamples=self.nsamples,
-            seqlen=self.seqlen,
-            calib_data=self.calib_data or None,
-            output_dir=output_dir,
-            max_layers=self.max_layers or None,
-            ppl_max_windows=self.ppl_windows or None,
-            ppl_seqlen=self.seqlen,
-            skip_ppl=self.ppl_windows == 0,
-        )
+    def _option_values(self) -> dict:
+        """{QuantizeOptions field: value} of the controls that are one option each (none_value -> None)."""
+        out = {}
+        for ff in FORM_FIELDS:
+            if ff.option is None:
+                continue
+            value = getattr(self, ff.name)
+            none = ff.control.none_value
+            out[ff.option] = None if none is not UNSET and value == none else value
+        return out
+
+    def _job_kwargs(self, output_dir: Optional[str], flat_matrix_path: Optional[str]) -> dict:
+        """QuantizeOptions keyword arguments but the config dict."""
+        kw: dict[str, Any] = dict(self._option_values(), output_dir=output_dir,
+                                  use_kcache_quant=self.kv_quant, use_vcache_quant=self.kv_quant,
+                                  ppl_max_windows=self.ppl_windows or None, ppl_seqlen=self.seqlen,
+                                  skip_ppl=self.ppl_windows == 0)
         if flat_matrix_path:
             kw.update(load_matrix=True, flat_matrix_path=flat_matrix_path)
         return kw
+
+    def quantize_kwargs(self, output_dir: Optional[str] = None, flat_matrix_path: Optional[str] = None) -> dict:
+        """Keyword arguments for core.pipeline.QuantizeOptions."""
+        return dict(self._job_kwargs(output_dir, flat_matrix_path), config=self.config_dict())
+
+    def baseline_names(self) -> list[str]:
+        """The baselines the job measures next to the quantized model (the form's multi-select)."""
+        return QuantizeOptions(**self._job_kwargs(None, None)).baselines_to_run()
 
     def needs_config_file(self) -> bool:
         """Bit widths have no CLI flag: a run with non-default ones passes its config as a file."""
         return self.w_bits != 4 or self.a_bits != 4 or (self.kv_quant and self.kv_bits != 4)
 
     def cli_command(self, output_dir: str = "runs/<timestamp>", flat_matrix_path: Optional[str] = None) -> str:
-        """The `python -m core quantize ...` line that runs the same job without the GUI (same QuantizeOptions:
-        tests parse it with core.cli's own parser)."""
-        args = ["python", "-m", "core", "quantize", "--model_path", self.model_path or DEFAULT_MODEL]
+        """The `python -m core quantize ...` line that runs the same job without the GUI, generated from the same
+        option metadata as the parser (tests parse it with core.cli's own parser). A config-key option is written
+        only where it differs from the config the command reads (the default one, or the run's config file)."""
+        args = ["python", "-m", "core", "quantize"]
+        base = parse_config(None)
         if self.needs_config_file():
             args += ["--config", f"{output_dir}/{CONFIG_FILE}"]
-        if self.device != "auto":
-            args += ["--device", self.device]
-        try:
-            skip = ",".join(normalize_skip_layers(self.skip_layers))
-        except ConfigError:
-            skip = self.skip_layers
-        args += [f"--skip_layers={skip}"]  # '=' form: a value starting with '-' stays a value
-        if not self.use_down_quant:
-            args += ["--no_down_quant"]
-        if self.o_proj_quant:
-            args += ["--use_o_quant"]
-        if self.kv_quant:
-            args += ["--use_kcache_quant", "--use_vcache_quant"]
-        args += ["--epochs", str(self.epochs), "--nsamples", str(self.nsamples), "--seqlen", str(self.seqlen),
-                 "--cali_bsz", str(self.cali_bsz), "--flat_lr", f"{self.flat_lr:g}"]
-        if self.calib_data:
-            args += ["--calib_data", self.calib_data]
-        if self.max_layers:
-            args += ["--max_layers", str(self.max_layers)]
-        if self.ppl_windows:
-            args += ["--ppl_seqlen", str(self.seqlen), "--ppl_max_windows", str(self.ppl_windows)]
-        else:
-            args += ["--no_ppl"]
-        if flat_matrix_path:
-            args += ["--load_matrix", "--flat_matrix_path", flat_matrix_path]
-        args += ["--output_dir", output_dir]
+            try:
+                base = parse_config(self.config_dict())
+            except ConfigError:  # e.g. skip_layers '--': the preview shows it, validate() says what is wrong
+                pass
+        implicit = {f.name: getattr(base, f.name) for f, opt in described_fields(QuantizeOptions) if opt.config_key}
+        args += cli_args(QuantizeOptions, self._job_kwargs(output_dir, flat_matrix_path), implicit)
         return " ".join(a if "<" in a else shlex.quote(a) for a in args)
+
+
+_BY_NAME_OPTION = {ff.option: ff for ff in FORM_FIELDS if ff.option}
+
+GuiSettings = make_dataclass(
+    "GuiSettings",
+    [(ff.name, ff.kind, field(default_factory=lambda d=ff.default: list(d)) if ff.kind is list
+      else field(default=ff.default)) for ff in FORM_FIELDS],
+    bases=(_Form,), namespace={"__module__": __name__,
+                               "__doc__": "The settings form (flatgui.settings.FORM_FIELDS), one field per control."})

@@ -149,3 +149,23 @@ def test_evaluate_command_rebuilds_quantized_model_from_matrices(shared_data, tm
     assert set(report["accuracy"]["acc"]) == {"original", "quantized"}
     assert set(report["ppl"]["by_seqlen"]["32"]) == {"original", "quantized", "rtn"}
     assert report["calibration"]["loaded_from"].endswith("flat_matrices.pth")
+
+
+def test_quantize_eval_reports_each_baselines_accuracy(shared_data, tiny_qwen3_dir, tmp_path, capsys):
+    """`quantize --eval acc` (the CLI quantizes in place, so the baselines are rebuilt from the re-read original):
+    report.json's accuracy holds every --baselines model next to the original and the quantized one."""
+    from core.cli import main
+
+    out = tmp_path / "q"
+    rc = main(["quantize", "--model_path", str(tiny_qwen3_dir), "--nsamples", "2", "--seqlen", "32", "--epochs", "1",
+               "--ppl_seqlen", "32", "--ppl_max_windows", "1", "--no_time_diff", "--baselines", "rtn,quarot",
+               "--eval", "acc", "--tasks", "arc_easy", "--tasks_data_dir", str(shared_data / "eval"),
+               "--limit", "2", "--output_dir", str(out)])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "[rtn]\nACC: {'arc_easy': " in printed and "[quarot]\nACC: {'arc_easy': " in printed
+    report = load_report(out)
+    models = {"original", "quantized", "rtn", "quarot"}
+    assert set(report["accuracy"]["acc"]) == models and models <= set(report["accuracy"])
+    assert report["accuracy"]["quarot"]["tasks"]["arc_easy"]["samples"] == 2  # really evaluated, not copied
+    assert {"rtn", "quarot"} <= set(report["ppl"])  # the run's own perplexities of the same baselines

@@ -201,6 +201,7 @@ def test_cli_preview_parses_to_the_same_job(changes, tmp_path):
     import shlex
 
     from core.cli import build_parser
+    from core.commands.quantize import quantize_options_from_args
     from core.pipeline import QuantizeOptions
 
     s = GuiSettings(**changes)
@@ -208,15 +209,8 @@ def test_cli_preview_parses_to_the_same_job(changes, tmp_path):
     (tmp_path / "flatquant_config.json").write_text(json.dumps(s.config_dict()))  # what the job writes
     argv = shlex.split(s.cli_command(out))
     assert argv[:4] == ["python", "-m", "core", "quantize"]
-    a = build_parser().parse_args(argv[3:])
-    # the same mapping core/commands/quantize.py's run() makes from its arguments
-    cli = QuantizeOptions(model_path=a.model_path, config_file=a.config_file, skip_layers=a.skip_layers,
-                          use_down_quant=a.use_down_quant, use_o_quant=a.use_o_quant,
-                          use_kcache_quant=a.use_kcache_quant, use_vcache_quant=a.use_vcache_quant,
-                          calib_data=a.calib_data, nsamples=a.nsamples, seqlen=a.seqlen, epochs=a.epochs,
-                          cali_bsz=a.cali_bsz, flat_lr=a.flat_lr, device=a.device, ppl_seqlen=a.ppl_seqlen,
-                          ppl_max_windows=a.ppl_max_windows, skip_ppl=a.skip_ppl, output_dir=a.output_dir,
-                          max_layers=a.max_layers)
+    # the mapping core/commands/quantize.py's run() makes from its arguments
+    cli = quantize_options_from_args(build_parser().parse_args(argv[3:]))
     gui = QuantizeOptions(**s.quantize_kwargs(out))
     assert cli.resolved_config() == gui.resolved_config()
     for key in ("nsamples", "seqlen", "calib_data", "device", "max_layers", "ppl_max_windows", "skip_ppl",
@@ -464,3 +458,37 @@ def test_ppl_chart_shows_every_baseline_of_the_report():
     assert bars[t("rtn")] == [80.0] and bars[t("quarot")] == [30.0] and bars[t("quantized")] == [22.0]
     assert set(BASELINES) <= {key for key, _, _ in charts.SERIES}  # a new baseline needs its series
     assert charts.ppl_figure(report).layout.yaxis.type == "log"
+
+
+def test_accuracy_chart_shows_every_baseline_of_the_report():
+    acc = {"original": {"piqa": 60.0, "acc_avg": 60.0}, "quantized": {"piqa": 58.0, "acc_avg": 58.0},
+           "rtn": {"piqa": 50.0, "acc_avg": 50.0}, "quarot": {"piqa": 55.0, "acc_avg": 55.0}}
+    bars = _bars(charts.accuracy_figure({"accuracy": {"acc": acc}}))
+    assert bars[t("rtn")] == [50.0, 50.0] and bars[t("quarot")] == [55.0, 55.0]
+    assert bars[t("original")] == [60.0, 60.0] and bars[t("quantized")] == [58.0, 58.0]
+
+
+def test_gui_run_with_baselines_evaluates_them_in_both_charts(tmp_path, tiny_qwen3_dir, shared_data):
+    """Calibrate tab's algorithm / baselines controls through the runner into QuantizeOptions, then the Compare
+    tab's evaluation: each baseline of the run has a PPL bar and an accuracy bar."""
+    from flatgui import jobs
+    from flatgui.app import build_app
+
+    _, ctx = build_app(str(tmp_path / "runs"))
+    s = GuiSettings(model_path=str(tiny_qwen3_dir), nsamples=2, seqlen=32, epochs=1, ppl_windows=1,
+                    algorithm="quarot", weight_rounding="gptq", baselines=["rtn", "quarot"], skip_layers="lm_head")
+    s.validate()
+    jobs.start_quantize(ctx, s)
+    job = ctx.runner.wait(300)
+    assert job.status == "done", job.error
+    report = ctx.store.report(job.result["run_id"])
+    assert report["calibration"]["algorithm"] == "quarot" and report["calibration"]["weight_rounding"] == "gptq"
+    assert {"original", "quantized", "rtn", "quarot"} <= set(report["ppl"])
+    assert ctx.runner.workspace["baseline_names"] == ["rtn", "quarot"]
+    jobs.start_evaluate(ctx, ["ppl", "acc"], 32, 1, 1)
+    job = ctx.runner.wait(300)
+    assert job.status == "done", job.error
+    report = ctx.store.report(job.result["run_id"])
+    assert set(report["accuracy"]["acc"]) == {"original", "quantized", "rtn", "quarot"}
+    for figure in (charts.ppl_figure(report), charts.accuracy_figure(report)):
+        assert {t("original"), t("quantized"), t("rtn"), t("quarot")} <= set(_bars(figure))

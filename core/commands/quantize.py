@@ -3,73 +3,24 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import replace
 
 from tqdm import tqdm
 
 from ..progress import ProgressEvent
 
 
-def _bool_flag(parser, name: str, help_on: str) -> None:
-    parser.add_argument(f"--{name}", dest=name, action="store_true", default=None, help=help_on)
-    parser.add_argument(f"--no_{name}", dest=name, action="store_false", help=argparse.SUPPRESS)
-
-
 def register(subparsers) -> argparse.ArgumentParser:
+    from ..options import add_arguments
+    from ..pipeline import QuantizeOptions
+
     p = subparsers.add_parser("quantize", help="calibrate FlatQuant W4A4 and report perplexity",
                               description="Calibrate FlatQuant W4A4 on a model (or load saved matrices), write "
                                           "OUTPUT_DIR/flat_matrices.pth, report.json and quantize.log.")
-    p.add_argument("--model_path", default=None, help="local model folder, or 'smollm2' (default) for the embedded "
-                                                      "SmolLM2-135M-Instruct")
-    p.add_argument("--load_matrix", action="store_true", help="load --flat_matrix_path instead of calibrating")
-    p.add_argument("--flat_matrix_path", default=None, help="flat_matrices.pth to load")
-    p.add_argument("--config", dest="config_file", default=None, help="JSON/YAML config shaped like "
-                                                                      "INT4_FLAT_QUANT_CFG")
-    p.add_argument("--skip_layers", default=None, help="comma-separated names or name parts kept in full precision "
-                                                       "(substring match), e.g. lm_head,layers.0.mlp.down_proj")
-    p.add_argument("--no_down_quant", dest="use_down_quant", action="store_false", default=None,
-                   help="keep down_proj in full precision (for models sensitive to it)")
-    _bool_flag(p, "use_o_quant", "fake-quantize o_proj inputs (off by default)")
-    _bool_flag(p, "use_kcache_quant", "fake-quantize the k cache (k_bits, default 4)")
-    _bool_flag(p, "use_vcache_quant", "fake-quantize the v cache (v_bits, default 4)")
-    p.add_argument("--calib_data", default=None, help="calibration text: WikiText-2 raw file/folder, .txt, a datasets "
-                                                      "folder, or name[:config] in the local HF cache (default: "
-                                                      "Python's bundled documentation text)")
-    p.add_argument("--nsamples", type=int, default=128)
-    p.add_argument("--seqlen", type=int, default=2048)
-    p.add_argument("--epochs", type=int, default=None, help="default: the config's (15)")
-    p.add_argument("--cali_bsz", type=int, default=None, help="default: the config's (4)")
-    p.add_argument("--flat_lr", type=float, default=None, help="default: the config's (5e-3)")
-    p.add_argument("--max_layers", type=int, default=None, help="calibrate only the first N decoder layers")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | npu")
-    p.add_argument("--ppl_seqlen", type=int, default=512)
-    p.add_argument("--no_ppl", dest="skip_ppl", action="store_true", help="skip the perplexity comparison")
-    p.add_argument("--no_resume", dest="resume", action="store_false", help="ignore a resume checkpoint")
+    add_arguments(p, QuantizeOptions)  # every QuantizeOptions field that is not internal (core/options.py)
+    # what the command does after the job (not options of the job itself)
     p.add_argument("--no_time_diff", dest="time_diff", action="store_false",
                    help="skip timing one forward of the original vs the real int4 model")
-    p.add_argument("--seed", type=int, default=0)
-    scale = p.add_argument_group("memory and scale")
-    scale.add_argument("--dtype", default="auto", choices=("auto", "bf16", "fp16", "fp32"),
-                       help="storage dtype of the loaded model (auto: the checkpoint's torch_dtype); the layer being "
-                            "calibrated is upcast to fp32 on the device")
-    scale.add_argument("--activation_dir", default=None,
-                       help="keep the calibration set's captured activations in files in this folder, not in RAM")
-    scale.add_argument("--keep_original", dest="keep_original", action="store_true", default=None,
-                       help="keep a float copy of the original for comparisons (default: only when it fits)")
-    scale.add_argument("--no_keep_original", dest="keep_original", action="store_false",
-                       help="quantize in place; the original and RTN are evaluated first")
-    scale.add_argument("--no_memory_check", dest="check_memory", action="store_false",
-                       help="start even when the memory estimate says the job will not fit")
-    scale.add_argument("--algorithm", default="flatquant", help="layer-wise algorithm: flatquant | rtn | quarot")
-    scale.add_argument("--weight_rounding", default="rtn", choices=("rtn", "gptq"),
-                       help="rounding of the quantized weights after each layer is folded: rtn (the quantizer's) or "
-                            "gptq (on the Hessians of the transformed calibration inputs), under any --algorithm")
-    p.add_argument("--baselines", default="rtn",
-                   help="comma-separated baselines whose perplexity the report also gives: rtn, quarot "
-                        "(default rtn; --no_rtn skips them all)")
-    scale.add_argument("--distributed", action="store_true",
-                       help="layer-parallel calibration over torchrun ranks (torchrun --nproc_per_node N -m core "
-                            "quantize ... --distributed); rank 0 writes the files")
-    p.add_argument("--output_dir", default=None, help="default: ./outputs/<model name>")
     p.add_argument("--export", choices=("native", "ascend"), default=None,
                    help="also write OUTPUT_DIR/checkpoint (native int4) or OUTPUT_DIR/ascend (vllm-ascend layout)")
     from ..evaluate import add_eval_args
@@ -104,25 +55,25 @@ class _TqdmProgress:
             self.bar.close()
 
 
-def run(args: argparse.Namespace) -> int:
-    from ..pipeline import QuantizeOptions, run_quantize
+def default_output_dir(model_path) -> str:
+    name = "smollm2" if model_path in (None, "smollm2") else model_path.rstrip("/").split("/")[-1]
+    return f"outputs/{name}"
 
-    name = "smollm2" if args.model_path in (None, "smollm2") else args.model_path.rstrip("/").split("/")[-1]
-    output_dir = args.output_dir or f"outputs/{name}"
-    opts = QuantizeOptions(
-        model_path=args.model_path, config_file=args.config_file, skip_layers=args.skip_layers,
-        use_down_quant=args.use_down_quant, use_o_quant=args.use_o_quant, use_kcache_quant=args.use_kcache_quant,
-        use_vcache_quant=args.use_vcache_quant, load_matrix=args.load_matrix, flat_matrix_path=args.flat_matrix_path,
-        calib_data=args.calib_data, nsamples=args.nsamples, seqlen=args.seqlen, epochs=args.epochs,
-        cali_bsz=args.cali_bsz, flat_lr=args.flat_lr, device=args.device, ppl_data=args.ppl_data,
-        ppl_seqlen=args.ppl_seqlen, ppl_max_windows=args.ppl_max_windows, skip_ppl=args.skip_ppl,
-        skip_rtn=args.no_rtn, output_dir=output_dir, max_layers=args.max_layers, seed=args.seed, resume=args.resume,
-        compute_dtype=args.compute_dtype,
-        # the CLI quantizes in place by default (the original is re-read from disk for the time diff / --eval)
-        dtype=args.dtype, activation_dir=args.activation_dir,
-        keep_original=False if args.keep_original is None else args.keep_original,
-        check_memory=args.check_memory, algorithm=args.algorithm, distributed=args.distributed,
-        weight_rounding=args.weight_rounding, baselines=args.baselines)
+
+def quantize_options_from_args(args: argparse.Namespace):
+    """The QuantizeOptions a parsed `quantize` command line stands for (the CLI quantizes in place by default:
+    keep_original's CLI default is False; the original is re-read from disk for the time diff and --eval)."""
+    from ..options import from_args
+    from ..pipeline import QuantizeOptions
+
+    return from_args(QuantizeOptions, args, output_dir=args.output_dir or default_output_dir(args.model_path))
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..pipeline import run_quantize
+
+    opts = quantize_options_from_args(args)
+    output_dir = opts.output_dir
     if args.export == "ascend":
         from ..realquant.ascend import prepare_quantize
 
@@ -157,11 +108,14 @@ def run(args: argparse.Namespace) -> int:
     from ..evaluate import eval_options_from_args, evaluate_pair, summary_lines
 
     eval_opts = eval_options_from_args(args, output_dir=output_dir, quant_config=report.get("config"))
+    # the run's baselines (--baselines, none with --no_rtn) sit next to the original and the quantized model in
+    # every evaluated section, perplexity and accuracy alike
+    eval_opts = replace(eval_opts, ppl_rtn=False, baselines=tuple(opts.baselines_to_run()))
     if eval_opts.sections:
         from ..progress import Reporter
 
         results = evaluate_pair(original, result.quantized, result.tokenizer, eval_opts,
-                                Reporter(progress), rtn=result.rtn)
+                                Reporter(progress), baselines=result.extras.get("baselines"))
         for line in summary_lines(results):
             print(line)
     if args.export:

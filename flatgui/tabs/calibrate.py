@@ -16,6 +16,7 @@ from core.errors import FlatQuantError
 from .. import jobs
 from ..charts import loss_figure
 from ..context import AppContext
+from ..form import render_section
 from ..i18n import lang_code, t
 from ..joblog import format_entry, translate_message
 from ..jobprogress import job_eta, job_fraction
@@ -144,6 +145,8 @@ def build(ctx: AppContext) -> None:
     mgr = ctx.mgr
     with gr.Tab(t("tab_calibrate"), id="calibrate") as tab:
         mgr.add("tab_calibrate", tab, label="tab_calibrate")
+        with gr.Row():  # algorithm, weight rounding, baselines: settings of the job (flatgui/form.py)
+            render_section(mgr, "algorithm")
         with gr.Row():
             mgr.add("start", gr.Button(t("start"), variant="primary", elem_id="start_btn"), value="start")
             mgr.add("cancel", gr.Button(t("cancel"), variant="stop", elem_id="cancel_btn"), value="cancel")

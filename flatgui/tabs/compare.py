@@ -128,9 +128,10 @@ def accuracy_estimate(ctx: AppContext, sections, limit, lang_value) -> str:
     from core.accuracy import DEFAULT_TASKS
 
     n = int(limit or 0) or 100  # 0 = lm-eval's whole validation sets; say "at least" for those
-    seconds = acc_seconds_per_example(ctx) * n * len(DEFAULT_TASKS)
+    models = 2 + len(jobs.evaluated_baselines(ctx.runner.workspace))  # original, quantized, baselines
+    seconds = acc_seconds_per_example(ctx) * n * len(DEFAULT_TASKS) * models / 2
     key = "acc_estimate_long" if seconds > 300 else "acc_estimate"
-    return t(key, lang, n=n, tasks=len(DEFAULT_TASKS), minutes=max(1, round(seconds / 60)))
+    return t(key, lang, n=n, tasks=len(DEFAULT_TASKS), m=models, minutes=max(1, round(seconds / 60)))
 
 
 def start_evaluate(ctx: AppContext, sections, ppl_seqlen, ppl_windows, limit, lang_value):

@@ -168,6 +168,7 @@ def test_browser_flow(tmp_path, smollm2):
 NAMES = {"flatquant", "studio", "smollm", "instruct", "hugging", "face", "llamaforcausallm", "qwen3forcausallm", "rtn",
          "ppl", "token", "tokens", "json", "zip", "mib", "ms", "kv", "mlp", "auto", "npu", "cuda", "cpu", "python",
          "wikitext", "lm", "eval", "int", "pth", "txt", "raw", "api", "gradio", "w4a4", "amct",
+         "quarot", "gptq", "hadamard",  # algorithm names (the Calibrate tab's algorithm and rounding choices)
          "english",  # the language switch names each language in itself
          "core", "quantize"}  # the equivalent command line (`python -m core quantize ...`) is code
 
