@@ -226,16 +226,16 @@ def calibrate_model(model: nn.Module, samples: torch.Tensor, cfg: FlatQuantConfi
                 reporter.emit("capture", f"layer {i + 1}/{num}: full-precision forward to reach layer {start + 1}")
                 layer = copy.deepcopy(layers[i]) if copy_layers else layers[i]
                 keep = storage_dtype(layer)
-                to_device(layer, device, train_dtype)
+                home = to_device(layer, device, train_dtype)
                 outs, _ = fp_forward_with_stats(layer, inps, layer_kwargs, device, bsz, dtype, store, False)
-                to_host(layer, keep)
+                to_host(layer, keep, home, changed=False)
                 inps = outs
                 continue
             if copy_layers:
                 layers[i] = copy.deepcopy(layers[i])
             layer = layers[i]
             keep = storage_dtype(layer)
-            to_device(layer, device, train_dtype)
+            home = to_device(layer, device, train_dtype)  # folded weights go back into these host tensors
             fp_outs, stats = fp_forward_with_stats(layer, inps, layer_kwargs, device, bsz, dtype, store)
             algo.prepare_layer(layer, i, stats)
             layer.to(device)  # the parameters the algorithm just added
@@ -268,7 +268,7 @@ def calibrate_model(model: nn.Module, samples: torch.Tensor, cfg: FlatQuantConfi
                     saved_rounding = _gptq_round(layer, inps, layer_kwargs, device, bsz, dtype, gptq)
                     reporter.check()
                 state = {**state, **saved_rounding}
-            to_host(layer, keep)
+            to_host(layer, keep, home)
             results.append(result)
             if on_layer_done is not None:
                 on_layer_done(i, state, result)
