@@ -60,7 +60,7 @@ def main() -> None:
         wall = time.monotonic() - t0
         report = __import__("json").loads((Path(st["output_dir"]) / "report.json").read_text())
     from core.device import compute_dtype, cpu_flags, cpu_model
-    from core.realquant import native
+    from core import kernels as native
 
     flags = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "asimddp")
              if f in cpu_flags()]

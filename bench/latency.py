@@ -72,7 +72,7 @@ def _isa_label(isa: str, auto: str) -> str:
 
 
 def _resolve_isas(spec: str) -> tuple[list[str], str]:
-    from core.realquant import native
+    from core import kernels as native
 
     kernels = native.load()
     if kernels is None:
@@ -87,7 +87,7 @@ def _resolve_isas(spec: str) -> tuple[list[str], str]:
 
 def _with_isa(fn, isa):
     """fn, run on native code path ``isa`` (switched before each call: variants of one round alternate paths)."""
-    from core.realquant import native
+    from core import kernels as native
 
     kernels = native.load()
 
@@ -377,7 +377,7 @@ def bench_model(repeats: int, warmup: int, layers: int, prompt: int, decode: int
         for rnd in range(warmup + repeats):
             for variant, (isa, model) in models.items():
                 if isa is not None:
-                    from core.realquant import native
+                    from core import kernels as native
 
                     native.load().set_isa(isa)
                 reset_peak_memory(torch.device("cpu"))
@@ -435,7 +435,7 @@ def _child(args) -> dict:
     import torch
 
     from core.device import COMPUTE_DTYPES, compute_dtype, dtype_name
-    from core.realquant import native
+    from core import kernels as native
 
     torch.set_num_threads(args._threads)
     isas, auto = _resolve_isas(args.isas)

@@ -18,7 +18,7 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from .algorithms import LayerAlgorithm, LayerContext, LayerResult, get_algorithm
+from .algorithms import LayerAlgorithm, LayerContext, LayerResult, get_algorithm, rebuild_layer
 from .adapters import adapter_for
 from .algorithms.base import run_layer
 from .config import FlatQuantConfig
@@ -123,17 +123,6 @@ def fp_forward_with_stats(layer: nn.Module, inps: torch.Tensor, layer_kwargs: di
         for h in handles:
             h.remove()
     return outs, stats
-
-
-def rebuild_layer(algo: LayerAlgorithm, layer: nn.Module, index: int, state: dict) -> None:
-    """A layer from its saved state, without data: the algorithm's modules and tensors, folded, then the saved
-    GPTQ rounding when there is one (--load_matrix, another rank's layers, resume of a data-free algorithm)."""
-    own, rounding = split_rounding_state(state)
-    algo.prepare_layer(layer, index, None)
-    algo.restore_layer(layer, index, own)
-    algo.freeze_layer(layer)
-    algo.fold_layer(layer)
-    apply_rounding_state(layer, rounding)
 
 
 @torch.no_grad()

@@ -197,10 +197,6 @@ def register_attention() -> None:
     ALL_MASK_ATTENTION_FUNCTIONS.register(ATTN_KEY, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
 
 
-# Old private spellings, still imported by core/realquant/checkpoint.py until it moves to the public names.
-_ATTN_KEY, _register_attention = ATTN_KEY, register_attention
-
-
 # --- building, folding and (de)serializing ---------------------------------------------------------------------
 
 

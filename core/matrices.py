@@ -2,6 +2,7 @@
 torch.load(weights_only=True) so a pickle payload cannot run code."""
 from __future__ import annotations
 
+import copy
 import io
 import os
 import pickle
@@ -11,9 +12,10 @@ from typing import Optional
 import torch
 from torch import nn
 
+from .algorithms import ALGORITHMS, LayerAlgorithm, get_algorithm, rebuild_layer
 from .config import FlatQuantConfig, parse_config
 from .errors import CalibrationError, MatrixFileError
-from .flat import apply_flat_structure, fold_layer, load_flat_state, wrap_layer
+from .flat import apply_flat_structure, flat_state, iter_transforms
 from .models import decoder_layers, model_identity
 from .report import atomic_write_bytes
 
@@ -48,10 +50,6 @@ def build_payload(model: nn.Module, cfg: FlatQuantConfig, layer_states: dict[int
 def uncalibrated_states(model: nn.Module, cfg: FlatQuantConfig) -> tuple[nn.Module, dict[int, dict]]:
     """A wrapped copy of ``model`` with its random-orthogonal starting transforms frozen, and its per-layer states:
     a valid, uncalibrated matrix payload (``build_payload(model, cfg, states, True)``) for tests and benches."""
-    import copy
-
-    from .flat import flat_state, iter_transforms
-
     wrapped = copy.deepcopy(model)
     apply_flat_structure(wrapped, cfg)
     states = {}
@@ -112,27 +110,52 @@ def check_identity(payload: dict, model: nn.Module, path: str = "") -> None:
                               "load it with the model it was made for, or recalibrate.")
 
 
-def apply_matrices(model: nn.Module, payload: dict, path: str = "") -> FlatQuantConfig:
-    """Rebuild the FlatQuant structure on a float model from a payload and fold it: same result as calibrating."""
-    check_identity(payload, model, path)
+def matrix_algorithm(payload: dict, path: str = "") -> LayerAlgorithm:
+    """The algorithm (with its saved settings) that wrote a matrix payload: meta's ``algorithm`` (FlatQuant when a
+    file predates it), configured from the payload's config."""
     cfg = parse_config(payload["config"])
-    layers = decoder_layers(model)
-    for i, state in payload["layers"].items():
-        apply_layer_matrices(layers, int(i), cfg, state, path)
-    return cfg
+    name = (payload.get("meta") or {}).get("algorithm", "flatquant")
+    states = sorted((int(i), s) for i, s in payload["layers"].items())
+    try:
+        settings = ALGORITHMS[name].settings_from_state(states[0][1]) if states and name in ALGORITHMS else None
+        return get_algorithm(name, cfg, settings)
+    except (KeyError, ValueError, TypeError) as exc:
+        raise MatrixFileError(f"Matrix file {path!r} lacks or garbles the {name!r} algorithm's settings ({exc}).") \
+            from exc
 
 
-def apply_layer_matrices(layers: nn.ModuleList, i: int, cfg: FlatQuantConfig, state: dict, path: str = "") -> None:
-    """Wrap, load and fold decoder layer ``i`` alone (exporters stream a model layer by layer with it)."""
+def _check_layer_index(layers: nn.ModuleList, i: int, path: str) -> None:
     if not 0 <= i < len(layers):
         raise MatrixFileError(f"Matrix file {path!r} names layer {i}, but the model has {len(layers)} layers.")
-    wrap_layer(layers[i], i, cfg, None)
+
+
+def apply_layer_matrices(layers: nn.ModuleList, i: int, algo: LayerAlgorithm, state: dict, path: str = "") -> None:
+    """Rebuild and fold decoder layer ``i`` alone from its saved state (exporters stream a model layer by layer with
+    it); after ``algo.prepare_model`` when the algorithm changes the model as a whole."""
+    _check_layer_index(layers, i, path)
     try:
-        load_flat_state(layers[i], state)
+        rebuild_layer(algo, layers[i], i, state)
     except KeyError as exc:
         raise MatrixFileError(f"Matrix file {path!r} does not match this model's layer {i} ({exc}); "
                               "it was made with another config or another model.") from exc
-    fold_layer(layers[i])
+
+
+def apply_matrices(model: nn.Module, payload: dict, path: str = "", copy_layers: bool = False) -> FlatQuantConfig:
+    """Rebuild every saved layer on a float model with the algorithm that wrote the payload and fold it: the same
+    model as the calibration made. ``copy_layers``: the model shares its tensors with a float original that must
+    survive (core.models.shared_copy), so each layer is copied before it changes."""
+    check_identity(payload, model, path)
+    algo = matrix_algorithm(payload, path)
+    states = sorted((int(i), s) for i, s in payload["layers"].items())
+    layers = decoder_layers(model)
+    for i, _ in states:  # before anything changes
+        _check_layer_index(layers, i, path)
+    algo.prepare_model(model, unshare=copy_layers)
+    for i, state in states:
+        if copy_layers:
+            layers[i] = copy.deepcopy(layers[i])
+        apply_layer_matrices(layers, i, algo, state, path)
+    return algo.cfg
 
 
 def read_complete_matrices(path: str | os.PathLike) -> dict:
@@ -144,12 +167,13 @@ def read_complete_matrices(path: str | os.PathLike) -> dict:
     return payload
 
 
-def load_matrices(path: str | os.PathLike, model: nn.Module) -> FlatQuantConfig:
-    """Read a matrix file and apply it to ``model`` in place (the GUI and CLI entry point)."""
-    return apply_matrices(model, read_complete_matrices(path), str(path))
+def load_matrices(path: str | os.PathLike, model: nn.Module, copy_layers: bool = False) -> FlatQuantConfig:
+    """Read a finished matrix file and apply it to ``model`` in place (quantize --load_matrix, the GUI's load)."""
+    return apply_matrices(model, read_complete_matrices(path), str(path), copy_layers)
 
 
 __all__ = ["MATRIX_FILE", "RESUME_FILE", "build_payload", "non_finite_tensors", "save_matrices", "read_matrices",
            "read_complete_matrices",
-           "load_matrices", "apply_matrices", "apply_layer_matrices", "uncalibrated_states", "check_identity",
+           "load_matrices", "apply_matrices", "apply_layer_matrices", "matrix_algorithm", "uncalibrated_states",
+           "check_identity",
            "apply_flat_structure"]

@@ -91,10 +91,15 @@ def resolve_model_path(model_path: Optional[str]) -> Path:
 
 
 def read_architecture(path: Path) -> str:
-    cfg = read_model_config(path)
+    return architecture_of(read_model_config(path))
+
+
+def architecture_of(cfg: dict) -> str:
+    """The architecture a config.json dict names, refused with one clear line (naming the supported ones) when no
+    adapter handles it."""
     archs = cfg.get("architectures") or []
     arch = archs[0] if archs else str(cfg.get("model_type", "unknown"))
-    adapter_for_architecture(arch)  # one clear line naming the supported ones otherwise
+    adapter_for_architecture(arch)
     return arch
 
 

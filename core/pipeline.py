@@ -20,17 +20,16 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .algorithms import ALGORITHMS, get_algorithm
+from .algorithms import ALGORITHMS, get_algorithm, rebuild_layer
 from .algorithms.quarot import apply_quarot
-from .calibrate import WEIGHT_ROUNDINGS, LayerResult, calibrate_model, rebuild_layer
+from .calibrate import WEIGHT_ROUNDINGS, LayerResult, calibrate_model
 from .config import FlatQuantConfig, load_config_file, normalize_skip_layers, parse_config
 from .data import EMBEDDED_TEXT_LABEL, check_disjoint, load_text, sample_windows, tokenize, wikitext_test_path
 from .device import COMPUTE_DTYPE_CHOICES, SUPPORTED_DEVICES, compute_dtype, dtype_name, resolve_device
 from .distributed import DistInfo, finish, gather_to_main, init_distributed, layer_range
 from .errors import ConfigError, FlatQuantError, JobCancelled, MatrixFileError, ModelLoadError
 from .flat import apply_flat_structure, fold_model
-from .matrices import (MATRIX_FILE, RESUME_FILE, build_payload, check_identity, read_complete_matrices, read_matrices,
-                       save_matrices)
+from .matrices import MATRIX_FILE, RESUME_FILE, build_payload, load_matrices, read_matrices, save_matrices
 from .memory import (DTYPE_CHOICES, GIB, ActivationStore, ModelShape, check_fits, current_rss_bytes,
                      device_peak_bytes, estimate_quantize_memory, host_available_bytes, parse_dtype)
 from .models import (DEFAULT_MODEL, LoadedModel, checkpoint_dtype, decoder_layers, load_model, model_identity,
@@ -406,7 +405,7 @@ def run_quantize(options: QuantizeOptions, on_event: Optional[ProgressCallback] 
                    "memory_estimate": estimate}
     if options.load_matrix:
         reporter.emit("load", f"loading calibrated matrices from {options.flat_matrix_path}")
-        cfg = _apply_matrix_file(options.flat_matrix_path, quantized, keep_original)
+        cfg = load_matrices(options.flat_matrix_path, quantized, copy_layers=keep_original)
         matrix_path = Path(options.flat_matrix_path)
         calib = {"loaded_from": str(matrix_path), "seconds": 0.0}
     else:
@@ -512,37 +511,6 @@ def _model_section(original: LoadedModel, cfg: FlatQuantConfig, model: Optional[
 def _layer_record(r: LayerResult) -> dict:
     return {"layer": r.index, "first_loss": r.first_loss, "last_loss": r.last_loss, "epoch_losses": r.losses,
             "seconds": round(r.seconds, 3)}
-
-
-def _apply_matrix_file(path: str, model: nn.Module, copy_layers: bool) -> FlatQuantConfig:
-    """--load_matrix: rebuild and fold every saved layer with the algorithm that wrote the file."""
-    import copy
-
-    payload = read_complete_matrices(path)
-    check_identity(payload, model, str(path))
-    cfg = parse_config(payload["config"])
-    name = (payload.get("meta") or {}).get("algorithm", "flatquant")
-    states = sorted((int(i), s) for i, s in payload["layers"].items())
-    try:
-        settings = ALGORITHMS[name].settings_from_state(states[0][1]) if states and name in ALGORITHMS else None
-        algo = get_algorithm(name, cfg, settings)
-    except (KeyError, ValueError, TypeError) as exc:
-        raise MatrixFileError(f"Matrix file {path!r} lacks or garbles the {name!r} algorithm's settings ({exc}).") \
-            from exc
-    layers = decoder_layers(model)
-    for i, _ in states:
-        if not 0 <= i < len(layers):
-            raise MatrixFileError(f"Matrix file {path!r} names layer {i}, but the model has {len(layers)} layers.")
-    algo.prepare_model(model, unshare=copy_layers)
-    for i, state in states:
-        if copy_layers:
-            layers[i] = copy.deepcopy(layers[i])
-        try:
-            rebuild_layer(algo, layers[i], i, state)
-        except KeyError as exc:
-            raise MatrixFileError(f"Matrix file {path!r} does not match this model's layer {i} ({exc}); "
-                                  "it was made with another config or another model.") from exc
-    return cfg
 
 
 def _place_on_device(models: list, device: torch.device, reporter: Reporter) -> None:

@@ -8,6 +8,8 @@ from typing import Optional
 import torch
 from torch import nn
 
+from . import kernels as native_kernels
+
 
 def kron_factors(n: int) -> tuple[int, int]:
     """a·b = n with a ≤ b as near-square as possible: 4096→(64,64), 11008→(86,128), 576→(24,24), 1536→(32,48)."""
@@ -30,9 +32,7 @@ def kronecker_matmul(x: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -
     rows = x.numel() // max(a * b, 1)
     if rows <= SMALL_ROWS and x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16) \
             and not (torch.is_grad_enabled() and (x.requires_grad or left.requires_grad or right.requires_grad)):
-        from .realquant import native  # lazy: the kernels are built on first use, then cached
-
-        kernels = native.load()
+        kernels = native_kernels.load()  # built on first use, then cached
         if kernels is not None:
             return kernels.kron(x.reshape(rows, a * b), left, right).reshape(shape)
     x = x.reshape(-1, a, b)

@@ -22,7 +22,7 @@ from .data import check_disjoint
 from .device import resolve_device
 from .errors import CalibrationError, ConfigError, DataError, MatrixFileError, ModelLoadError, OutputError
 from .matrices import non_finite_tensors, read_matrices
-from .models import identity_of, read_architecture, resolve_model_path
+from .models import architecture_of, identity_of, read_model_config, resolve_model_path
 
 # The linears of one decoder layer, as FlatQuant names them (model.layers.{i}.<part>); Llama and Qwen3 agree.
 LAYER_LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
@@ -39,11 +39,13 @@ _DISPOSABLE = ("quantize.log",)
 # --- the model folder, read without loading the model ---------------------------------------------------------
 
 
-def read_model_config(model_path: Optional[str]) -> tuple[Path, dict]:
-    """(folder, config.json as a dict) of a local model or the embedded default; ModelLoadError when unreadable."""
+def read_model_folder(model_path: Optional[str]) -> tuple[Path, dict]:
+    """(folder, config.json as a dict) of a local model or the embedded default, its architecture supported;
+    ModelLoadError when unreadable (core.models.read_model_config reads the file of a folder already resolved)."""
     path = resolve_model_path(model_path)
-    read_architecture(path)  # supported architecture, config.json a JSON object
-    return path, json.loads((path / "config.json").read_text(encoding="utf-8"))
+    cfg = read_model_config(path)
+    architecture_of(cfg)
+    return path, cfg
 
 
 def check_model_weights(path: Path, model_cfg: dict) -> None:
@@ -199,7 +201,7 @@ def validate_quantize_options(options) -> FlatQuantConfig:
     options.check()
     cfg = options.resolved_config()
     resolve_device(options.device)
-    model_dir, model_cfg = read_model_config(options.model_path)
+    model_dir, model_cfg = read_model_folder(options.model_path)
     check_seqlen(model_cfg, options.seqlen, "--seqlen")
     if not options.skip_ppl:
         check_seqlen(model_cfg, options.ppl_seqlen, "--ppl_seqlen")

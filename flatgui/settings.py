@@ -193,9 +193,9 @@ class _Form:
                                   f"{', '.join(map(str, ff.choices))}, got {', '.join(map(str, wrong))}.")
         cfg = parse_config(self.config_dict())
         if self.model_path != DEFAULT_MODEL:  # the model's own limits, from config.json (no weights read)
-            from core.validate import check_seqlen, check_skip_layers, read_model_config
+            from core.validate import check_seqlen, check_skip_layers, read_model_folder
 
-            _, model_cfg = read_model_config(self.model_path)
+            _, model_cfg = read_model_folder(self.model_path)
             check_seqlen(model_cfg, self.seqlen, "seqlen")
             check_skip_layers(model_cfg, cfg, self.max_layers or None)
 

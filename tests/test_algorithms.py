@@ -12,7 +12,7 @@ from core.config import parse_config
 from core.data import load_text, sample_windows, tokenize
 from core.errors import JobCancelled
 from core.flat import set_quant_enabled
-from core.matrices import MATRIX_FILE, RESUME_FILE
+from core.matrices import MATRIX_FILE, RESUME_FILE, load_matrices
 from core.models import decoder_layers, load_model
 from core.pipeline import QuantizeOptions, run_quantize
 from core.progress import CancelToken, Reporter
@@ -53,6 +53,10 @@ def test_real_equals_fake_and_load_matrix_gives_identical_logits(tiny_qwen3_dir,
     loaded = run_quantize(_options(tiny_qwen3_dir, tmp_path / "load", algorithm, rounding, load_matrix=True,
                                    flat_matrix_path=str(result.matrix_path)))
     assert torch.equal(_logits(loaded.quantized), fake)
+    # the library's load (tests, benches, export) is the same rebuild: any algorithm, any rounding
+    fresh = load_model(str(tiny_qwen3_dir)).model
+    assert load_matrices(result.matrix_path, fresh).to_amct_dict() == result.config.to_amct_dict()
+    assert torch.equal(_logits(fresh), fake)
 
 
 @pytest.mark.parametrize("algorithm", sorted(ALGORITHMS))

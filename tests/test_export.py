@@ -120,7 +120,8 @@ def test_gui_checkpoint_zip_of_fully_quantized_smollm2_is_at_most_0_6_of_bf16(sm
 @pytest.mark.parametrize("fmt", ["native", "ascend"])
 def test_export_refuses_matrix_files_it_would_rebuild_wrongly(tiny_qwen3_dir, tiny_qwen3, tmp_path, capsys, meta,
                                                               fmt):
-    """A QuaRot or GPTQ matrix file rebuilt as plain FlatQuant would lose its rotation or its GPTQ codes."""
+    """Export from a matrix file takes FlatQuant files with RTN rounding (the ascend layout is FlatQuant's); a QuaRot
+    or GPTQ file is refused with one line pointing to `quantize ... --export`."""
     cfg = parse_config(None)
     _, states = uncalibrated_states(tiny_qwen3, cfg)
     matrix = save_matrices(tmp_path / "m.pth", build_payload(tiny_qwen3, cfg, states, complete=True, extra=meta))

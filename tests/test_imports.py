@@ -1,29 +1,14 @@
-"""Imports go one way: no cycle among core's modules (static graph of every import, lazy ones included), and every
-module imports on its own (in a fresh interpreter, no other core module loaded before it)."""
+"""Imports go one way: no cycle among core's modules (static graph of every import, lazy ones included), every
+module imports on its own (in a fresh interpreter, no other core module loaded before it), and no module of the
+engine or the GUI uses another module's private (_underscored) names."""
 import ast
 import json
 import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
-CORE = Path(__file__).resolve().parent.parent / "core"
-
-# Lazy (function-level) imports that close the cycles issue 11 names, in files other engineers were changing when
-# this test was written: transforms -> realquant.native (-> backends -> transforms); realquant.convert / checkpoint ->
-# flat (and checkpoint -> convert); realquant.backends -> native / npu (the backends register themselves by being
-# imported, and import backends back). Remove an entry once its import is gone; no other edge may close a cycle.
-KNOWN_LAZY_EDGES = {
-    ("core.realquant.backends", "core.realquant.native"),
-    ("core.realquant.backends", "core.realquant.npu"),
-    ("core.transforms", "core.realquant"),
-    ("core.transforms", "core.realquant.native"),
-    ("core.realquant.convert", "core.flat"),
-    ("core.realquant.checkpoint", "core.flat"),
-    ("core.realquant.checkpoint", "core.realquant.convert"),
-}
-
+ROOT = Path(__file__).resolve().parent.parent
+CORE = ROOT / "core"
 
 def core_modules() -> dict[str, Path]:
     mods = {}
@@ -101,11 +86,51 @@ def test_module_level_imports_have_no_cycle():
     assert cycles(import_graph(lazy=False)) == set()
 
 
-def test_no_new_import_cycle_even_through_lazy_imports():
-    graph = import_graph(lazy=True)
-    for a, b in KNOWN_LAZY_EDGES:
-        graph.get(a, set()).discard(b)
-    assert cycles(graph) == set()
+def test_no_import_cycle_even_through_lazy_imports():
+    """Function-level imports included, with no allow-list: a lazy import may defer a heavy or optional dependency,
+    never hide a cycle."""
+    assert cycles(import_graph(lazy=True)) == set()
+
+
+def private_uses(path: Path, module: str) -> list[str]:
+    """`from <project module> import _name` and `<imported project module>._name` in one file (dunders allowed)."""
+    tree = ast.parse(path.read_text())
+    is_pkg = path.name == "__init__.py"
+    private = lambda name: name.startswith("_") and not name.startswith("__")  # noqa: E731
+    bound, out = set(), []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            base = _resolve(module, is_pkg, node)[0]
+            if base.split(".")[0] not in ("core", "flatgui"):
+                continue
+            for a in node.names:
+                if private(a.name):
+                    out.append(f"{path.name}:{node.lineno}: from {base} import {a.name}")
+                bound.add(a.asname or a.name)
+        elif isinstance(node, ast.Import):
+            bound.update((a.asname or a.name).split(".")[0] for a in node.names
+                         if a.name.split(".")[0] in ("core", "flatgui"))
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and private(node.attr) and isinstance(node.value, ast.Name) \
+                and node.value.id in bound:
+            out.append(f"{path.name}:{node.lineno}: {node.value.id}.{node.attr}")
+    return out
+
+
+def test_no_private_names_across_modules():
+    files = sorted(CORE.rglob("*.py")) + sorted((ROOT / "flatgui").rglob("*.py")) + [ROOT / "app.py"]
+    found = []
+    for path in files:
+        rel = path.relative_to(ROOT).with_suffix("")
+        parts = list(rel.parts)[:-1] if rel.name == "__init__" else list(rel.parts)
+        found += private_uses(path, ".".join(parts))
+    assert found == []
+
+
+def test_private_name_check_finds_both_forms(tmp_path):
+    src = tmp_path / "mod.py"
+    src.write_text("from .flat import _hidden, public\nfrom . import kernels\nkernels._loaded\npublic._x\n")
+    assert len(private_uses(src, "core.mod")) == 3
 
 
 def test_cycle_finder_finds_a_cycle():

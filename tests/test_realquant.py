@@ -15,7 +15,7 @@ from core.config import parse_config
 from core.errors import ConfigError, FlatQuantError, ModelLoadError
 from core.flat import FlatQuantLinear, apply_flat_structure, fold_model, iter_transforms
 from core.quantizer import fake_quant_sym
-from core.realquant import native
+from core import kernels as native
 from core.realquant.backends import ActQuant, CpuBackend, CudaBackend, TorchCpuBackend, select_backend
 from core.realquant.checkpoint import export_checkpoint, load_checkpoint, read_manifest
 from core.realquant.convert import convert_model, report_time_diff

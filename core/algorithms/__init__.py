@@ -3,8 +3,11 @@ from __future__ import annotations
 
 from typing import Optional
 
+from torch import nn
+
 from ..config import FlatQuantConfig
 from ..errors import FlatQuantError
+from ..gptq import apply_rounding_state, split_rounding_state
 from .base import LayerAlgorithm, LayerContext, LayerResult
 from .flatquant import FlatQuantAlgorithm
 from .quarot import QuaRotAlgorithm
@@ -29,4 +32,17 @@ def get_algorithm(name: str, cfg: FlatQuantConfig, settings: Optional[dict] = No
     return ALGORITHMS[name](cfg, settings)
 
 
-__all__ = ["ALGORITHMS", "LayerAlgorithm", "LayerContext", "LayerResult", "get_algorithm", "register_algorithm"]
+def rebuild_layer(algo: LayerAlgorithm, layer: nn.Module, index: int, state: dict) -> None:
+    """A layer from its saved state, without data: the algorithm's modules and tensors, folded, then the saved
+    GPTQ rounding when there is one (--load_matrix, export, another rank's layers, resume of a data-free
+    algorithm). The one rebuild of a saved layer; core.matrices.apply_matrices runs it over a whole file."""
+    own, rounding = split_rounding_state(state)
+    algo.prepare_layer(layer, index, None)
+    algo.restore_layer(layer, index, own)
+    algo.freeze_layer(layer)
+    algo.fold_layer(layer)
+    apply_rounding_state(layer, rounding)
+
+
+__all__ = ["ALGORITHMS", "LayerAlgorithm", "LayerContext", "LayerResult", "get_algorithm", "rebuild_layer",
+           "register_algorithm"]

@@ -45,10 +45,10 @@ def validate_evaluate_args(args: argparse.Namespace, output_dir: str) -> None:
     perplexity text and the output folder."""
     from ..device import resolve_device
     from ..validate import check_data_source, check_matrix_file, check_model_weights, check_output_dir, \
-        read_model_config
+        read_model_folder
 
     resolve_device(args.device)
-    model_dir, model_cfg = read_model_config(args.model_path)
+    model_dir, model_cfg = read_model_folder(args.model_path)
     check_model_weights(model_dir, model_cfg)
     if args.flat_matrix_path:
         check_matrix_file(args.flat_matrix_path, model_cfg)

@@ -70,10 +70,10 @@ def run(args: argparse.Namespace) -> int:
     meta = payload.get("meta") or {}
     made_with = [f"--{k} {meta[k]}" for k, plain in (("algorithm", "flatquant"), ("weight_rounding", "rtn"))
                  if meta.get(k, plain) != plain]
-    if made_with:  # the file rebuild below is FlatQuant's; a rotation or GPTQ codes would be silently dropped
+    if made_with:  # the ascend layout is FlatQuant's; the other files are exported from their quantize run
         raise MatrixFileError(f"Matrix file {args.flat_matrix_path!r} was made with {' '.join(made_with)}; export "
-                              "rebuilds FlatQuant files with RTN rounding only: export that run with "
-                              "`quantize ... --export native|ascend` instead.")
+                              "from a matrix file takes FlatQuant files with RTN rounding only: export that run "
+                              "with `quantize ... --export native|ascend` instead.")
     cfg = parse_config(payload["config"])
     if args.format == "ascend":
         check_config(cfg)

@@ -32,10 +32,16 @@ from typing import Callable, Iterable, Optional
 import torch
 from torch import nn
 
+from ..algorithms import get_algorithm
 from ..errors import ExportError
+from ..flat import FlatNormTransform, FlatQuantLinear, KVCacheQuantizer, is_wrapped
+from ..matrices import apply_layer_matrices
+from ..models import decoder_layers, resolve_model_path
+from ..transforms import kronecker_matmul
 from .ascend_reference import (CONFIG_QUANTIZE, DESCRIPTION_FILE, FLOAT_TYPE, FUSED_GROUPS, INDEX_FILE,
                                KRONECKER_MAX_FACTOR, QUANT_TYPE, WEIGHTS_FILE, WEIGHTS_STEM, layout_problems,
                                server_factors, shard_name)
+from .checkpoint import export_checkpoint
 from .packing import quantize_weight
 
 DEFAULT_SHARD_BYTES = 2 * 2 ** 30
@@ -194,7 +200,6 @@ class ExportStats:
 
 
 def _group_transform(layer: nn.Module, member: str):
-    from ..flat import FlatNormTransform
 
     norm = layer.input_layernorm if GROUP_PARENTS[member] == "self_attn" else layer.post_attention_layernorm
     if isinstance(norm, FlatNormTransform):
@@ -218,7 +223,6 @@ def _check_factors(name: str, n: int, left: torch.Tensor, right: torch.Tensor) -
 def _linear_tensors(name: str, m: nn.Module, layer: nn.Module, member: str, dtype: torch.dtype,
                     stats: ExportStats) -> tuple[dict, str]:
     """(tensors, type) of one wrapped, folded FlatQuantLinear."""
-    from ..transforms import kronecker_matmul
 
     state = m.export_state()
     if m.real_quant_eligible and state["w_bits"] == 4 and state["a_bits"] == 4:
@@ -254,7 +258,6 @@ def _linear_tensors(name: str, m: nn.Module, layer: nn.Module, member: str, dtyp
 def layer_tensors(layer: nn.Module, prefix: str, dtype: torch.dtype, stats: ExportStats
                   ) -> list[tuple[str, torch.Tensor, str]]:
     """(name, tensor, type) of one decoder layer: folded FlatQuant modules, or a plain layer (all FLOAT)."""
-    from ..flat import FlatNormTransform, FlatQuantLinear, KVCacheQuantizer
 
     out: list[tuple[str, torch.Tensor, str]] = []
     done: list[str] = []
@@ -378,15 +381,13 @@ def export_ascend(model: nn.Module, cfg, tokenizer, output_dir: str | os.PathLik
     at a time; with ``consume`` each layer's storage is released once written), or a model already wrapped and
     folded in memory (``layer_states=None``; not modified). ``cfg``: its FlatQuantConfig. Float parts are written
     in ``dtype`` (default: the model's). Returns sizes and paths; notes (o_proj / kv-cache) go to ``say``."""
-    from ..matrices import apply_layer_matrices
-    from ..models import decoder_layers
 
     check_config(cfg)
     layers = decoder_layers(model)
+    algo = get_algorithm("flatquant", cfg)  # the layout is FlatQuant's (W4A4_FLATQUANT_DYNAMIC); no model-level step
     if layer_states is not None:
         calibrated = sorted(int(i) for i in layer_states)
     else:
-        from ..flat import is_wrapped
 
         calibrated = [i for i, layer in enumerate(layers) if is_wrapped(layer)]
     check_fused_skips(cfg, calibrated)
@@ -405,7 +406,7 @@ def export_ascend(model: nn.Module, cfg, tokenizer, output_dir: str | os.PathLik
             if consume:
                 layer.float()  # fold and quantize this layer in fp32 (one layer at a time)
             if layer_states is not None and i in layer_states:
-                apply_layer_matrices(layers, i, cfg, layer_states[i])
+                apply_layer_matrices(layers, i, algo, layer_states[i])
             for name, t, kind in layer_tensors(layers[i], f"{LAYER_PREFIX}.{i}", dtype, stats):
                 writer.add(name, t, kind)
             if consume:
@@ -437,8 +438,6 @@ def prepare_quantize(options, say: Callable[[str], None] = print) -> None:
         return  # the matrix file's config decides; the exporter refuses a split group with a message
     from transformers import AutoConfig
 
-    from ..models import resolve_model_path
-
     cfg = options.resolved_config()
     check_config(cfg)
     n = int(AutoConfig.from_pretrained(resolve_model_path(options.model_path), local_files_only=True).num_hidden_layers)
@@ -455,9 +454,6 @@ def export_quantized(quantized: nn.Module, cfg, tokenizer, source: str, output_d
     in ``fmt`` (ascend | native), replacing an earlier export there. ``source``: the model's path (or 'smollm2'),
     refused as a target; its config.json dtype decides the float parts' dtype (see serving_dtype)."""
     import copy
-
-    from ..models import resolve_model_path
-    from .checkpoint import export_checkpoint
 
     source_dir = resolve_model_path(source)
     dtype = serving_dtype(source_dtype(source_dir))

@@ -5,7 +5,7 @@ per-channel scales) into whatever its fastest kernel reads (``prepare_weight``),
 (after the optional online Kronecker transform, ``quantize``) and runs the integer GEMM with the per-token ×
 per-channel rescale (``matmul``). ``weight_codes`` gives the canonical codes back for export.
 
-- ``cpu``: the native kernels of ``core.realquant.native`` when they build (int4 weights in memory, fused quantize
+- ``cpu``: the native kernels of ``core.kernels`` when they build (int4 weights in memory, fused quantize
   and epilogue; AVX-512 VNNI, AVX-VNNI, AVX2, NEON dot product or portable C, picked from the CPU's flags),
   otherwise the ``cpu-torch`` path.
 - ``cpu-torch``: PyTorch's int8 GEMM (``torch._int_mm``, oneDNN on x86) on int8-held int4 codes where the CPU has
@@ -20,8 +20,10 @@ from typing import Callable, Optional
 
 import torch
 
+from .. import kernels as native_kernels
 from ..device import npu_available
 from ..errors import ConfigError
+from ..kernels import QuantizedInput
 from ..quantizer import code_matmul, int_mm, qmax
 from ..transforms import SMALL_ROWS, kronecker_matmul
 
@@ -39,15 +41,6 @@ class ActQuant:
     clip: Optional[float] = None
     left: Optional[torch.Tensor] = None
     right: Optional[torch.Tensor] = None
-
-
-@dataclass
-class QuantizedInput:
-    """Per-token quantized activations in a backend's own form; ``scale`` is fp32 [M, 1] (or [M] where noted)."""
-
-    q: torch.Tensor
-    scale: torch.Tensor
-    extra: Optional[dict] = None
 
 
 def transform_input(x: torch.Tensor, act: ActQuant) -> torch.Tensor:
@@ -77,7 +70,9 @@ def rescale(acc: torch.Tensor, x_scale: torch.Tensor, w_scale: torch.Tensor, bia
 
 
 class Backend:
-    """Base class; subclasses register themselves with ``@register_backend``."""
+    """Base class; subclasses register themselves with ``@register_backend``. The backends of other modules
+    (``core.realquant.npu``) are registered by the package ``core.realquant``, which imports them: every import
+    of this module goes through that package first, so the registry is complete before anyone reads it."""
 
     name = "base"
     device_type = "cpu"
@@ -122,25 +117,17 @@ def register_backend(cls):
 
 
 def backend_names() -> list[str]:
-    _load_optional_backends()
     return list(_REGISTRY)
 
 
 def available_backends() -> list[str]:
-    _load_optional_backends()
     return [n for n, cls in _REGISTRY.items() if cls.available()]
-
-
-def _load_optional_backends() -> None:
-    # Importing the modules registers their classes; the npu module imports torch_npu lazily, so this never fails.
-    from . import npu  # noqa: F401
 
 
 def select_backend(name: str | Backend = "auto", device: Optional[torch.device | str] = None) -> Backend:
     """``auto``: the backend for ``device`` (npu, cuda or cpu; the fastest cpu one that works). A name forces it."""
     if isinstance(name, Backend):
         return name
-    _load_optional_backends()
     name = (name or "auto").lower()
     device = torch.device(device) if device is not None else None
     if name == "auto":
@@ -202,9 +189,7 @@ class CpuBackend(TorchCpuBackend):
     description = "native int4 kernels (AVX-512 VNNI / AVX-VNNI / AVX2 / NEON / portable), else cpu-torch"
 
     def __init__(self):
-        from . import native
-
-        self.native = native.load()
+        self.native = native_kernels.load()
 
     @property
     def uses_native(self) -> bool:

@@ -21,10 +21,12 @@ import torch
 from torch import nn
 
 from ..errors import ModelLoadError
+from ..flat import ATTN_KEY, KVCacheQuantizer, register_attention
 from ..models import LoadedModel, model_identity, read_architecture
+from ..quantizer import SharedInputQuant
 from ..report import atomic_write_bytes
 from .backends import select_backend
-from ..quantizer import SharedInputQuant
+from .convert import convert_model, is_real_quant
 from .modules import FrozenQuantLinear, RealQuantLinear, TransformedNorm
 from .packing import pack_int4, unpack_int4
 
@@ -59,8 +61,6 @@ def export_checkpoint(model: nn.Module, tokenizer, output_dir: str | os.PathLike
     parts' dtype on disk (default: as they are; per-channel scales stay fp32). Returns the summary that is also
     stored there under "sizes" plus the written paths."""
     from safetensors.torch import save
-
-    from .convert import convert_model, is_real_quant
 
     if not is_real_quant(model):
         model = convert_model(model, backend)
@@ -98,7 +98,7 @@ def export_checkpoint(model: nn.Module, tokenizer, output_dir: str | os.PathLike
             handled.append(name)
         elif isinstance(m, TransformedNorm):
             modules[name] = {"kind": "norm_transform", "left": m.left.shape[0], "right": m.right.shape[0]}
-        elif type(m).__name__ == "KVCacheQuantizer":
+        elif isinstance(m, KVCacheQuantizer):
             modules[name] = {"kind": "kv_quantizer", "k_bits": m.k_bits, "k_sym": m.k_sym, "v_bits": m.v_bits,
                              "v_sym": m.v_sym, "head_dim": _kv_head_dim(m)}
 
@@ -221,10 +221,8 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu",
     config = AutoConfig.from_pretrained(path, local_files_only=True)
     modules = manifest.get("modules", {})
     if any(e.get("kind") == "kv_quantizer" for e in modules.values()):
-        from ..flat import _ATTN_KEY, _register_attention
-
-        _register_attention()
-        config._attn_implementation = _ATTN_KEY
+        register_attention()
+        config._attn_implementation = ATTN_KEY
     dtype = getattr(torch, manifest["dtype"]) if manifest.get("dtype") else torch.float32
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
@@ -240,8 +238,6 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu",
                 norm = model.get_submodule(name)
                 model.set_submodule(name, TransformedNorm(norm, tensors[f"{name}.left"], tensors[f"{name}.right"]))
             elif kind == "kv_quantizer":
-                from ..flat import KVCacheQuantizer
-
                 kvq = KVCacheQuantizer(entry["head_dim"], entry["k_bits"], entry["k_sym"], entry["v_bits"],
                                        entry["v_sym"], seed=0)
                 for t in (kvq.k_trans, kvq.v_trans):

@@ -16,16 +16,12 @@ from torch import nn
 
 from ..device import compute_dtype
 from ..errors import FlatQuantError
-from ..latency import one_forward_ms
-from .backends import Backend, select_backend
+from ..flat import FlatNormTransform, FlatQuantLinear
+from ..latency import LATENCY_TEXT, latency_input_ids, one_forward_ms
 from ..quantizer import SharedInputQuant
+from ..report import update_report
+from .backends import Backend, select_backend
 from .modules import FrozenQuantLinear, RealQuantLinear, TransformedNorm
-
-
-def _flat_modules():
-    from ..flat import FlatNormTransform, FlatQuantLinear
-
-    return FlatQuantLinear, FlatNormTransform
 
 
 def is_real_quant(model: nn.Module) -> bool:
@@ -45,7 +41,6 @@ def convert_model(model: nn.Module, backend: str | Backend = "auto") -> nn.Modul
 
     The float parts keep their dtype; call ``.to(torch.bfloat16)`` afterwards for a bf16 model (per-channel
     scales stay fp32)."""
-    FlatQuantLinear, FlatNormTransform = _flat_modules()
     flats = [(n, m) for n, m in model.named_modules() if isinstance(m, FlatQuantLinear)]
     if not flats:
         if is_real_quant(model):
@@ -140,16 +135,9 @@ def report_time_diff(original: nn.Module, quantized: nn.Module, tokenizer, outpu
     """time_diff on a [1, seqlen] batch of real text tokens; merged into ``output_dir/report.json`` as
     ``{"real_quant": {...}}`` when output_dir is given. The CLI prints ``Time diff orig: X`` and
     ``Time diff after real quant: Y`` from ``time_orig_ms`` / ``time_real_quant_ms``."""
-    from ..latency import LATENCY_TEXT, latency_input_ids
-    from ..report import update_report
-
     ids = latency_input_ids(tokenizer, seqlen, text=LATENCY_TEXT)
     result = time_diff(original, quantized, ids, backend=backend, repeats=repeats)
     result["units"] = "ms for one forward (no KV cache) of a 1 x seqlen batch; median of the repeats"
     if output_dir:
         update_report(output_dir, {"real_quant": result})
     return result
-
-
-# The GUI and the export command import the checkpoint functions from here as well.
-from .checkpoint import export_checkpoint, load_checkpoint  # noqa: E402,F401

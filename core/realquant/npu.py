@@ -25,7 +25,8 @@ from typing import Optional
 import torch
 
 from ..device import npu_available
-from .backends import ActQuant, Backend, QuantizedInput, quantize_per_token, register_backend, transform_input
+from ..kernels import QuantizedInput
+from .backends import ActQuant, Backend, quantize_per_token, register_backend, transform_input
 from .packing import pack_int4_as_int32, unpack_int4_from_int32
 
 # npu_kronecker_quant limits (CANN FlatQuant op), called as vllm-ascend calls it: factor sizes up to 256, the right

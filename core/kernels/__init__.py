@@ -1,5 +1,8 @@
-"""Native CPU kernels for the ``cpu`` backend: int4 weights in memory (half a byte per weight), fused per-token
-quantization, and an integer GEMM with the rescale in its epilogue (see fq_kernels.c).
+"""Native CPU kernels: int4 weights in memory (half a byte per weight), fused per-token quantization, an integer
+GEMM with the rescale in its epilogue, and the serial online Kronecker transform for few tokens (see fq_kernels.c).
+
+This module sits below both users: ``core.transforms`` (the few-row transform) and the real-quant ``cpu`` backend
+(``core.realquant.backends``); it imports neither.
 
 The C file is compiled on first use with the system C compiler (no Python headers, no build tools beyond
 ``cc``) into ``$FLATQUANT_CACHE/kernels/`` (default ~/.cache/flatquant_studio/kernels) and loaded with ctypes. It
@@ -24,14 +27,15 @@ import sys
 import tempfile
 import threading
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 import torch
 
-from ...device import cpu_flags
-from ...errors import ConfigError
-from ..backends import QuantizedInput
+from ..device import cpu_flags
+from ..errors import ConfigError
+from ..models import cache_dir
 
 _SOURCE = Path(__file__).with_name("fq_kernels.c")
 # No -m flags: the x86 paths carry target attributes, and dispatch happens at run time. No contraction of a * b + c
@@ -45,6 +49,15 @@ ISAS = {"portable": (0, ()), "avx2": (1, ("avx2", "fma")), "avxvnni": (2, ("avx2
 _PREFERENCE = ("avx512", "avxvnni", "avx2", "neon", "portable")
 _lock = threading.Lock()
 _loaded: dict[str, object] = {}
+
+
+@dataclass
+class QuantizedInput:
+    """Per-token quantized activations in a backend's own form; ``scale`` is fp32 [M, 1] (or [M] where noted)."""
+
+    q: torch.Tensor
+    scale: torch.Tensor
+    extra: Optional[dict] = None
 
 
 def _machine() -> str:
@@ -106,8 +119,6 @@ def _compiler() -> Optional[str]:
 
 
 def _cache_dir() -> Path:
-    from ...models import cache_dir
-
     return cache_dir() / "kernels"
 
 
