@@ -156,12 +156,12 @@ def llama7b(args, tmp: Path) -> dict:
     from core.matrices import build_payload, save_matrices
 
     sys.path.insert(0, str(ROOT / "bench"))
-    from scale import _config, build_model
+    from scale import build_model, model_config
 
     path = build_model("llama2-7b", args.layers, tmp)
     cfg = parse_config(None)
-    cfg_hf = _config(dict(hidden=4096, inter=11008, heads=32, kv=32, head_dim=128, vocab=32000, arch="llama"),
-                     args.layers)
+    cfg_hf = model_config(dict(hidden=4096, inter=11008, heads=32, kv=32, head_dim=128, vocab=32000, arch="llama"),
+                           args.layers)
     states = {}
     for i in range(args.layers):
         with torch.device("meta"):

@@ -38,7 +38,7 @@ def emit(record: dict, sink: list) -> None:
     print(json.dumps(record), flush=True)
 
 
-def _config(shape: dict, layers: int):
+def model_config(shape: dict, layers: int):
     import torch
     from transformers import LlamaConfig, Qwen3Config
 
@@ -85,7 +85,7 @@ def build_model(name: str, layers: int, work: Path) -> Path:
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    cfg = _config(shape, layers)
+    cfg = model_config(shape, layers)
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(cfg)
     groups: dict[str, dict] = {}
@@ -145,7 +145,7 @@ def paper_budget_layer_seconds(name: str, device: str, steps: int = 2) -> dict:
     from transformers import AutoModelForCausalLM
 
     shape = dict(SHAPES[name], vocab=1024)
-    cfg_model = _config(shape, 1)
+    cfg_model = model_config(shape, 1)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(cfg_model).to(torch.bfloat16).eval().requires_grad_(False)
     for p in model.parameters():

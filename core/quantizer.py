@@ -43,17 +43,21 @@ def quantize_codes(x: torch.Tensor, bits: int, dim: int = -1, clip_ratio: Option
     return quantize_sym(xf, scale, bits), scale
 
 
-# On CPU the fused node works through a large input in row blocks of about this many elements: its passes then
-# stay in cache instead of streaming activation-sized temporaries through memory (2.4x faster forward + backward on
-# a [2048, 1536] bf16 input here). Smaller inputs take one block: each extra op costs a thread wake-up.
-_CPU_BLOCK_ELEMENTS = 1 << 19
+# The fused node works through a large input in row blocks of about this many elements (rows are independent, so
+# the result is the same). On CPU small blocks keep its passes in cache instead of streaming activation-sized
+# temporaries through memory (2.4x faster forward + backward on a [2048, 1536] bf16 input here); smaller inputs take
+# one block: each extra op costs a thread wake-up. On accelerators large blocks only bound the temporaries: the
+# backward of a 7B layer's [11008, 4096] weight otherwise holds about six fp32 copies of it at once (~1 GiB).
+BLOCK_ELEMENTS = {"cpu": 1 << 19}
+DEVICE_BLOCK_ELEMENTS = 1 << 22  # devices not in BLOCK_ELEMENTS: 16 MiB fp32 temporaries above 64 MiB inputs
 
 
 def _row_blocks(x2: torch.Tensor):
     rows = x2.shape[0]
     step = rows
-    if x2.device.type == "cpu" and x2.numel() > 4 * _CPU_BLOCK_ELEMENTS:
-        step = max(1, _CPU_BLOCK_ELEMENTS // max(1, x2.shape[1]))
+    block = BLOCK_ELEMENTS.get(x2.device.type, DEVICE_BLOCK_ELEMENTS)
+    if x2.numel() > 4 * block:
+        step = max(1, block // max(1, x2.shape[1]))
     return [(a, min(a + step, rows)) for a in range(0, rows, step)]
 
 

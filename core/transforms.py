@@ -40,6 +40,31 @@ def kronecker_matmul(x: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -
     return x.reshape(shape)
 
 
+class _DivideColumns(torch.autograd.Function):
+    """weight / d, d one scale per input channel (column), with autograd's own gradient formulas evaluated in one
+    weight-sized temporary instead of four: the diag's gradient -grad·((W / d) / d) summed over rows, which for a
+    7B layer's [4096, 11008] weight is ~0.5 GiB less at the peak of training. Same values, same order."""
+
+    @staticmethod
+    def forward(ctx, weight: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(weight, d)
+        return weight / d
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        weight, d = ctx.saved_tensors
+        grad_weight = grad / d if ctx.needs_input_grad[0] else None
+        grad_d = None
+        if ctx.needs_input_grad[1]:
+            if grad.is_contiguous() and weight.is_contiguous():
+                t = weight / d
+                t.div_(d).mul_(grad).neg_()  # -(g·t) == (-g)·t exactly, in the same (contiguous) layout
+            else:  # the reduction order follows the layout: keep autograd's exact expression
+                t = -grad * ((weight / d) / d)
+            grad_d = t.sum_to_size(d.shape)
+        return grad_weight, grad_d
+
+
 def random_orthogonal(n: int, generator: torch.Generator) -> torch.Tensor:
     q, r = torch.linalg.qr(torch.randn(n, n, generator=generator, dtype=torch.float64))
     return (q * torch.sign(torch.diagonal(r))).float()
@@ -121,7 +146,7 @@ class KroneckerTransform(nn.Module):
     def transform_weight(self, weight: torch.Tensor) -> torch.Tensor:
         """W·diag(1/d)·P⁻ᵀ for an [out, in] weight (always includes d: the weight sees the unscaled input)."""
         if self.diag is not None:
-            weight = weight / self.diag.to(weight.dtype)
+            weight = _DivideColumns.apply(weight, self.diag.to(weight.dtype))
         _, _, l_it, r_it = self.matrices()
         return kronecker_matmul(weight, l_it.to(weight.dtype), r_it.to(weight.dtype))
 
