@@ -36,7 +36,7 @@ def main() -> int:
         apply_flat_structure(fake, parse_config())
         fold_model(fake)
         fake.eval()
-        real = convert_model(copy.deepcopy(fake), dev.type).to(dev)
+        real = convert_model(copy.deepcopy(fake).to(dev), dev.type)
         fake.to(dev)
         g = torch.Generator().manual_seed(5)
         for shape in ((1, 1), (1, 3), (2, 9), (1, 40), (3, 17)):

@@ -69,10 +69,10 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, cfg: Optional[GPT
     dead = torch.diagonal(h) == 0
     h[dead, dead] = 1.0
     w[:, dead] = 0.0  # inputs that were always zero: their weights never matter on this data
-    perm = torch.argsort(torch.diagonal(h), descending=True) if cfg.act_order else torch.arange(cols)
+    perm = torch.argsort(torch.diagonal(h), descending=True) if cfg.act_order else torch.arange(cols, device=w.device)
     w, h = w[:, perm], h[perm][:, perm]
     pin_pos = torch.argsort(perm)[pin_col]  # the pinned column's position after the permutation
-    h += cfg.damp * torch.diagonal(h).mean() * torch.eye(cols, dtype=h.dtype)
+    h += cfg.damp * torch.diagonal(h).mean() * torch.eye(cols, dtype=h.dtype, device=h.device)
     hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
 
     codes = torch.zeros_like(w)

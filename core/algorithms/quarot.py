@@ -115,7 +115,7 @@ def wrap_layer_quarot(layer: nn.Module, index: int, flat_cfg: FlatQuantConfig, c
     wrap_layer(layer, index, flat_cfg, None, use_transforms=False, prefix=prefix, adapter=ad)
     down = layer.get_submodule(ad.down_proj)
     if cfg.online_down and isinstance(down, FlatQuantLinear) and down.in_trans is None:
-        h = down_rotation(down.in_features, index, cfg)
+        h = down_rotation(down.in_features, index, cfg).to(down.linear.weight.device)  # the layer may be on a GPU
         ad.put(layer, ad.down_proj, FlatQuantLinear(down.linear, down.weight_quantizer.bits, down.act_quantizer.bits,
                                                     False, down.act_quantizer, in_trans=h, weight_trans=h,
                                                     real_quant_eligible=down.real_quant_eligible))
