@@ -179,6 +179,7 @@ def main() -> int:
     ap.add_argument("--epochs", type=int, default=1)
     ap.add_argument("--ppl_windows", type=int, default=2)
     ap.add_argument("--skip_export", action="store_true")
+    ap.add_argument("--export_format", default="native", choices=("native", "ascend"), help="export --format")
     ap.add_argument("--skip_paper_budget", action="store_true")
     ap.add_argument("--keep_models", action="store_true", help="keep the built models in --work afterwards")
     ap.add_argument("--_build", nargs=2, help=argparse.SUPPRESS)
@@ -233,10 +234,11 @@ def main() -> int:
             exp_dir = work / f"export-{name}-L{layers}"
             shutil.rmtree(exp_dir, ignore_errors=True)
             e = run_measured([py, "-m", "core", "export", "--model_path", str(path), "--flat_matrix_path",
-                              str(run_dir / "flat_matrices.pth"), "--output_dir", str(exp_dir)],
+                              str(run_dir / "flat_matrices.pth"), "--output_dir", str(exp_dir),
+                              "--format", args.export_format],
                              work / f"export-{name}.log")
             size = sum(f.stat().st_size for f in exp_dir.glob("*.safetensors")) / GIB if exp_dir.exists() else None
-            emit({"kind": "export", "shape": name, "layers": layers, **e, "checkpoint_gib":
+            emit({"kind": "export", "format": args.export_format, "shape": name, "layers": layers, **e, "checkpoint_gib":
                   round(size, 3) if size else None, "rss_within_target": e["peak_rss_gib"] <= bf16_gib + 3}, records)
             shutil.rmtree(exp_dir, ignore_errors=True)
         if not args.keep_models:
