@@ -37,7 +37,8 @@ from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_mod
 from scale import SHAPES, model_config  # noqa: E402  bench/scale.py
 
 from core import quantizer  # noqa: E402
-from core.calibrate import calibrate_model  # noqa: E402
+from core import calibrate  # noqa: E402
+from core.calibrate import SMALL_LAYER_PARAMS, calibrate_model  # noqa: E402
 from core.config import parse_config  # noqa: E402
 from core.memory import ActivationStore, ModelShape  # noqa: E402
 from core.progress import Reporter  # noqa: E402
@@ -133,6 +134,8 @@ def measure(name: str, device: torch.device, nsamples: int, seqlen: int, epochs:
            "nsamples": nsamples, "seqlen": seqlen, "epochs": epochs, "device": str(device), "blocks": blocks,
            "layer_fp32_mib": round(layer_fp32 / MIB, 1),
            "target_mib": round((layer_fp32 + 2 * batch + 2 * GIB) / MIB, 1)}
+    # a scaled-down layer gets the full shape's policy (recompute in backward above core.calibrate's threshold)
+    calibrate.SMALL_LAYER_PARAMS = SMALL_LAYER_PARAMS // scale ** 2
     t0 = time.monotonic()
     if device.type == "cpu":
         tracker = LiveTensorBytes()
