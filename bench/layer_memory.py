@@ -34,7 +34,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 import torch  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes  # noqa: E402
 
-from scale import SHAPES, model_config  # noqa: E402  bench/scale.py
+from scale import SHAPES, one_layer_model  # noqa: E402  bench/scale.py
 
 from core import quantizer  # noqa: E402
 from core import calibrate  # noqa: E402
@@ -103,22 +103,6 @@ class UncountedStore(ActivationStore):
     def empty(self, shape, dtype=torch.float32):
         with _disable_current_modes():
             return super().empty(shape, dtype)
-
-
-def one_layer_model(name: str, scale: int):
-    from transformers import AutoModelForCausalLM
-
-    shape = dict(SHAPES[name], vocab=1024)
-    for key in ("hidden", "inter"):
-        shape[key] //= scale
-    shape["heads"] = max(1, shape["heads"] // scale)
-    shape["kv"] = max(1, min(shape["kv"], shape["heads"]))
-    cfg = model_config(shape, 1)
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(cfg).to(torch.bfloat16).eval().requires_grad_(False)
-    for p in model.parameters():
-        p.data.normal_(0, 0.02)
-    return model, cfg
 
 
 def measure(name: str, device: torch.device, nsamples: int, seqlen: int, epochs: int, scale: int,
