@@ -34,10 +34,11 @@ sys.path.insert(0, str(ROOT / "bench"))
 import torch  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes  # noqa: E402
 
-from scale import SHAPES, model_config  # noqa: E402  bench/scale.py
+from scale import SHAPES, one_layer_model  # noqa: E402  bench/scale.py
 
 from core import quantizer  # noqa: E402
-from core.calibrate import calibrate_model  # noqa: E402
+from core import calibrate  # noqa: E402
+from core.calibrate import SMALL_LAYER_PARAMS, calibrate_model  # noqa: E402
 from core.config import parse_config  # noqa: E402
 from core.memory import ActivationStore, ModelShape  # noqa: E402
 from core.progress import Reporter  # noqa: E402
@@ -104,22 +105,6 @@ class UncountedStore(ActivationStore):
             return super().empty(shape, dtype)
 
 
-def one_layer_model(name: str, scale: int):
-    from transformers import AutoModelForCausalLM
-
-    shape = dict(SHAPES[name], vocab=1024)
-    for key in ("hidden", "inter"):
-        shape[key] //= scale
-    shape["heads"] = max(1, shape["heads"] // scale)
-    shape["kv"] = max(1, min(shape["kv"], shape["heads"]))
-    cfg = model_config(shape, 1)
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(cfg).to(torch.bfloat16).eval().requires_grad_(False)
-    for p in model.parameters():
-        p.data.normal_(0, 0.02)
-    return model, cfg
-
-
 def measure(name: str, device: torch.device, nsamples: int, seqlen: int, epochs: int, scale: int,
             blocks: str = "native") -> dict:
     model, mcfg = one_layer_model(name, scale)
@@ -133,6 +118,8 @@ def measure(name: str, device: torch.device, nsamples: int, seqlen: int, epochs:
            "nsamples": nsamples, "seqlen": seqlen, "epochs": epochs, "device": str(device), "blocks": blocks,
            "layer_fp32_mib": round(layer_fp32 / MIB, 1),
            "target_mib": round((layer_fp32 + 2 * batch + 2 * GIB) / MIB, 1)}
+    # a scaled-down layer gets the full shape's policy (recompute in backward above core.calibrate's threshold)
+    calibrate.SMALL_LAYER_PARAMS = SMALL_LAYER_PARAMS // scale ** 2
     t0 = time.monotonic()
     if device.type == "cpu":
         tracker = LiveTensorBytes()

@@ -134,6 +134,25 @@ def run_measured(cmd: list[str], log: Path) -> dict:
             "log_tail": tail if code else None}
 
 
+def one_layer_model(name: str, scale: int = 1):
+    """A one-decoder-layer model of the shape (hidden, intermediate and heads divided by ``scale``) with random bf16
+    weights in memory, vocabulary 1024; and its config."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    shape = dict(SHAPES[name], vocab=1024)
+    for key in ("hidden", "inter"):
+        shape[key] //= scale
+    shape["heads"] = max(1, shape["heads"] // scale)
+    shape["kv"] = max(1, min(shape["kv"], shape["heads"]))
+    cfg = model_config(shape, 1)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg).to(torch.bfloat16).eval().requires_grad_(False)
+    for p in model.parameters():
+        p.data.normal_(0, 0.02)
+    return model, cfg
+
+
 def paper_budget_layer_seconds(name: str, device: str, steps: int = 2) -> dict:
     """One decoder layer of the shape trained at batch 4 x 2048 for a few steps; per-layer time at 128 x 2048 x 15
     epochs extrapolated from the measured per-step time (480 steps) plus the full-precision forward of 128 samples."""
@@ -142,14 +161,8 @@ def paper_budget_layer_seconds(name: str, device: str, steps: int = 2) -> dict:
     from core.calibrate import calibrate_model
     from core.config import parse_config
     from core.progress import Reporter
-    from transformers import AutoModelForCausalLM
 
-    shape = dict(SHAPES[name], vocab=1024)
-    cfg_model = model_config(shape, 1)
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(cfg_model).to(torch.bfloat16).eval().requires_grad_(False)
-    for p in model.parameters():
-        p.data.normal_(0, 0.02)
+    model, _ = one_layer_model(name)
     cfg = parse_config()
     cfg.epochs, cfg.cali_bsz = 1, 4
     samples = torch.randint(0, 1024, (4 * steps, 2048))

@@ -22,7 +22,7 @@ from .algorithms import LayerAlgorithm, LayerContext, LayerResult, get_algorithm
 from .adapters import adapter_for
 from .algorithms.base import run_layer
 from .config import FlatQuantConfig
-from .device import keep_freed_host_memory
+from .device import freed_host_memory_kept
 from .errors import CalibrationError
 from .flat import ActivationStats, set_quant_enabled
 from .gptq import GPTQConfig, apply_rounding_state, gptq_layer_state, split_rounding_state
@@ -164,8 +164,19 @@ def calibrate_model(model: nn.Module, samples: torch.Tensor, cfg: FlatQuantConfi
     if weight_rounding not in WEIGHT_ROUNDINGS:
         raise ValueError(f"weight_rounding must be one of {', '.join(WEIGHT_ROUNDINGS)}, got {weight_rounding!r}")
     layers = decoder_layers(model)
-    if device.type == "cpu" and sum(p.numel() for p in layers[0].parameters()) < SMALL_LAYER_PARAMS:
-        keep_freed_host_memory()  # ~10% faster on small layers; large ones return freed memory to the OS instead
+    # Small layers keep freed host memory (~10% faster); large ones return it to the OS and recompute weight-sized
+    # tensors in training instead of keeping them (core.algorithms.base.LayerContext.large_layer).
+    large = sum(p.numel() for p in layers[0].parameters()) >= SMALL_LAYER_PARAMS
+    with freed_host_memory_kept(device.type == "cpu" and not large):
+        return _calibrate_layers(model, samples, cfg, device, reporter, dtype, max_layers, done_states, on_layer_done,
+                                 algorithm, layer_range, store, copy_layers, train_dtype, weight_rounding, gptq, large)
+
+
+def _calibrate_layers(model: nn.Module, samples: torch.Tensor, cfg: FlatQuantConfig, device: torch.device,
+                      reporter: Reporter, dtype, max_layers: Optional[int], done_states: Optional[dict[int, dict]],
+                      on_layer_done, algorithm, layer_range: Optional[tuple[int, int]],
+                      store: Optional[ActivationStore], copy_layers: bool, train_dtype: Optional[torch.dtype],
+                      weight_rounding: str, gptq: Optional[GPTQConfig], large: bool) -> list[LayerResult]:
     algo = get_algorithm(algorithm or "flatquant", cfg) if not isinstance(algorithm, LayerAlgorithm) else algorithm
     layers = decoder_layers(model)
     num = len(layers) if max_layers is None else min(max_layers, len(layers))
@@ -237,7 +248,7 @@ def calibrate_model(model: nn.Module, samples: torch.Tensor, cfg: FlatQuantConfi
                               layer=i, num_layers=num)
             else:
                 t0 = time.monotonic()
-                ctx = LayerContext(inps, fp_outs, layer_kwargs, device, dtype, reporter, num, eta)
+                ctx = LayerContext(inps, fp_outs, layer_kwargs, device, dtype, reporter, num, eta, large)
                 result = algo.calibrate_layer(layer, i, ctx)
                 if n_steps_layer:
                     step_times.append((time.monotonic() - t0) / n_steps_layer)

@@ -120,3 +120,25 @@ def test_fp32_gemm_exactness_bound():
 
     assert float_gemm_is_exact(2 ** 18, 4, 4) and not float_gemm_is_exact(2 ** 18 + 1, 4, 4)
     assert float_gemm_is_exact(2 ** 14, 8, 4) and not float_gemm_is_exact(2 ** 15, 8, 4)
+
+
+def test_fake_quant_row_blocks_give_the_unblocked_values_and_gradients(monkeypatch):
+    """Row blocks (small on cpu, large on accelerators) only bound temporaries: forward and backward unchanged."""
+    from core import quantizer
+
+    torch.manual_seed(0)
+    x = torch.randn(300, 64)
+    clip = torch.tensor([[0.9]] * 300).requires_grad_()
+    grad = torch.randn(300, 64)
+
+    def run():
+        xx = x.clone().requires_grad_()
+        out = quantizer.fake_quant_sym(xx, 4, clip_ratio=clip)
+        gx, gc = torch.autograd.grad(out, (xx, clip), grad)
+        return out, gx, gc
+
+    monkeypatch.setitem(quantizer.BLOCK_ELEMENTS, "cpu", 1 << 40)
+    whole = run()
+    monkeypatch.setitem(quantizer.BLOCK_ELEMENTS, "cpu", 640)  # 30 blocks of 10 rows
+    for a, b in zip(whole, run()):
+        assert torch.equal(a, b)

@@ -132,3 +132,66 @@ def test_streamed_generation_equals_in_memory(tiny_qwen3, smollm2):
     with LayerStreamer(stored, torch.device("cpu")):
         got = generate_text(stored, smollm2.tokenizer, "Hello there", opts)
     assert got["text"] == want["text"] and got["new_tokens"] == want["new_tokens"]
+
+
+def _weight_ptrs(layer):
+    from core.streaming import base_weight_modules
+
+    return {id(p): p.data_ptr() for m in base_weight_modules(layer) for p in m.parameters(recurse=False)}
+
+
+def test_calibrated_layers_return_into_the_host_tensors_they_left(tiny_qwen3_dir):
+    """A calibrated, folded layer's weights are written into the (safetensors-mapped) host tensors it was loaded in,
+    not into new ones that would double the model in RSS; their values are those of the saved state rebuilt."""
+    from core.calibrate import calibrate_model, rebuild_layer
+    from core.config import parse_config
+    from core.algorithms import get_algorithm
+    from core.models import decoder_layers
+    from core.progress import Reporter
+
+    model = load_model(str(tiny_qwen3_dir), dtype="bf16").model  # upcast for training and cast back
+    cfg = parse_config()
+    cfg.epochs = 1
+    before = [_weight_ptrs(layer) for layer in decoder_layers(model)]
+    states = {}
+    calibrate_model(model, torch.randint(0, 1000, (4, 32)), cfg, torch.device("cpu"), Reporter(),
+                    on_layer_done=lambda i, state, _r: states.__setitem__(i, state))
+    layers = decoder_layers(model)
+    assert [_weight_ptrs(layer) for layer in layers] == before
+    fresh = load_model(str(tiny_qwen3_dir), dtype="bf16").model.float()  # folded in fp32, as in training
+    for i, layer in enumerate(decoder_layers(fresh)):
+        rebuild_layer(get_algorithm("flatquant", cfg), layer, i, states[i])
+        got = dict(layers[i].named_parameters())
+        for name, p in layer.named_parameters():
+            assert torch.equal(p.to(got[name].dtype), got[name]), name
+
+
+def test_streamed_forward_leaves_the_weights_in_their_storage(tiny_qwen3):
+    stored = copy.deepcopy(tiny_qwen3).to(torch.bfloat16)
+    ptrs = {name: p.data_ptr() for name, p in stored.named_parameters()}
+    with torch.no_grad(), LayerStreamer(stored, torch.device("cpu"), compute_dtype=torch.float32):
+        stored(input_ids=torch.randint(0, 1000, (1, 8)))
+    assert {name: p.data_ptr() for name, p in stored.named_parameters()} == ptrs
+
+
+def test_large_layer_policy_gives_the_same_matrices(tiny_qwen3, monkeypatch):
+    """Large layers recompute the fake-quant weights in backward and return freed host memory to the OS; small
+    ones keep both: the trained states are identical either way."""
+    import core.calibrate as calibrate
+    from core.config import parse_config
+    from core.progress import Reporter
+
+    cfg = parse_config()
+    cfg.epochs = 2
+    samples = torch.randint(0, 1000, (4, 32))
+
+    def states():
+        out = {}
+        calibrate.calibrate_model(copy.deepcopy(tiny_qwen3), samples, cfg, torch.device("cpu"), Reporter(),
+                                  max_layers=1, on_layer_done=lambda i, s, _r: out.__setitem__(i, s))
+        return out[0]
+
+    small = states()
+    monkeypatch.setattr(calibrate, "SMALL_LAYER_PARAMS", 0)
+    large = states()
+    assert small.keys() == large.keys() and all(torch.equal(small[k], large[k]) for k in small)

@@ -67,3 +67,17 @@ def test_cached_matrices_are_reused_within_a_training_step():
     assert all(a is b for a, b in zip(first, t.matrices()))  # one solve per factor per step, shared by every user
     t.cache_matrices(False)
     assert all(torch.equal(a, b) and a is not b for a, b in zip(first, t.matrices()))
+
+
+def test_weight_diag_gradient_equals_autograds_bit_for_bit():
+    """transform_weight's W / d has its own backward (one weight-sized temporary): the same values as autograd's."""
+    torch.manual_seed(0)
+    t = KroneckerTransform(96, add_diag=True, seed=1)
+    with torch.no_grad():
+        t.diag.uniform_(0.5, 1.5)
+    w = torch.randn(40, 96)
+    for grad in (torch.randn(40, 96), torch.randn(96, 40).t()):  # contiguous and not
+        got = torch.autograd.grad(t.transform_weight(w), t.diag, grad)[0]
+        _, _, l_it, r_it = t.matrices()
+        want = torch.autograd.grad(kronecker_matmul(w / t.diag, l_it, r_it), t.diag, grad)[0]
+        assert torch.equal(got, want)

@@ -44,7 +44,9 @@ class LayerResult:
 class LayerContext:
     """What calibrate_layer gets from the loop: the layer's fp32 inputs and full-precision outputs (host or disk
     tensors [N, L, H]; batches are moved to ``device`` by the algorithm), the decoder's keyword arguments (rotary
-    embeddings, mask; already on the device), the matmul dtype, progress/cancel and an ETA callback."""
+    embeddings, mask; already on the device), the matmul dtype, progress/cancel and an ETA callback.
+    ``large_layer``: the layer is large enough (a 7B layer, not SmolLM2's) that training should trade time for
+    memory (e.g. recompute weight-sized tensors in backward instead of keeping them)."""
 
     inps: torch.Tensor
     fp_outs: torch.Tensor
@@ -54,6 +56,7 @@ class LayerContext:
     reporter: Reporter
     num_layers: int
     eta: Callable[[int], Optional[float]]
+    large_layer: bool = False
 
 
 class LayerAlgorithm:

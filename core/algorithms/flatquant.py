@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import CalibrationError
-from ..flat import flat_state, fold_layer, init_weight_clips, iter_transforms, load_flat_state, wrap_layer
+from ..flat import (flat_state, fold_layer, init_weight_clips, iter_transforms, load_flat_state,
+                    set_weight_recompute, wrap_layer)
 from ..perplexity import autocast_for
 from .base import LayerAlgorithm, LayerContext, LayerResult, run_layer
 
@@ -76,6 +77,7 @@ def train_layer(layer: nn.Module, index: int, ctx: LayerContext, cfg) -> LayerRe
     losses: list[float] = []
     if not groups or cfg.epochs == 0:
         return LayerResult(index, math.nan, math.nan, 0.0, losses)
+    set_weight_recompute(layer, ctx.large_layer)
     opt = torch.optim.AdamW(groups, weight_decay=0.0)
     transforms = list(iter_transforms(layer))
     total = cfg.epochs * steps
