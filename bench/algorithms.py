@@ -1,7 +1,10 @@
 """Algorithms side by side on SmolLM2 (fp32, CPU): FP, RTN W4A4, QuaRot-RTN W4A4 and QuaRot-GPTQ W4A4 perplexity at
 --ppl_seqlen on WikiText-2 test (wiki.test.raw), calibrating (GPTQ only; RTN and QuaRot-RTN need no data) on
-WikiText-2 validation (wiki.valid.tokens), which is disjoint from it. FlatQuant-RTN / FlatQuant-GPTQ join once the
-layer-wise pipeline's algorithm hooks are merged.
+WikiText-2 validation (wiki.valid.tokens), which is disjoint from it.
+
+It stands outside the layer-wise pipeline on purpose: its GPTQ is the classic sequential one (each layer's Hessians
+from the previous layers' quantized outputs), while the pipeline's (`bench/quality.py`, which has every algorithm
+side by side) takes each layer's full-precision inputs, so layers stay independent (resume, torchrun ranges).
 
     python bench/algorithms.py                          # whole test file (slow on 2 vCPUs)
     python bench/algorithms.py --ppl_max_windows 40     # first 40 windows

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -24,13 +23,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
 
-
-def cpu_line() -> str:
-    from core.device import cpu_flags, cpu_model
-
-    flags = [f for f in sorted(cpu_flags()) if f.startswith(("avx", "amx", "fma", "asimd", "sve"))]
-    return f"{cpu_model()} ({os.cpu_count()} logical CPUs; {' '.join(flags)})"
+from latency import machine_info  # noqa: E402  bench/latency.py: CPU model, key flags, load
 
 
 def run(cmd: list[str], threads: int, out: Path) -> float:
@@ -67,7 +62,9 @@ def main() -> None:
     dist = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(args.nproc),
             *quantize[1:], "--distributed"]
     threads = os.cpu_count() or 1
-    print(f"# {cpu_line()}; load {os.getloadavg()}; python {platform.python_version()}", flush=True)
+    machine = machine_info()
+    print(f"# {machine['cpu_model']} ({machine['vcpus']} vCPUs), flags {' '.join(machine['key_flags'])}; load "
+          f"{machine['loadavg']}; python {machine['python']}", flush=True)
     print(f"# quantize {args.nsamples} x {args.seqlen} x {args.epochs} epochs, max_layers {args.max_layers}",
           flush=True)
     times: dict[str, list[float]] = {f"single_{threads}t": [], "single_1t": [], f"torchrun_{args.nproc}x1t": []}
@@ -85,7 +82,7 @@ def main() -> None:
             set(ref[i]) == set(got[i]) and all(ref[i][k].equal(got[i][k]) for k in ref[i]) for i in ref)
     med = {k: statistics.median(v) for k, v in times.items()}
     d = med[f"torchrun_{args.nproc}x1t"]
-    result = {"cpu": cpu_line(), "args": vars(args), "seconds": times, "median_s": med,
+    result = {"machine": machine, "args": vars(args), "seconds": times, "median_s": med,
               "speedup_vs_single_all_threads": med[f"single_{threads}t"] / d,
               "speedup_vs_single_1_thread": med["single_1t"] / d, "layers": len(ref),
               "matrices_equal_to_single_1_thread": equal}
