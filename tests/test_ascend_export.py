@@ -15,7 +15,8 @@ from core.config import parse_config
 from core.flat import fold_model
 from core.matrices import build_payload, save_matrices, uncalibrated_states
 from core.realquant import convert_model
-from core.realquant.ascend import export_ascend, parse_size, widen_skip_layers
+from core.realquant.ascend import export_ascend, widen_skip_layers
+from core.realquant.folder import parse_size
 from core.realquant.ascend_reference import (DESCRIPTION_FILE, INDEX_FILE, QUANT_TYPE, WEIGHTS_FILE, layout_problems,
                                              load_reference, load_tensors, server_factors)
 from core.transforms import kron_factors

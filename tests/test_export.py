@@ -1,5 +1,6 @@
 """`python -m core export --format native` (the default): the project's own real-quant checkpoint, written in the
 serving dtype, staged and renamed, and refused for targets that would lose data."""
+import copy
 import errno
 import os
 
@@ -39,6 +40,65 @@ def test_export_command_writes_a_loadable_checkpoint(tiny_qwen3_dir, tiny_qwen3,
     rc = main(["export", "--model_path", str(tiny_qwen3_dir), "--flat_matrix_path", str(tmp_path / "nope.pth"),
                "--output_dir", str(tmp_path / "other")])
     assert rc == 2 and "does not exist" in capsys.readouterr().err
+
+
+def test_native_export_streams_layers_into_shards_that_load_back_exactly(tiny_qwen3_dir, tiny_qwen3, tmp_path,
+                                                                         capsys):
+    """Issue 10: the native export writes one decoder layer at a time (each released once written) into shards of at
+    most --shard_size with an index; the sharded folder loads back to the same logits as the in-memory conversion,
+    and a missing shard is refused with one clear message."""
+    import json
+
+    from core.errors import ModelLoadError
+
+    matrix = _matrix(tmp_path, tiny_qwen3)
+    out = tmp_path / "sharded"
+    rc = main(["export", "--model_path", str(tiny_qwen3_dir), "--flat_matrix_path", str(matrix),
+               "--output_dir", str(out), "--dtype", "float32", "--shard_size", "300KB"])
+    text = capsys.readouterr().out
+    assert rc == 0 and "safetensors shards" in text and "one decoder layer at a time" in text
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    shards = sorted(p.name for p in out.glob("model-*-of-*.safetensors"))
+    assert len(shards) >= 3 and not (out / "model.safetensors").exists()
+    assert sorted(set(index["weight_map"].values())) == shards
+    per_shard = {f: sum(1 for v in index["weight_map"].values() if v == f) for f in shards}
+    header = 64 * 1024  # safetensors' JSON header
+    assert all((out / f).stat().st_size <= 300 * 1024 + header or per_shard[f] == 1 for f in shards)
+    fake = load_model(str(tiny_qwen3_dir)).model
+    load_matrices(matrix, fake)
+    ids = torch.randint(0, 100, (2, 7))
+    with torch.no_grad():
+        ref = convert_model(fake)(input_ids=ids).logits
+        assert torch.equal(load_checkpoint(out).model(input_ids=ids).logits, ref)
+    (out / shards[1]).unlink()
+    with pytest.raises(ModelLoadError, match="lacks " + shards[1]):
+        load_checkpoint(out)
+
+
+def test_export_of_a_model_in_memory_leaves_it_unchanged(tiny_qwen3, tmp_path):
+    """The GUI / `quantize --export native` path converts a copy of one layer at a time, never the whole model."""
+    from core.flat import FlatQuantLinear, fold_model
+    from core.realquant.ascend import export_quantized
+
+    cfg = parse_config(None)
+    quantized, _ = uncalibrated_states(tiny_qwen3, cfg)
+    fold_model(quantized)
+    before = {k: v.clone() for k, v in quantized.state_dict().items()}
+    ids = torch.randint(0, 100, (1, 5))
+    with torch.no_grad():
+        fake_logits = quantized(input_ids=ids).logits
+    export_quantized(quantized, cfg, None, "smollm2", tmp_path / "ck", "native", say=lambda s: None)
+    assert sum(isinstance(m, FlatQuantLinear) for m in quantized.modules()) > 0
+    after = quantized.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    # the same folder as converting a whole copy at once (the serving dtype of the smollm2 source: bf16)
+    from core.realquant.checkpoint import export_checkpoint
+
+    export_checkpoint(copy.deepcopy(quantized), None, tmp_path / "whole", cfg, dtype=torch.bfloat16)
+    with torch.no_grad():
+        a = load_checkpoint(tmp_path / "ck").model(input_ids=ids).logits
+        b = load_checkpoint(tmp_path / "whole").model(input_ids=ids).logits
+    assert torch.equal(a, b) and a.shape == fake_logits.shape
 
 
 def test_default_export_keeps_float_parts_in_the_serving_dtype(tiny_qwen3_dir, tiny_qwen3, tmp_path, capsys):
@@ -84,13 +144,12 @@ def test_native_export_refuses_targets_that_lose_data(tiny_qwen3_dir, tiny_qwen3
     file_target.write_text("")
     refused(base + [str(file_target)], "is a file")
 
-    import core.report
+    import safetensors.torch
 
-    def full_disk(path, data):
+    def full_disk(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(core.report, "atomic_write_bytes", full_disk)
-    monkeypatch.setattr("core.realquant.checkpoint.atomic_write_bytes", full_disk)
+    monkeypatch.setattr(safetensors.torch, "save_file", full_disk)  # the shard writer's first shard
     refused(base + [str(busy), "--overwrite"], "No space left on device")
     assert (busy / "x").read_text() == "keep" and not list(tmp_path.glob(".busy*"))
 

@@ -33,8 +33,8 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="auto", choices=DTYPES,
                    help="dtype of the float parts (embeddings, norms, transforms): auto = the model's own 16-bit "
                         "dtype, bfloat16 for a float32 checkpoint (the serving dtype)")
-    p.add_argument("--shard_size", default="2GB", help="ascend: largest safetensors shard (e.g. 2GB, 500MB); larger "
-                                                       "models get -0000i-of-0000n shards and an index file")
+    p.add_argument("--shard_size", default="2GB", help="largest safetensors shard (e.g. 2GB, 500MB); larger models get "
+                                                       "-0000i-of-0000n shards and an index file")
     p.add_argument("--backend", default="auto", help="native: real-quant backend for the conversion: auto | cpu | "
                                                      "cpu-torch | cuda | npu (the stored format is the same for all)")
     p.add_argument("--device", default="cpu", help="native: where to load the model: cpu (default) | cuda | npu | "
@@ -49,7 +49,7 @@ def _dtypes(args, model_path: str):
     """(dtype to load the model in, dtype of the exported float parts)."""
     import torch
 
-    from ..realquant.ascend import serving_dtype, source_dtype
+    from ..realquant.folder import serving_dtype, source_dtype
 
     own = source_dtype(model_path)
     out = serving_dtype(own) if args.dtype == "auto" else getattr(torch, args.dtype)
@@ -61,7 +61,8 @@ def run(args: argparse.Namespace) -> int:
     from ..models import resolve_model_path
     from ..config import parse_config
     from ..errors import MatrixFileError
-    from ..realquant.ascend import check_config, check_fused_skips, check_target, parse_size
+    from ..realquant.ascend import check_config, check_fused_skips
+    from ..realquant.folder import check_target, parse_size
 
     source = resolve_model_path(args.model_path)
     check_target(args.output_dir, source, args.overwrite)  # before anything slow
@@ -92,7 +93,7 @@ def run(args: argparse.Namespace) -> int:
     check_identity(payload, loaded.model, args.flat_matrix_path)
     if args.format == "ascend":
         return _run_ascend(args, loaded, payload, cfg, source, out_dtype, shard_bytes)
-    return _run_native(args, loaded, payload, source, out_dtype)
+    return _run_native(args, loaded, payload, source, out_dtype, shard_bytes)
 
 
 def _run_ascend(args, loaded, payload, cfg, source, dtype, shard_bytes: int) -> int:
@@ -112,29 +113,34 @@ def _run_ascend(args, loaded, payload, cfg, source, dtype, shard_bytes: int) -> 
     return 0
 
 
-def _run_native(args, loaded, payload, source, dtype) -> int:
+def _run_native(args, loaded, payload, source, dtype, shard_bytes: int) -> int:
     import torch
 
-    from ..matrices import apply_matrices
-    from ..realquant.ascend import StagedFolder, check_target
+    from ..matrices import matrix_algorithm
     from ..realquant.checkpoint import export_checkpoint, load_checkpoint
-    from ..realquant.convert import convert_model, memory_sizes
+    from ..realquant.folder import StagedFolder, check_target
 
-    cfg = apply_matrices(loaded.model, payload, args.flat_matrix_path)
-    model = convert_model(loaded.model, args.backend)
-    mem = memory_sizes(model)
+    algo = matrix_algorithm(payload, args.flat_matrix_path)
+    algo.prepare_model(loaded.model)
+    layers = {int(i): s for i, s in payload["layers"].items()}
     target = check_target(args.output_dir, source, args.overwrite)
-    with StagedFolder(target) as staged:
-        info = export_checkpoint(model, loaded.tokenizer, staged.path, cfg, dtype=dtype)
+    with StagedFolder(target) as staged:  # one layer at a time; --verify keeps the converted model to compare
+        info = export_checkpoint(loaded.model, loaded.tokenizer, staged.path, algo.cfg, backend=args.backend,
+                                 dtype=dtype, layer_states=layers, algorithm=algo, consume=not args.verify,
+                                 shard_bytes=shard_bytes)
         staged.commit()
+    mem = info["in_memory"]
     mib = 2 ** 20
     print(f"Quantized linears on disk: {info['quantized_linear_bytes'] / mib:.2f} MiB (packed int4 + scales) vs "
           f"{info['quantized_linear_bf16_bytes'] / mib:.2f} MiB in bf16: {info['ratio_to_bf16']:.3f}x")
     print(f"Quantized linears in memory ({mem['backend']} backend, {', '.join(mem['weight_layout'])}): "
           f"{mem['in_memory_bytes'] / mib:.2f} MiB: {mem['ratio_to_bf16']:.3f}x of bf16")
-    print(f"Checkpoint: {target} (model.safetensors {info['file_bytes'] / mib:.1f} MiB, float parts in "
-          f"{str(dtype).replace('torch.', '')})")
+    files = info["files"]
+    print(f"Checkpoint: {target} ({files[0] if len(files) == 1 else f'{len(files)} safetensors shards'}, "
+          f"{info['file_bytes'] / mib:.1f} MiB, float parts in {str(dtype).replace('torch.', '')}; written one "
+          "decoder layer at a time)")
     if args.verify:
+        model = loaded.model
         _cast_like_a_load(model, dtype)
         reloaded = load_checkpoint(target, device=next(model.parameters()).device, backend=args.backend)
         ids = loaded.tokenizer("FlatQuant keeps the model's outputs close while its weights shrink to four bits.",

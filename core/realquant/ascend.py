@@ -19,12 +19,8 @@ The folder is written under a temp name beside the target, validated against the
 """
 from __future__ import annotations
 
-import errno
 import json
 import os
-import re
-import shutil
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Optional
@@ -38,108 +34,17 @@ from ..flat import FlatNormTransform, FlatQuantLinear, KVCacheQuantizer, is_wrap
 from ..matrices import apply_layer_matrices
 from ..models import decoder_layers, resolve_model_path
 from ..transforms import kronecker_matmul
-from .ascend_reference import (CONFIG_QUANTIZE, DESCRIPTION_FILE, FLOAT_TYPE, FUSED_GROUPS, INDEX_FILE,
-                               KRONECKER_MAX_FACTOR, QUANT_TYPE, WEIGHTS_FILE, WEIGHTS_STEM, layout_problems,
-                               server_factors, shard_name)
+from .ascend_reference import (CONFIG_QUANTIZE, DESCRIPTION_FILE, FLOAT_TYPE, FUSED_GROUPS, KRONECKER_MAX_FACTOR,
+                               QUANT_TYPE, WEIGHTS_STEM, layout_problems, server_factors)
 from .checkpoint import export_checkpoint
+from .folder import DEFAULT_SHARD_BYTES, ShardWriter, StagedFolder, check_target, serving_dtype, source_dtype
 from .packing import quantize_weight
 
-DEFAULT_SHARD_BYTES = 2 * 2 ** 30
 LAYER_PREFIX = "model.layers"
 GROUP_PARENTS = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "gate_proj": "mlp",
                  "up_proj": "mlp"}
 NOT_EXPORTED_NOTE = ("note: the run's fake-quant {what} setting(s) are not part of the exported model (vllm-ascend has "
                      "no FlatQuant method for them): exported FLOAT, in the original basis.")
-
-
-def parse_size(text: str | int) -> int:
-    """'2GB', '500MB', '64KiB' or a plain byte count -> bytes."""
-    if isinstance(text, int):
-        size = text
-    else:
-        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*", str(text).lower())
-        if not m:
-            raise ExportError(f"--shard_size {text!r} is not a size; write e.g. 2GB, 500MB or a byte count.")
-        unit = (m.group(2) or "b").rstrip("b").rstrip("i")
-        size = int(float(m.group(1)) * 1024 ** " kmgt".index(unit or " "))
-    if size < 1:
-        raise ExportError(f"--shard_size must be at least one byte, got {text!r}.")
-    return size
-
-
-def source_dtype(model_path: str | os.PathLike) -> torch.dtype:
-    """The dtype a model folder's config.json declares (float32 when it declares none)."""
-    try:
-        config = json.loads((Path(model_path) / "config.json").read_text())
-    except (OSError, ValueError):
-        return torch.float32
-    name = config.get("torch_dtype") or config.get("dtype") if isinstance(config, dict) else None
-    dtype = getattr(torch, name, None) if isinstance(name, str) else None
-    return dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else torch.float32
-
-
-def serving_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The float parts' default export dtype: the model's own 16-bit dtype, bfloat16 for a float32 checkpoint."""
-    return dtype if dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
-
-
-# --- the target folder --------------------------------------------------------------------------------------------
-
-
-def check_target(output_dir: str | os.PathLike, source_dir: Optional[str | os.PathLike] = None,
-                 overwrite: bool = False) -> Path:
-    """Refuse a target that is (inside) the source model's folder, holds the source model, is a file, or exists
-    and is not empty without ``overwrite``. Returns the resolved target."""
-    target = Path(output_dir).expanduser().resolve()
-    if source_dir is not None:
-        src = Path(source_dir).expanduser().resolve()
-        if target == src or src in target.parents:
-            raise ExportError(f"--output_dir {str(output_dir)!r} is the source model's folder or inside it; "
-                              "choose a new folder (the source weights would be overwritten).")
-        if target in src.parents:
-            raise ExportError(f"--output_dir {str(output_dir)!r} contains the source model; choose a new folder.")
-    if target.exists() and not target.is_dir():
-        raise ExportError(f"--output_dir {str(output_dir)!r} is a file; name a folder.")
-    if target.is_dir() and any(target.iterdir()) and not overwrite:
-        raise ExportError(f"--output_dir {str(output_dir)!r} exists and is not empty; choose a new folder or pass "
-                          "--overwrite to replace it.")
-    return target
-
-
-class StagedFolder:
-    """A temp folder beside ``target``; ``commit()`` renames it into place (replacing an old target). Leaving the
-    ``with`` block without commit, or any OSError, removes it."""
-
-    def __init__(self, target: Path):
-        self.target = target
-        self.path = target.parent / f".{target.name}.partial-{uuid.uuid4().hex[:8]}"
-
-    def __enter__(self) -> "StagedFolder":
-        try:
-            self.path.mkdir(parents=True)
-        except OSError as exc:
-            raise ExportError(f"cannot create the output folder next to {self.target.name!r}: "
-                              f"{exc.strerror or exc}.") from exc
-        return self
-
-    def commit(self) -> None:
-        old = None
-        if self.target.exists():
-            old = self.target.parent / f".{self.target.name}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(self.target, old)
-        os.replace(self.path, self.target)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-
-    def __exit__(self, exc_type, exc, tb):
-        if self.path.exists():
-            shutil.rmtree(self.path, ignore_errors=True)
-        if isinstance(exc, OSError):
-            why = os.strerror(exc.errno) if exc.errno else str(exc)
-            hint = " Free some space and export again." if exc.errno in (errno.ENOSPC, errno.EDQUOT) else ""
-            raise ExportError(f"writing the export failed ({why}); nothing was written to "
-                              f"{self.target.name!r}.{hint}") from exc
-        return False
 
 
 # --- skip_layers vs vLLM's fused layers -------------------------------------------------------------------------
@@ -290,59 +195,6 @@ def layer_tensors(layer: nn.Module, prefix: str, dtype: torch.dtype, stats: Expo
     return out
 
 
-# --- the writer -----------------------------------------------------------------------------------------------------
-
-
-class ShardWriter:
-    """Appends tensors to the current shard and writes it once it reaches ``shard_bytes``; ``finish()`` names the
-    shards ``-0000i-of-0000n`` with an index (or one file when a single shard suffices) and writes the description."""
-
-    def __init__(self, folder: Path, shard_bytes: int):
-        self.folder, self.shard_bytes = folder, shard_bytes
-        self.pending: dict[str, torch.Tensor] = {}
-        self.pending_bytes = 0
-        self.parts: list[tuple[str, list[str]]] = []
-        self.types: dict[str, str] = {}
-        self.bytes_by_type: dict[str, int] = {}
-        self.total = 0
-
-    def add(self, name: str, tensor: torch.Tensor, kind: str) -> None:
-        if name in self.types:
-            raise ExportError(f"tensor {name} exported twice")
-        nbytes = tensor.numel() * tensor.element_size()
-        if self.pending and self.pending_bytes + nbytes > self.shard_bytes:
-            self.flush()
-        self.pending[name] = tensor
-        self.pending_bytes += nbytes
-        self.types[name] = kind
-        self.bytes_by_type[kind] = self.bytes_by_type.get(kind, 0) + nbytes
-        self.total += nbytes
-
-    def flush(self) -> None:
-        if not self.pending:
-            return
-        from safetensors.torch import save_file
-
-        part = f".part-{len(self.parts):05d}.safetensors"
-        save_file(self.pending, str(self.folder / part), metadata={"format": "pt"})
-        self.parts.append((part, list(self.pending)))
-        self.pending, self.pending_bytes = {}, 0
-
-    def finish(self, extra_types: Optional[dict] = None) -> list[str]:
-        self.flush()
-        total = len(self.parts)
-        names = [WEIGHTS_FILE] if total == 1 else [shard_name(i + 1, total) for i in range(total)]
-        for (part, _), final in zip(self.parts, names):
-            os.replace(self.folder / part, self.folder / final)
-        if total > 1:
-            index = {"metadata": {"total_size": self.total},
-                     "weight_map": {t: final for (_, tensors), final in zip(self.parts, names) for t in tensors}}
-            (self.folder / INDEX_FILE).write_text(json.dumps(index, indent=2))
-        description = {"model_quant_type": QUANT_TYPE, **self.types, **(extra_types or {})}
-        (self.folder / DESCRIPTION_FILE).write_text(json.dumps(description, indent=2))
-        return names
-
-
 def _model_dtype(model: nn.Module) -> torch.dtype:
     dtypes = [p.dtype for p in model.parameters() if p.is_floating_point() and not p.is_meta]
     return max(set(dtypes), key=dtypes.count) if dtypes else torch.float32
@@ -395,7 +247,7 @@ def export_ascend(model: nn.Module, cfg, tokenizer, output_dir: str | os.PathLik
     dtype = dtype or _model_dtype(model)
     stats = ExportStats()
     with StagedFolder(target) as staged:
-        writer = ShardWriter(staged.path, shard_bytes)
+        writer = ShardWriter(staged.path, shard_bytes, WEIGHTS_STEM)
         tied = bool(getattr(model.config, "tie_word_embeddings", False))
         rest = {k: t for k, t in model.state_dict().items() if not k.startswith(LAYER_PREFIX + ".")}
         if tied and "lm_head.weight" in rest:
@@ -411,7 +263,9 @@ def export_ascend(model: nn.Module, cfg, tokenizer, output_dir: str | os.PathLik
                 writer.add(name, t, kind)
             if consume:
                 layers[i].to("meta")
-        files = writer.finish({"lm_head.weight": FLOAT_TYPE} if tied else None)
+        files = writer.finish()
+        description = {"model_quant_type": QUANT_TYPE, **writer.types, **({"lm_head.weight": FLOAT_TYPE} if tied else {})}
+        (staged.path / DESCRIPTION_FILE).write_text(json.dumps(description, indent=2))
         stats.quantized_bytes = writer.bytes_by_type.get(QUANT_TYPE, 0)
         _write_config(model, tokenizer, staged.path, dtype)
         problems = layout_problems(staged.path)
@@ -453,7 +307,6 @@ def export_quantized(quantized: nn.Module, cfg, tokenizer, source: str, output_d
     """Write a folded fake-quant model held in memory (a quantize run's result; not modified) to ``output_dir``
     in ``fmt`` (ascend | native), replacing an earlier export there. ``source``: the model's path (or 'smollm2'),
     refused as a target; its config.json dtype decides the float parts' dtype (see serving_dtype)."""
-    import copy
 
     source_dir = resolve_model_path(source)
     dtype = serving_dtype(source_dtype(source_dir))
@@ -461,7 +314,7 @@ def export_quantized(quantized: nn.Module, cfg, tokenizer, source: str, output_d
         return export_ascend(quantized, cfg, tokenizer, output_dir, overwrite=True, source_dir=source_dir,
                              dtype=dtype, say=say)
     target = check_target(output_dir, source_dir, overwrite=True)
-    with StagedFolder(target) as staged:
-        info = export_checkpoint(copy.deepcopy(quantized), tokenizer, staged.path, cfg, dtype=dtype)
+    with StagedFolder(target) as staged:  # each layer copied and converted in turn: the model stays as it is
+        info = export_checkpoint(quantized, tokenizer, staged.path, cfg, dtype=dtype, keep_model=True)
         staged.commit()
     return dict(info, output_dir=str(target))

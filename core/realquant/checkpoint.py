@@ -2,7 +2,9 @@
 
   model.safetensors   every tensor: packed int4 codes (``<linear>.qweight``, uint8 [out, ceil(in/2)], two codes per
                       byte, see core.realquant.packing) with fp32 per-channel scales (``<linear>.w_scale``), the
-                      online transforms and biases of those linears, and all the other (float) weights as they are
+                      online transforms and biases of those linears, and all the other (float) weights as they are;
+                      above the shard size, model-0000i-of-0000n.safetensors + model.safetensors.index.json (the
+                      export streams one decoder layer at a time into them)
   quant_config.json   format, model identity, the FlatQuant config, and one entry per converted module (kind, widths,
                       bits, activation clip ratio, shared-input group), plus the byte counts of the quantized linears
   config.json, generation_config.json, tokenizer files   as transformers writes them
@@ -12,6 +14,7 @@ modules in place from the stored codes, and assigns the remaining tensors. Read 
 """
 from __future__ import annotations
 
+import copy
 import json
 import os
 from pathlib import Path
@@ -20,18 +23,22 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ..errors import ModelLoadError
-from ..flat import ATTN_KEY, KVCacheQuantizer, register_attention
-from ..models import LoadedModel, model_identity, read_architecture
+from ..errors import FlatQuantError, ModelLoadError
+from ..flat import ATTN_KEY, FlatQuantLinear, KVCacheQuantizer, register_attention
+from ..matrices import apply_layer_matrices
+from ..models import LoadedModel, decoder_layers, model_identity, read_architecture
 from ..quantizer import SharedInputQuant
 from ..report import atomic_write_bytes
 from .backends import select_backend
-from .convert import convert_model, is_real_quant
+from .convert import convert_model, memory_sizes
+from .folder import DEFAULT_SHARD_BYTES, ShardWriter
 from .modules import FrozenQuantLinear, RealQuantLinear, TransformedNorm
 from .packing import pack_int4, unpack_int4
 
 FORMAT = "flatquant-studio/realquant-checkpoint/1"
-TENSORS_FILE = "model.safetensors"
+TENSORS_STEM = "model"
+TENSORS_FILE = TENSORS_STEM + ".safetensors"
+INDEX_FILE = TENSORS_FILE + ".index.json"
 MANIFEST_FILE = "quant_config.json"
 
 
@@ -53,86 +60,123 @@ def _linear_entry(kind: str, m: nn.Module, group: Optional[str]) -> dict:
             "transform": m.trans_left is not None, "shared_input": group}
 
 
-@torch.no_grad()
-def export_checkpoint(model: nn.Module, tokenizer, output_dir: str | os.PathLike, config=None,
-                      backend: str = "auto", dtype: Optional[torch.dtype] = None) -> dict:
-    """Convert ``model`` (folded fake-quant, or already converted) in place if needed and write the checkpoint
-    folder. ``config``: the FlatQuantConfig (or its dict) recorded in quant_config.json. ``dtype``: the float
-    parts' dtype on disk (default: as they are; per-channel scales stay fp32). Returns the summary that is also
-    stored there under "sizes" plus the written paths."""
-    from safetensors.torch import save
+class _Collected:
+    """What the export has gathered so far, besides the tensors (those go to the shard writer)."""
 
-    if not is_real_quant(model):
-        model = convert_model(model, backend)
-    out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    def __init__(self, dtype: Optional[torch.dtype]):
+        self.dtype = dtype
+        self.modules: dict[str, dict] = {}
+        self.aliases: dict[str, str] = {}
+        self.q_bytes = self.bf16_bytes = 0
+        self.float_dtypes: set = set()
+        self.in_memory = {"in_memory_bytes": 0, "bf16_bytes": 0, "backend": None, "weight_layout": set()}
 
-    modules: dict[str, dict] = {}
-    tensors: dict[str, torch.Tensor] = {}
+    def count_in_memory(self, part: nn.Module) -> None:
+        sizes = memory_sizes(part)
+        for key in ("in_memory_bytes", "bf16_bytes"):
+            self.in_memory[key] += sizes[key]
+        self.in_memory["backend"] = sizes["backend"] or self.in_memory["backend"]
+        self.in_memory["weight_layout"].update(sizes["weight_layout"])
+
+    def add(self, writer: ShardWriter, name: str, t: torch.Tensor, quantized: bool = False) -> None:
+        t = t.detach().cpu()
+        if t.is_floating_point() and not name.endswith(".w_scale"):
+            t = t.to(self.dtype) if self.dtype is not None else t
+            self.float_dtypes.add(t.dtype)
+        if quantized:
+            self.q_bytes += t.numel() * t.element_size()
+        writer.add(name, t.contiguous())
+
+
+def _write_part(module: nn.Module, prefix: str, writer: ShardWriter, got: _Collected, skip: tuple = ()) -> None:
+    """Every tensor of ``module`` (names under ``prefix``), its converted modules' manifest entries and packed codes;
+    state-dict keys starting with ``skip`` are left to another part."""
     groups: dict[int, str] = {}
-    q_bytes = bf16_bytes = 0
     handled: list[str] = []
-    for name, m in model.named_modules():
-        if isinstance(m, RealQuantLinear):
-            group = None
-            if m.shared is not None:
-                group = groups.setdefault(id(m.shared), name)
-            modules[name] = _linear_entry("realquant", m, group)
-            own = {"qweight": _pack_codes(m.weight_codes(), m.w_bits), "w_scale": m.w_scale.float().cpu()}
-            for key in ("bias", "trans_left", "trans_right"):
-                if getattr(m, key) is not None:
-                    own[key] = getattr(m, key).cpu()
-            q_bytes += sum(t.numel() * t.element_size() for t in own.values())
-            bf16_bytes += 2 * m.out_features * (m.in_features + (1 if m.bias is not None else 0))
-            tensors.update({f"{name}.{k}": v.contiguous() for k, v in own.items()})
-            handled.append(name)
-        elif isinstance(m, FrozenQuantLinear):
-            modules[name] = _linear_entry("frozen", m, None)
+    dot = prefix + "." if prefix else ""
+    for rel, m in module.named_modules():
+        name = dot + rel if rel else prefix
+        if skip and (name + ".").startswith(skip):
+            continue
+        if isinstance(m, (RealQuantLinear, FrozenQuantLinear)):
+            real = isinstance(m, RealQuantLinear)
+            group = groups.setdefault(id(m.shared), name) if real and m.shared is not None else None
+            got.modules[name] = _linear_entry("realquant" if real else "frozen", m, group)
             codes = m.weight_codes()
-            own = {"weight": m.weight.cpu()} if codes is None else {"qweight": _pack_codes(codes, m.w_bits),
-                                                                    "w_scale": m.w_scale.float().cpu()}
+            own = {"weight": m.weight} if codes is None else {"qweight": _pack_codes(codes, m.w_bits),
+                                                              "w_scale": m.w_scale.float()}
             for key in ("bias", "trans_left", "trans_right"):
                 if getattr(m, key) is not None:
-                    own[key] = getattr(m, key).cpu()
-            tensors.update({f"{name}.{k}": v.contiguous() for k, v in own.items()})
-            handled.append(name)
+                    own[key] = getattr(m, key)
+            for key, t in own.items():
+                got.add(writer, f"{name}.{key}", t, quantized=real)
+            if real:
+                got.bf16_bytes += 2 * m.out_features * (m.in_features + (1 if m.bias is not None else 0))
+            handled.append(name + ".")
         elif isinstance(m, TransformedNorm):
-            modules[name] = {"kind": "norm_transform", "left": m.left.shape[0], "right": m.right.shape[0]}
+            got.modules[name] = {"kind": "norm_transform", "left": m.left.shape[0], "right": m.right.shape[0]}
         elif isinstance(m, KVCacheQuantizer):
-            modules[name] = {"kind": "kv_quantizer", "k_bits": m.k_bits, "k_sym": m.k_sym, "v_bits": m.v_bits,
-                             "v_sym": m.v_sym, "head_dim": _kv_head_dim(m)}
-
-    prefixes = tuple(n + "." for n in handled)
-    aliases: dict[str, str] = {}
-    seen: dict[tuple, str] = {}
-    for key, t in model.state_dict().items():
-        if key.startswith(prefixes):
+            got.modules[name] = {"kind": "kv_quantizer", "k_bits": m.k_bits, "k_sym": m.k_sym, "v_bits": m.v_bits,
+                                 "v_sym": m.v_sym, "head_dim": _kv_head_dim(m)}
+    seen: dict[tuple, str] = {}  # per part: a freed layer's addresses may be reused by the next one
+    for key, t in module.state_dict(prefix=dot).items():
+        if key.startswith(tuple(handled)) or (skip and key.startswith(skip)):
             continue
         ident = (t.data_ptr(), t.shape, t.dtype) if t.numel() else (key,)
         if ident in seen:  # tied weights (lm_head = embed_tokens): stored once
-            aliases[key] = seen[ident]
+            got.aliases[key] = seen[ident]
             continue
         seen[ident] = key
-        tensors[key] = t.detach().cpu().contiguous()
+        got.add(writer, key, t)
 
-    if dtype is not None:
-        tensors = {n: t.to(dtype) if t.is_floating_point() and not n.endswith(".w_scale") else t
-                   for n, t in tensors.items()}
-        q_bytes = sum(t.numel() * t.element_size() for n, t in tensors.items() if n.rpartition(".")[0] in handled
-                      and modules[n.rpartition(".")[0]]["kind"] == "realquant")
-    sizes = {"quantized_linear_bytes": q_bytes, "quantized_linear_bf16_bytes": bf16_bytes,
-             "ratio_to_bf16": (q_bytes / bf16_bytes) if bf16_bytes else None,
-             "file_bytes": None}
+
+@torch.no_grad()
+def export_checkpoint(model: nn.Module, tokenizer, output_dir: str | os.PathLike, config=None,
+                      backend: str = "auto", dtype: Optional[torch.dtype] = None, *,
+                      layer_states: Optional[dict] = None, algorithm=None, consume: bool = False,
+                      keep_model: bool = False, shard_bytes: int = DEFAULT_SHARD_BYTES) -> dict:
+    """Write the checkpoint folder, streaming one decoder layer at a time into safetensors shards of at most
+    ``shard_bytes`` (one ``model.safetensors`` when it fits, else ``model-0000i-of-0000n.safetensors`` + an index).
+
+    ``model``: a folded fake-quant model (each layer converted in place on ``backend``; with ``keep_model`` a copy of
+    each layer is converted instead, one at a time, and the model is left as it was), an already converted one, or a
+    float model plus ``layer_states`` (a matrix file's ``payload["layers"]``) that ``algorithm`` rebuilds and folds
+    here layer by layer; with ``consume`` each layer is released (to the meta device) once written, so the extra
+    memory is one converted layer plus one shard. ``config``: the FlatQuantConfig (or its dict) recorded in
+    quant_config.json. ``dtype``: the float parts' dtype on disk (default: as they are; per-channel scales stay fp32).
+    Returns the summary also stored under "sizes", the in-memory sizes of the converted linears and the paths."""
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    layers = decoder_layers(model)
+    layers_name = next(n for n, m in model.named_modules() if m is layers)
+    writer = ShardWriter(out, shard_bytes, TENSORS_STEM)
+    got = _Collected(dtype)
+    if layer_states is None and not any(isinstance(m, (FlatQuantLinear, RealQuantLinear)) for m in model.modules()):
+        raise FlatQuantError("The model has no FlatQuant layers to export; calibrate it (quantize) or load a "
+                             "flat_matrices.pth first.")
+    _write_part(model, "", writer, got, skip=(layers_name + ".",))
+    for i in range(len(layers)):
+        if layer_states is not None and i in layer_states:
+            apply_layer_matrices(layers, i, algorithm, layer_states[i])
+        part = copy.deepcopy(layers[i]) if keep_model else layers[i]
+        if any(isinstance(m, FlatQuantLinear) for m in part.modules()):
+            convert_model(part, backend)
+        got.count_in_memory(part)
+        _write_part(part, f"{layers_name}.{i}", writer, got)
+        del part
+        if consume:
+            layers[i].to("meta")
+    files = writer.finish()
+    sizes = {"quantized_linear_bytes": got.q_bytes, "quantized_linear_bf16_bytes": got.bf16_bytes,
+             "ratio_to_bf16": (got.q_bytes / got.bf16_bytes) if got.bf16_bytes else None,
+             "file_bytes": sum((out / f).stat().st_size for f in files), "files": files}
     cfg_dict = config.to_amct_dict() if hasattr(config, "to_amct_dict") else config
-    dtypes = {t.dtype for n, t in tensors.items() if t.is_floating_point() and not n.endswith(".w_scale")}
     manifest = {"format": FORMAT, "architecture": type(model).__name__, "identity": model_identity(model),
-                "flatquant_config": cfg_dict, "dtype": _dtype_name(next(iter(dtypes))) if len(dtypes) == 1 else None,
-                "modules": modules, "aliases": aliases, "sizes": sizes,
+                "flatquant_config": cfg_dict,
+                "dtype": _dtype_name(next(iter(got.float_dtypes))) if len(got.float_dtypes) == 1 else None,
+                "modules": got.modules, "aliases": got.aliases, "sizes": sizes,
                 "weight_format": "int4 codes packed two per byte (low nibble = even input index, two's complement); "
                                  "8-bit codes stored as int8; fp32 per-output-channel scales"}
-    data = save(tensors, metadata={"format": FORMAT})
-    atomic_write_bytes(out / TENSORS_FILE, data)
-    sizes["file_bytes"] = len(data)
     if not getattr(model.config, "architectures", None):  # a model built in code has none; the loader needs it
         model.config.architectures = [type(model).__name__]
     model.config.save_pretrained(out)
@@ -145,8 +189,11 @@ def export_checkpoint(model: nn.Module, tokenizer, output_dir: str | os.PathLike
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
     atomic_write_bytes(out / MANIFEST_FILE, json.dumps(manifest, indent=2).encode())
-    return {"output_dir": str(out), "tensors": str(out / TENSORS_FILE), "manifest": str(out / MANIFEST_FILE),
-            **sizes}
+    mem = got.in_memory
+    in_memory = dict(mem, weight_layout=sorted(mem["weight_layout"]),
+                     ratio_to_bf16=(mem["in_memory_bytes"] / mem["bf16_bytes"]) if mem["bf16_bytes"] else None)
+    return {"output_dir": str(out), "tensors": [str(out / f) for f in files], "manifest": str(out / MANIFEST_FILE),
+            "in_memory": in_memory, **sizes}
 
 
 def _kv_head_dim(m: nn.Module) -> int:
@@ -160,7 +207,7 @@ def read_manifest(path: str | os.PathLike) -> dict:
     path = Path(path)
     if not path.is_dir():
         raise ModelLoadError(f"Checkpoint folder {str(path)!r} does not exist; pass the --output_dir of an export.")
-    for name in (MANIFEST_FILE, TENSORS_FILE, "config.json"):
+    for name in (MANIFEST_FILE, "config.json"):
         if not (path / name).is_file():
             raise ModelLoadError(f"{str(path)!r} has no {name}; it is not a complete real-quant checkpoint "
                                  "(write one with `python -m core export`).")
@@ -171,7 +218,27 @@ def read_manifest(path: str | os.PathLike) -> dict:
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise ModelLoadError(f"{str(path)!r} is not a FlatQuant Studio real-quant checkpoint (format "
                              f"{manifest.get('format') if isinstance(manifest, dict) else None!r}).")
+    tensor_files(path)
     return manifest
+
+
+def tensor_files(path: Path) -> list[Path]:
+    """The checkpoint's safetensors files: the shards its index names, or the one model.safetensors."""
+    if (path / INDEX_FILE).is_file():
+        try:
+            weight_map = json.loads((path / INDEX_FILE).read_text())["weight_map"]
+            files = sorted({path / f for f in weight_map.values()})
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise ModelLoadError(f"{str(path / INDEX_FILE)!r} is not a valid index ({exc}); export again.") from exc
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise ModelLoadError(f"{str(path)!r} lacks {missing[0]}, named by {INDEX_FILE}; the checkpoint is "
+                                 "incomplete, export again.")
+        return files
+    if not (path / TENSORS_FILE).is_file():
+        raise ModelLoadError(f"{str(path)!r} has no {TENSORS_FILE}; it is not a complete real-quant checkpoint "
+                             "(write one with `python -m core export`).")
+    return [path / TENSORS_FILE]
 
 
 def _take(tensors: dict, prefix: str, key: str, device) -> Optional[torch.Tensor]:
@@ -214,10 +281,12 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu",
     manifest = read_manifest(path)
     arch = read_architecture(path)
     device = torch.device(device)
-    try:
-        tensors = load_file(str(path / TENSORS_FILE), device="cpu")
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise ModelLoadError(f"{str(path / TENSORS_FILE)!r} is corrupt or truncated ({exc}); export again.") from exc
+    tensors: dict = {}
+    for file in tensor_files(path):
+        try:
+            tensors.update(load_file(str(file), device="cpu"))
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise ModelLoadError(f"{str(file)!r} is corrupt or truncated ({exc}); export again.") from exc
     config = AutoConfig.from_pretrained(path, local_files_only=True)
     modules = manifest.get("modules", {})
     if any(e.get("kind") == "kv_quantizer" for e in modules.values()):
@@ -282,4 +351,4 @@ def quantized_linear_sizes(path: str | os.PathLike) -> dict:
     return read_manifest(path)["sizes"]
 
 
-__all__ = ["FORMAT", "export_checkpoint", "load_checkpoint", "read_manifest", "quantized_linear_sizes"]
+__all__ = ["FORMAT", "export_checkpoint", "load_checkpoint", "read_manifest", "tensor_files", "quantized_linear_sizes"]
