@@ -23,9 +23,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
 
-from latency import machine_info  # noqa: E402  bench/latency.py: CPU model, key flags, load
+from core.device import machine_line, machine_summary  # noqa: E402
 
 
 def run(cmd: list[str], threads: int, out: Path) -> float:
@@ -62,9 +61,8 @@ def main() -> None:
     dist = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(args.nproc),
             *quantize[1:], "--distributed"]
     threads = os.cpu_count() or 1
-    machine = machine_info()
-    print(f"# {machine['cpu_model']} ({machine['vcpus']} vCPUs), flags {' '.join(machine['key_flags'])}; load "
-          f"{machine['loadavg']}; python {machine['python']}", flush=True)
+    machine = machine_summary()
+    print(f"# {machine_line(machine)}", flush=True)
     print(f"# quantize {args.nsamples} x {args.seqlen} x {args.epochs} epochs, max_layers {args.max_layers}",
           flush=True)
     times: dict[str, list[float]] = {f"single_{threads}t": [], "single_1t": [], f"torchrun_{args.nproc}x1t": []}

@@ -59,15 +59,11 @@ def main() -> None:
             time.sleep(1.0)
         wall = time.monotonic() - t0
         report = __import__("json").loads((Path(st["output_dir"]) / "report.json").read_text())
-    from core.device import compute_dtype, cpu_flags, cpu_model
+    from core.device import compute_dtype, machine_line
     from core import kernels as native
 
-    flags = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "asimddp")
-             if f in cpu_flags()]
-    print(f"CPU: {cpu_model()} ({os.cpu_count()} vCPUs), flags {' '.join(flags)}; compute dtype "
-          f"{str(compute_dtype('cpu')).replace('torch.', '')}; native path "
-          f"{native.requested_isa() if native.unsupported_reason() is None else 'none'}; "
-          f"load average {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
+    print(f"{machine_line()}; compute dtype {str(compute_dtype('cpu')).replace('torch.', '')}; native path "
+          f"{native.requested_isa() if native.unsupported_reason() is None else 'none'}")
     print(f"settings: {settings.cli_command('<run>')}")
     print(f"status: {st['status']} {st['error'] or ''}")
     print(f"app startup (process start to first HTTP answer): {startup:.1f} s")

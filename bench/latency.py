@@ -50,19 +50,12 @@ REPO = Path(__file__).resolve().parents[1]
 SHAPES = {"qkv/o 4096->4096": (4096, 4096, False), "gate/up 4096->11008": (4096, 11008, False),
           "down 11008->4096 (+transform)": (11008, 4096, True)}
 FLUSH_BYTES = 256 << 20  # written before each timed call: larger than any L3 here
-# flags worth a glance in the printout (the JSON keeps every flag)
-KEY_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx_vnni", "avx512_bf16",
-             "amx_bf16", "amx_int8", "asimddp", "sve")
-
-
 def machine_info() -> dict:
+    """core.device.machine_summary plus every flag (the printout shows the key ones) and the Python version."""
     sys.path.insert(0, str(REPO))
-    from core.device import cpu_flags, cpu_model, native_bf16
+    from core.device import cpu_flags, machine_summary
 
-    flags = sorted(cpu_flags())
-    return {"cpu_model": cpu_model(), "machine": platform.machine(), "vcpus": os.cpu_count(),
-            "key_flags": [f for f in KEY_FLAGS if f in flags], "native_bf16": native_bf16("cpu"),
-            "flags": flags, "loadavg": list(os.getloadavg()), "python": platform.python_version()}
+    return dict(machine_summary(), flags=sorted(cpu_flags()), python=platform.python_version())
 
 
 def _isa_label(isa: str, auto: str) -> str:

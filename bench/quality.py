@@ -20,7 +20,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import argparse  # noqa: E402
 import copy  # noqa: E402
 import json  # noqa: E402
-import platform  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 import traceback  # noqa: E402
@@ -32,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from core.calibrate import calibrate_model  # noqa: E402
 from core.config import parse_config  # noqa: E402
-from core.device import resolve_device  # noqa: E402
+from core.device import machine_line, machine_summary, resolve_device  # noqa: E402
 from core.data import check_disjoint, load_text, sample_windows, shared_data_dir, tokenize  # noqa: E402
 from core.models import load_model  # noqa: E402
 from core.perplexity import perplexity_from_ids  # noqa: E402
@@ -87,8 +86,7 @@ def main() -> None:
     print(f"# {lm.name} fp32 (storage and compute): PPL@{args.ppl_seqlen} on {windows} windows of {test_file.name} "
           f"({test_ids.numel()} tokens); calibration {args.nsamples} x {args.seqlen} x {args.epochs} epochs from "
           f"{calib_file.name}; o_proj {'W4A4' if args.use_o_quant else 'FP'}; torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}, device {device_label(device)}",
-          flush=True)
+          f"{torch.get_num_threads()} threads, device {device_label(device)}\n# {machine_line()}", flush=True)
 
     def ppl(model) -> float:
         model.to(device)  # SmolLM2 fits any device whole; the models share no tensors with a moved one afterwards
@@ -97,7 +95,8 @@ def main() -> None:
         finally:
             model.to("cpu")
 
-    results = {"setup": vars(args), "device": device_label(device), "windows": windows, "ppl": {}, "calibration_seconds": {}}
+    results = {"setup": vars(args), "device": device_label(device), "machine": machine_summary(), "windows": windows,
+               "ppl": {}, "calibration_seconds": {}}
     states: dict[str, tuple[dict, float]] = {}  # X-rtn's layer states and seconds, reused by X-gptq
     def row(method: str) -> None:
         t0 = time.monotonic()

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -203,14 +202,10 @@ def main() -> int:
         build_model(args._build[0], int(args._build[1]), work)
         return 0
     records: list = []
-    flags = ""
-    try:
-        flags = " ".join(sorted({f for line in open("/proc/cpuinfo") if line.startswith("flags")
-                                 for f in line.split(":")[1].split() if f.startswith(("avx512", "amx", "avx2"))}))
-    except OSError:
-        pass
-    emit({"kind": "machine", "cpu": platform.processor() or platform.machine(), "isa": flags,
-          "loadavg": os.getloadavg(), "device": args.device, "date": time.strftime("%Y-%m-%d %H:%M:%S")}, records)
+    from core.device import machine_summary
+
+    emit({"kind": "machine", **machine_summary(), "device": args.device, "date": time.strftime("%Y-%m-%d %H:%M:%S")},
+         records)
     names = list(SHAPES) if args.shape == "both" else [args.shape]
     py = sys.executable
     for name in names:

@@ -80,6 +80,30 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+# the flags that decide this project's code paths, for benchmark records (x86 and aarch64)
+KEY_CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx_vnni", "avx512_bf16",
+                 "amx_bf16", "amx_int8", "asimddp", "sve")
+
+
+def machine_summary() -> dict:
+    """What every benchmark records about the CPU it ran on: model, architecture, vCPUs, key flags, whether bf16 is
+    native, and the load average at the time."""
+    import platform
+
+    flags = cpu_flags()
+    return {"cpu_model": cpu_model(), "machine": platform.machine(), "vcpus": os.cpu_count(),
+            "key_flags": [f for f in KEY_CPU_FLAGS if f in flags], "native_bf16": native_bf16("cpu"),
+            "loadavg": [round(v, 2) for v in os.getloadavg()]}
+
+
+def machine_line(info: Optional[dict] = None) -> str:
+    """machine_summary() as one printable line."""
+    m = info or machine_summary()
+    return (f"CPU: {m['cpu_model']} ({m['machine']}, {m['vcpus']} vCPUs), flags {' '.join(m['key_flags']) or 'none'}, "
+            f"bf16 {'native' if m['native_bf16'] else 'emulated'}; load average "
+            f"{' '.join(f'{v:.2f}' for v in m['loadavg'])}")
+
+
 # x86 flags that mean bf16 matmuls run natively (oneDNN uses them); without them torch emulates bf16 in fp32
 # software loops, 5-10x slower than an fp32 matmul.
 NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
