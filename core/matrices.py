@@ -126,7 +126,15 @@ def matrix_algorithm(payload: dict, path: str = "") -> LayerAlgorithm:
 
 def _check_layer_index(layers: nn.ModuleList, i: int, path: str) -> None:
     if not 0 <= i < len(layers):
-        raise MatrixFileError(f"Matrix file {path!r} names layer {i}, but the model has {len(layers)} layers.")
+        source = f"Matrix file {path!r}" if path else "The layer states"
+        raise MatrixFileError(f"{source} holds a state for layer {i}, but the model has {len(layers)} layers.")
+
+
+def check_layer_indices(layers: nn.ModuleList, states, path: str = "") -> None:
+    """Refuse layer states for layers the model does not have, before anything changes (``states``: their
+    indices, or a dict keyed by them)."""
+    for i in states:
+        _check_layer_index(layers, int(i), path)
 
 
 def apply_layer_matrices(layers: nn.ModuleList, i: int, algo: LayerAlgorithm, state: dict, path: str = "") -> None:
@@ -148,8 +156,7 @@ def apply_matrices(model: nn.Module, payload: dict, path: str = "", copy_layers:
     algo = matrix_algorithm(payload, path)
     states = sorted((int(i), s) for i, s in payload["layers"].items())
     layers = decoder_layers(model)
-    for i, _ in states:  # before anything changes
-        _check_layer_index(layers, i, path)
+    check_layer_indices(layers, [i for i, _ in states], path)
     algo.prepare_model(model, unshare=copy_layers)
     for i, state in states:
         if copy_layers:
@@ -174,6 +181,7 @@ def load_matrices(path: str | os.PathLike, model: nn.Module, copy_layers: bool =
 
 __all__ = ["MATRIX_FILE", "RESUME_FILE", "build_payload", "non_finite_tensors", "save_matrices", "read_matrices",
            "read_complete_matrices",
-           "load_matrices", "apply_matrices", "apply_layer_matrices", "matrix_algorithm", "uncalibrated_states",
+           "load_matrices", "apply_matrices", "apply_layer_matrices", "check_layer_indices", "matrix_algorithm",
+           "uncalibrated_states",
            "check_identity",
            "apply_flat_structure"]

@@ -190,3 +190,19 @@ def test_export_refuses_matrix_files_it_would_rebuild_wrongly(tiny_qwen3_dir, ti
     errors = [line for line in err.splitlines() if line.startswith("error:")]
     assert rc == 2 and len(errors) == 1 and "--export native|ascend" in errors[0] and "Traceback" not in err, err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("fmt", ["native", "ascend"])
+def test_export_refuses_states_for_layers_the_model_lacks(tiny_qwen3_dir, tiny_qwen3, tmp_path, capsys, fmt):
+    """The streaming exporters visit the model's layers; a state for a layer it does not have is refused up front,
+    not silently skipped."""
+    cfg = parse_config(None)
+    _, states = uncalibrated_states(tiny_qwen3, cfg)
+    states[len(states) + 5] = states[0]
+    matrix = save_matrices(tmp_path / "m.pth", build_payload(tiny_qwen3, cfg, states, complete=True))
+    rc = main(["export", "--format", fmt, "--model_path", str(tiny_qwen3_dir), "--flat_matrix_path", str(matrix),
+               "--output_dir", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert rc == 2 and len(errors) == 1 and f"state for layer {len(states) + 4}," in errors[0]
+    assert not (tmp_path / "out").exists() and "Traceback" not in err

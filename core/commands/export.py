@@ -57,8 +57,8 @@ def _dtypes(args, model_path: str):
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..matrices import check_identity, read_complete_matrices
-    from ..models import resolve_model_path
+    from ..matrices import check_identity, check_layer_indices, read_complete_matrices
+    from ..models import decoder_layers, resolve_model_path
     from ..config import parse_config
     from ..errors import MatrixFileError
     from ..realquant.ascend import check_config, check_fused_skips
@@ -91,6 +91,7 @@ def run(args: argparse.Namespace) -> int:
           f"on {device} ...", file=sys.stderr)
     loaded = load_model(args.model_path, device=device, dtype=load_dtype)
     check_identity(payload, loaded.model, args.flat_matrix_path)
+    check_layer_indices(decoder_layers(loaded.model), payload["layers"], args.flat_matrix_path)
     if args.format == "ascend":
         return _run_ascend(args, loaded, payload, cfg, source, out_dtype, shard_bytes)
     return _run_native(args, loaded, payload, source, out_dtype, shard_bytes)

@@ -31,7 +31,7 @@ from torch import nn
 from ..algorithms import get_algorithm
 from ..errors import ExportError
 from ..flat import FlatNormTransform, FlatQuantLinear, KVCacheQuantizer, is_wrapped
-from ..matrices import apply_layer_matrices
+from ..matrices import apply_layer_matrices, check_layer_indices
 from ..models import decoder_layers, resolve_model_path
 from ..transforms import kronecker_matmul
 from .ascend_reference import (CONFIG_QUANTIZE, DESCRIPTION_FILE, FLOAT_TYPE, FUSED_GROUPS, KRONECKER_MAX_FACTOR,
@@ -238,9 +238,9 @@ def export_ascend(model: nn.Module, cfg, tokenizer, output_dir: str | os.PathLik
     layers = decoder_layers(model)
     algo = get_algorithm("flatquant", cfg)  # the layout is FlatQuant's (W4A4_FLATQUANT_DYNAMIC); no model-level step
     if layer_states is not None:
+        check_layer_indices(layers, layer_states)
         calibrated = sorted(int(i) for i in layer_states)
     else:
-
         calibrated = [i for i, layer in enumerate(layers) if is_wrapped(layer)]
     check_fused_skips(cfg, calibrated)
     target = check_target(output_dir, source_dir, overwrite)

@@ -25,7 +25,7 @@ from torch import nn
 
 from ..errors import FlatQuantError, ModelLoadError
 from ..flat import ATTN_KEY, FlatQuantLinear, KVCacheQuantizer, register_attention
-from ..matrices import apply_layer_matrices
+from ..matrices import apply_layer_matrices, check_layer_indices
 from ..models import LoadedModel, decoder_layers, model_identity, read_architecture
 from ..quantizer import SharedInputQuant
 from ..report import atomic_write_bytes
@@ -148,6 +148,7 @@ def export_checkpoint(model: nn.Module, tokenizer, output_dir: str | os.PathLike
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     layers = decoder_layers(model)
+    check_layer_indices(layers, layer_states or {})
     layers_name = next(n for n, m in model.named_modules() if m is layers)
     writer = ShardWriter(out, shard_bytes, TENSORS_STEM)
     got = _Collected(dtype)
