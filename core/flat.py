@@ -25,6 +25,72 @@ from .config import FlatQuantConfig
 from .quantizer import ActQuantizer, WeightQuantizer, fake_quant_asym, fake_quant_sym, integer_linear, quantize_codes
 from .transforms import KroneckerTransform, kronecker_matmul
 
+FOLD_BLOCK_ELEMENTS = 1 << 22  # folding: float64 temporaries of at most 32 MiB (a 7B weight whole is 360 MiB)
+
+
+def _fold_blocks(weight: torch.Tensor) -> list[tuple[int, int]]:
+    rows = weight.shape[0]
+    step = max(1, FOLD_BLOCK_ELEMENTS // max(1, weight.numel() // max(1, rows)))
+    return [(a, min(a + step, rows)) for a in range(0, rows, step)]
+
+
+WEIGHT_BLOCK_ELEMENTS = 1 << 22  # training with recompute: the weight is rebuilt in blocks of output rows this size
+
+
+def _weight_blocks(module: "FlatQuantLinear") -> list[tuple[int, int]]:
+    rows, cols = module.out_features, module.in_features
+    step = max(1, WEIGHT_BLOCK_ELEMENTS // max(1, cols))
+    return [(a, min(a + step, rows)) for a in range(0, rows, step)]
+
+
+class _RecomputedWeightLinear(torch.autograd.Function):
+    """``F.linear(x, module._quantized_weight(), bias)`` in training that keeps only ``x`` for backward: the
+    transformed, fake-quantized weight is built in blocks of output rows (rows are independent: the transform acts
+    on each row, the quantizer's scale is per row), used and dropped, in the forward and again in backward, where
+    each block gives its slice of the output gradient's matmuls and its share of the parameters' gradients. So a
+    7B layer's weight-sized temporaries (fp32 copies, casts, their gradients) exist one block at a time. The
+    gradients are the plain expression's (same casts, same matmuls), up to float summation order."""
+
+    @staticmethod
+    def forward(ctx, x, module, *params):
+        ctx.module = module
+        kind = x.device.type
+        ctx.cast = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else None
+        bias = module.linear.bias
+        with torch.no_grad():
+            parts = [F.linear(x, module._quantized_weight(a, b).to(x.dtype),
+                              None if bias is None else bias[a:b].to(x.dtype)) for a, b in _weight_blocks(module)]
+            y = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
+        ctx.save_for_backward(x, *params)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, *params = ctx.saved_tensors
+        kind, cast = x.device.type, ctx.cast
+        xc = x.to(cast) if cast is not None else x
+        x2 = xc.reshape(-1, xc.shape[-1])
+        grad_x = None
+        grad_params: list = [None] * len(params)
+        for a, b in _weight_blocks(ctx.module):
+            with torch.enable_grad():
+                with torch.autocast(kind, dtype=cast or torch.get_autocast_dtype(kind), enabled=cast is not None):
+                    w = ctx.module._quantized_weight(a, b).to(x.dtype)  # as in the forward, same autocast state
+                wc = w.to(cast) if cast is not None else w  # the copy autocast's linear used
+            g = grad_y[..., a:b].to(wc.dtype)
+            if params:
+                grad_w = g.reshape(-1, b - a).t().mm(x2)
+                # retain: the path to the params runs through tensors the outer backward still needs (cached
+                # transform matrices shared with the activation side, and with the other blocks)
+                for k, gp in enumerate(torch.autograd.grad(wc, params, grad_w, allow_unused=True, retain_graph=True)):
+                    if gp is not None:
+                        grad_params[k] = gp if grad_params[k] is None else grad_params[k].add_(gp)
+            if ctx.needs_input_grad[0]:
+                gx = g.matmul(wc.detach()).float()
+                grad_x = gx if grad_x is None else grad_x.add_(gx)
+        return (None if grad_x is None else grad_x.to(x.dtype), None, *grad_params)
+
+
 class FlatQuantLinear(nn.Module):
     """A linear layer whose input arrives transformed by P (by the norm before it, or by ``in_trans`` here) and whose
     weight is W·P⁻ᵀ, both fake-quantized. ``weight_trans`` is the transform to undo (not owned unless it is in_trans)."""
@@ -42,13 +108,19 @@ class FlatQuantLinear(nn.Module):
         self.real_quant_eligible = real_quant_eligible and w_bits < 16 and self.act_quantizer.bits < 16
         self.quant_enabled = True
         self.folded = False
-        # Training: recompute the transformed, fake-quantized weight in backward instead of keeping its fp32
+        # Training: recompute the transformed, fake-quantized weight in backward instead of keeping it and its
         # temporaries for the whole step (a 7B layer's would be several GiB); gradients are unchanged, the step
         # ~11% slower on a small layer (set_weight_recompute).
         self.checkpoint_weight = True
 
-    def _quantized_weight(self) -> torch.Tensor:
-        return self.weight_quantizer(self.effective_weight())
+    def _quantized_weight(self, a: Optional[int] = None, b: Optional[int] = None) -> torch.Tensor:
+        """The transformed, fake-quantized weight, or its output rows a..b alone."""
+        if a is None:
+            return self.weight_quantizer(self.effective_weight())
+        w = self.linear.weight[a:b]
+        if not self.folded and self.weight_trans is not None:
+            w = self.weight_trans.transform_weight(w)
+        return self.weight_quantizer(w, rows=(a, b))
 
     def _weight_params(self):
         yield from self.weight_quantizer.parameters()
@@ -64,11 +136,10 @@ class FlatQuantLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.in_trans is not None:
             x = self.in_trans(x)
-        if self.quant_enabled and not self.folded and self.checkpoint_weight and torch.is_grad_enabled() and \
-                any(p.requires_grad for p in self._weight_params()):
-            w = torch.utils.checkpoint.checkpoint(self._quantized_weight, use_reentrant=False)
-            return F.linear(self.act_quantizer(x), w.to(x.dtype),
-                            None if self.linear.bias is None else self.linear.bias.to(x.dtype))
+        if self.quant_enabled and not self.folded and self.checkpoint_weight and torch.is_grad_enabled():
+            params = [p for p in self._weight_params() if p.requires_grad]
+            if params:
+                return _RecomputedWeightLinear.apply(self.act_quantizer(x), self, *params)
         w = self.effective_weight()
         if self.quant_enabled and self.folded and self.weight_quantizer.bits < 16 and self.act_quantizer.bits < 16:
             # the deployable form: the real kernels' integer math, so real-quant equals this model bit for bit
@@ -86,11 +157,13 @@ class FlatQuantLinear(nn.Module):
         if self.folded:
             return
         if self.weight_trans is not None:
-            w64 = self.linear.weight.double()
+            weight = self.linear.weight.data
+            folded = torch.empty_like(weight)
             self.weight_trans.double()
-            w64 = self.weight_trans.transform_weight(w64)
+            for a, b in _fold_blocks(weight):  # rows are independent: float64 temporaries of one block at a time
+                folded[a:b] = self.weight_trans.transform_weight(weight[a:b].double()).to(weight.dtype)
             self.weight_trans.float()
-            self.linear.weight.data = w64.to(self.linear.weight.dtype)
+            self.linear.weight.data = folded
         self.__dict__["weight_trans"] = None
         self.folded = True
 
@@ -286,6 +359,7 @@ def wrap_layer(layer: nn.Module, index: int, cfg: FlatQuantConfig, stats: Option
 
 
 @torch.no_grad()
+@torch.no_grad()
 def init_weight_clips(layer: nn.Module) -> None:
     """MSE-optimal starting clip ratios for every learnable weight clip, on the weights as first transformed."""
     for m in layer.modules():
@@ -319,7 +393,11 @@ def fold_layer(layer: nn.Module, adapter: Optional[ModelAdapter] = None) -> None
         up = ad.get(layer, ad.up_proj)
         up_linear = up.linear if isinstance(up, FlatQuantLinear) else up
         # act(gate)·(up·d) == (act(gate)·up)·d: the scale moves into up_proj's output rows.
-        up_linear.weight.data = (up_linear.weight.double() * d[:, None]).to(up_linear.weight.dtype)
+        weight = up_linear.weight.data
+        scaled = torch.empty_like(weight)  # a new tensor: the old one may be shared with a float original
+        for a, b in _fold_blocks(weight):
+            scaled[a:b] = (weight[a:b].double() * d[a:b, None]).to(weight.dtype)
+        up_linear.weight.data = scaled
         if up_linear.bias is not None:
             up_linear.bias.data = (up_linear.bias.double() * d).to(up_linear.bias.dtype)
         down.in_trans.use_diag = False

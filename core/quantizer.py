@@ -50,6 +50,7 @@ def quantize_codes(x: torch.Tensor, bits: int, dim: int = -1, clip_ratio: Option
 # backward of a 7B layer's [11008, 4096] weight otherwise holds about six fp32 copies of it at once (~1 GiB).
 BLOCK_ELEMENTS = {"cpu": 1 << 19}
 DEVICE_BLOCK_ELEMENTS = 1 << 22  # devices not in BLOCK_ELEMENTS: 16 MiB fp32 temporaries above 64 MiB inputs
+CLIP_SEARCH_ELEMENTS = 1 << 22  # WeightQuantizer.init_clip_mse: rows per block of its grid search
 
 
 def _row_blocks(x2: torch.Tensor):
@@ -280,23 +281,33 @@ class WeightQuantizer(nn.Module):
     def clip_ratio(self) -> Optional[torch.Tensor]:
         return torch.sigmoid(self.clip) if self.clip is not None else None
 
-    def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        return fake_quant_sym(weight, self.bits, dim=1, clip_ratio=self.clip_ratio())
+    def forward(self, weight: torch.Tensor, rows: Optional[tuple[int, int]] = None) -> torch.Tensor:
+        """Fake-quantize ``weight``; ``rows`` = (a, b): it holds only output rows a..b (their clips apply)."""
+        clip = self.clip_ratio()
+        if rows is not None and clip is not None:
+            clip = clip[rows[0]:rows[1]]
+        return fake_quant_sym(weight, self.bits, dim=1, clip_ratio=clip)
 
     @torch.no_grad()
     def init_clip_mse(self, weight: torch.Tensor, grid: int = 20, low: float = 0.5) -> None:
         """Start each channel's clip at the ratio (of a grid in [low, 1]) with the smallest quantization error:
-        with only a few dozen training steps, a good start matters more than the learning rate."""
+        with only a few dozen training steps, a good start matters more than the learning rate. Rows are searched
+        in blocks of at most CLIP_SEARCH_ELEMENTS values: the temporaries stay small for a 7B layer's weights."""
         if self.clip is None:
             return
-        w = weight.detach().float()
-        best_err = torch.full((w.shape[0], 1), float("inf"), device=w.device)
-        best = torch.ones(w.shape[0], 1, device=w.device)
-        for r in torch.linspace(low, 1.0, grid + 1).tolist():
-            err = ((fake_quant_sym(w, self.bits, dim=1, clip_ratio=torch.tensor(r)) - w) ** 2).sum(1, keepdim=True)
-            better = err < best_err
-            best_err = torch.where(better, err, best_err)
-            best = torch.where(better, torch.full_like(best, r), best)
+        rows = weight.shape[0]
+        cols = weight.numel() // max(1, rows)
+        best = torch.ones(rows, 1, device=weight.device)
+        ratios = torch.linspace(low, 1.0, grid + 1).tolist()
+        step = max(1, CLIP_SEARCH_ELEMENTS // max(1, cols))
+        for a in range(0, rows, step):
+            w = weight[a:a + step].detach().float()
+            best_err = torch.full((w.shape[0], 1), float("inf"), device=w.device)
+            for r in ratios:
+                err = ((fake_quant_sym(w, self.bits, dim=1, clip_ratio=torch.tensor(r)) - w) ** 2).sum(1, keepdim=True)
+                better = err < best_err
+                best_err = torch.where(better, err, best_err)
+                best[a:a + step] = torch.where(better, torch.full_like(best_err, r), best[a:a + step])
         # logit of the ratio, capped where sigmoid would saturate
         self.clip.data = torch.logit(best.clamp(max=0.995)).to(self.clip)
 

@@ -142,3 +142,22 @@ def test_fake_quant_row_blocks_give_the_unblocked_values_and_gradients(monkeypat
     monkeypatch.setitem(quantizer.BLOCK_ELEMENTS, "cpu", 640)  # 30 blocks of 10 rows
     for a, b in zip(whole, run()):
         assert torch.equal(a, b)
+
+
+def test_clip_search_in_row_blocks_picks_the_same_ratios(monkeypatch):
+    """WeightQuantizer.init_clip_mse searches a large weight in row blocks (bounded temporaries for a 7B layer): the
+    ratios are the ones the whole-tensor search picks, and better than no clip."""
+    import core.quantizer as quantizer
+
+    torch.manual_seed(0)
+    w = torch.randn(300, 200) * torch.rand(300, 1) + torch.randn(300, 200).pow(5) * 0.01  # outliers: clips below 1
+    whole = quantizer.WeightQuantizer(300, 4, True)
+    whole.init_clip_mse(w)
+    monkeypatch.setattr(quantizer, "CLIP_SEARCH_ELEMENTS", 7 * 200)  # 7 rows per block, a ragged last block
+    blocked = quantizer.WeightQuantizer(300, 4, True)
+    blocked.init_clip_mse(w)
+    assert torch.equal(whole.clip, blocked.clip)
+    ratio = blocked.clip_ratio()
+    assert (ratio < 0.99).any()
+    err = ((quantizer.fake_quant_sym(w, 4, dim=1, clip_ratio=ratio) - w) ** 2).sum()
+    assert err < ((quantizer.fake_quant_sym(w, 4, dim=1) - w) ** 2).sum()

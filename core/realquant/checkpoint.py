@@ -26,6 +26,7 @@ from torch import nn
 from ..errors import FlatQuantError, ModelLoadError
 from ..flat import ATTN_KEY, FlatQuantLinear, KVCacheQuantizer, register_attention
 from ..matrices import apply_layer_matrices, check_layer_indices
+from ..memory import trim_host_heap
 from ..models import LoadedModel, decoder_layers, model_identity, read_architecture
 from ..quantizer import SharedInputQuant
 from ..report import atomic_write_bytes
@@ -167,6 +168,7 @@ def export_checkpoint(model: nn.Module, tokenizer, output_dir: str | os.PathLike
         del part
         if consume:
             layers[i].to("meta")
+            trim_host_heap()
     files = writer.finish()
     sizes = {"quantized_linear_bytes": got.q_bytes, "quantized_linear_bf16_bytes": got.bf16_bytes,
              "ratio_to_bf16": (got.q_bytes / got.bf16_bytes) if got.bf16_bytes else None,

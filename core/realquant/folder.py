@@ -132,6 +132,10 @@ class ShardWriter:
         if name in self.types:
             raise ExportError(f"tensor {name} exported twice")
         nbytes = tensor.numel() * tensor.element_size()
+        if tensor.is_floating_point():
+            # a model's own float tensors may live in its mapped checkpoint file: holding one until the shard is
+            # written would keep that file's pages resident (a 7B export held ~15 layers' files). Codes are new.
+            tensor = tensor.clone()
         if self.pending and self.pending_bytes + nbytes > self.shard_bytes:
             self.flush()
         self.pending[name] = tensor
