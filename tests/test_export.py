@@ -21,6 +21,15 @@ def _matrix(tmp_path, model):
     return save_matrices(tmp_path / "flat_matrices.pth", build_payload(model, cfg, states, complete=True))
 
 
+def _assert_folder_gives_converted_logits(folder, model_dir, matrix, ids) -> None:
+    """No original weights needed: the exported folder alone gives the converted model's logits."""
+    fake = load_model(str(model_dir)).model
+    load_matrices(matrix, fake)
+    with torch.no_grad():
+        ref = convert_model(fake)(input_ids=ids).logits
+        assert torch.equal(load_checkpoint(folder).model(input_ids=ids).logits, ref)
+
+
 def test_export_command_writes_a_loadable_checkpoint(tiny_qwen3_dir, tiny_qwen3, tmp_path, capsys):
     matrix = _matrix(tmp_path, tiny_qwen3)
     out = tmp_path / "export"
@@ -30,13 +39,7 @@ def test_export_command_writes_a_loadable_checkpoint(tiny_qwen3_dir, tiny_qwen3,
     assert rc == 0 and "identical logits" in text and "All done!" in text
     assert (out / "model.safetensors").exists() and (out / "tokenizer.json").exists()
     assert read_manifest(out)["sizes"]["ratio_to_bf16"] <= 0.3
-    # no original weights needed: the folder alone gives the converted model's logits
-    fake = load_model(str(tiny_qwen3_dir)).model
-    load_matrices(matrix, fake)
-    ids = torch.randint(0, 100, (1, 6))
-    with torch.no_grad():
-        ref = convert_model(fake)(input_ids=ids).logits
-        assert torch.equal(load_checkpoint(out).model(input_ids=ids).logits, ref)
+    _assert_folder_gives_converted_logits(out, tiny_qwen3_dir, matrix, torch.randint(0, 100, (1, 6)))
     rc = main(["export", "--model_path", str(tiny_qwen3_dir), "--flat_matrix_path", str(tmp_path / "nope.pth"),
                "--output_dir", str(tmp_path / "other")])
     assert rc == 2 and "does not exist" in capsys.readouterr().err
@@ -64,12 +67,7 @@ def test_native_export_streams_layers_into_shards_that_load_back_exactly(tiny_qw
     per_shard = {f: sum(1 for v in index["weight_map"].values() if v == f) for f in shards}
     header = 64 * 1024  # safetensors' JSON header
     assert all((out / f).stat().st_size <= 300 * 1024 + header or per_shard[f] == 1 for f in shards)
-    fake = load_model(str(tiny_qwen3_dir)).model
-    load_matrices(matrix, fake)
-    ids = torch.randint(0, 100, (2, 7))
-    with torch.no_grad():
-        ref = convert_model(fake)(input_ids=ids).logits
-        assert torch.equal(load_checkpoint(out).model(input_ids=ids).logits, ref)
+    _assert_folder_gives_converted_logits(out, tiny_qwen3_dir, matrix, torch.randint(0, 100, (2, 7)))
     (out / shards[1]).unlink()
     with pytest.raises(ModelLoadError, match="lacks " + shards[1]):
         load_checkpoint(out)
