@@ -22,25 +22,20 @@ from torch import nn
 
 from .adapters import LinearGroup, ModelAdapter, adapter_for
 from .config import FlatQuantConfig
-from .quantizer import ActQuantizer, WeightQuantizer, fake_quant_asym, fake_quant_sym, integer_linear, quantize_codes
+from .quantizer import (ActQuantizer, WeightQuantizer, fake_quant_asym, fake_quant_sym, integer_linear, quantize_codes,
+                        row_spans)
 from .transforms import KroneckerTransform, kronecker_matmul
 
 FOLD_BLOCK_ELEMENTS = 1 << 22  # folding: float64 temporaries of at most 32 MiB (a 7B weight whole is 360 MiB)
-
-
-def _fold_blocks(weight: torch.Tensor) -> list[tuple[int, int]]:
-    rows = weight.shape[0]
-    step = max(1, FOLD_BLOCK_ELEMENTS // max(1, weight.numel() // max(1, rows)))
-    return [(a, min(a + step, rows)) for a in range(0, rows, step)]
-
-
 WEIGHT_BLOCK_ELEMENTS = 1 << 22  # training with recompute: the weight is rebuilt in blocks of output rows this size
 
 
+def _fold_blocks(weight: torch.Tensor) -> list[tuple[int, int]]:
+    return row_spans(weight.shape[0], weight[0].numel(), FOLD_BLOCK_ELEMENTS)
+
+
 def _weight_blocks(module: "FlatQuantLinear") -> list[tuple[int, int]]:
-    rows, cols = module.out_features, module.in_features
-    step = max(1, WEIGHT_BLOCK_ELEMENTS // max(1, cols))
-    return [(a, min(a + step, rows)) for a in range(0, rows, step)]
+    return row_spans(module.out_features, module.in_features, WEIGHT_BLOCK_ELEMENTS)
 
 
 class _RecomputedWeightLinear(torch.autograd.Function):
@@ -358,7 +353,6 @@ def wrap_layer(layer: nn.Module, index: int, cfg: FlatQuantConfig, stats: Option
                                                  in_trans=d_trans))
 
 
-@torch.no_grad()
 @torch.no_grad()
 def init_weight_clips(layer: nn.Module) -> None:
     """MSE-optimal starting clip ratios for every learnable weight clip, on the weights as first transformed."""

@@ -53,6 +53,13 @@ DEVICE_BLOCK_ELEMENTS = 1 << 22  # devices not in BLOCK_ELEMENTS: 16 MiB fp32 te
 CLIP_SEARCH_ELEMENTS = 1 << 22  # WeightQuantizer.init_clip_mse: rows per block of its grid search
 
 
+def row_spans(rows: int, cols: int, elements: int) -> list[tuple[int, int]]:
+    """(start, end) spans of whole rows of a [rows, cols] tensor, each at most ``elements`` values (one row at
+    least): what the row-blocked passes over 7B weights iterate."""
+    step = max(1, elements // max(1, cols))
+    return [(a, min(a + step, rows)) for a in range(0, rows, step)]
+
+
 def _row_blocks(x2: torch.Tensor):
     rows = x2.shape[0]
     step = rows
@@ -296,18 +303,16 @@ class WeightQuantizer(nn.Module):
         if self.clip is None:
             return
         rows = weight.shape[0]
-        cols = weight.numel() // max(1, rows)
         best = torch.ones(rows, 1, device=weight.device)
         ratios = torch.linspace(low, 1.0, grid + 1).tolist()
-        step = max(1, CLIP_SEARCH_ELEMENTS // max(1, cols))
-        for a in range(0, rows, step):
-            w = weight[a:a + step].detach().float()
+        for a, b in row_spans(rows, weight.numel() // max(1, rows), CLIP_SEARCH_ELEMENTS):
+            w = weight[a:b].detach().float()
             best_err = torch.full((w.shape[0], 1), float("inf"), device=w.device)
             for r in ratios:
                 err = ((fake_quant_sym(w, self.bits, dim=1, clip_ratio=torch.tensor(r)) - w) ** 2).sum(1, keepdim=True)
                 better = err < best_err
                 best_err = torch.where(better, err, best_err)
-                best[a:a + step] = torch.where(better, torch.full_like(best_err, r), best[a:a + step])
+                best[a:b] = torch.where(better, torch.full_like(best_err, r), best[a:b])
         # logit of the ratio, capped where sigmoid would saturate
         self.clip.data = torch.logit(best.clamp(max=0.995)).to(self.clip)
 
