@@ -50,6 +50,8 @@ REPO = Path(__file__).resolve().parents[1]
 SHAPES = {"qkv/o 4096->4096": (4096, 4096, False), "gate/up 4096->11008": (4096, 11008, False),
           "down 11008->4096 (+transform)": (11008, 4096, True)}
 FLUSH_BYTES = 256 << 20  # written before each timed call: larger than any L3 here
+
+
 def machine_info() -> dict:
     """core.device.machine_summary plus every flag (the printout shows the key ones) and the Python version."""
     sys.path.insert(0, str(REPO))

@@ -68,7 +68,7 @@ class _Collected:
         self.dtype = dtype
         self.modules: dict[str, dict] = {}
         self.aliases: dict[str, str] = {}
-        self.q_bytes = self.bf16_bytes = 0
+        self.q_bytes = 0
         self.float_dtypes: set = set()
         self.in_memory = {"in_memory_bytes": 0, "bf16_bytes": 0, "backend": None, "weight_layout": set()}
 
@@ -111,8 +111,6 @@ def _write_part(module: nn.Module, prefix: str, writer: ShardWriter, got: _Colle
                     own[key] = getattr(m, key)
             for key, t in own.items():
                 got.add(writer, f"{name}.{key}", t, quantized=real)
-            if real:
-                got.bf16_bytes += 2 * m.out_features * (m.in_features + (1 if m.bias is not None else 0))
             handled.append(name + ".")
         elif isinstance(m, TransformedNorm):
             got.modules[name] = {"kind": "norm_transform", "left": m.left.shape[0], "right": m.right.shape[0]}
@@ -170,8 +168,9 @@ def export_checkpoint(model: nn.Module, tokenizer, output_dir: str | os.PathLike
             layers[i].to("meta")
             trim_host_heap()
     files = writer.finish()
-    sizes = {"quantized_linear_bytes": got.q_bytes, "quantized_linear_bf16_bytes": got.bf16_bytes,
-             "ratio_to_bf16": (got.q_bytes / got.bf16_bytes) if got.bf16_bytes else None,
+    bf16_bytes = got.in_memory["bf16_bytes"]  # the converted linears' bytes in bf16 (memory_sizes)
+    sizes = {"quantized_linear_bytes": got.q_bytes, "quantized_linear_bf16_bytes": bf16_bytes,
+             "ratio_to_bf16": (got.q_bytes / bf16_bytes) if bf16_bytes else None,
              "file_bytes": sum((out / f).stat().st_size for f in files), "files": files}
     cfg_dict = config.to_amct_dict() if hasattr(config, "to_amct_dict") else config
     manifest = {"format": FORMAT, "architecture": type(model).__name__, "identity": model_identity(model),
