@@ -58,6 +58,11 @@ def main() -> None:
     ap.add_argument("--flat_lr", type=float, default=5e-3)
     ap.add_argument("--use_o_quant", action="store_true",
                     help="all seven linears W4A4 (the reference code's default); default: o_proj FP (AMCT default)")
+    ap.add_argument("--lac", action="store_true", help="learnable activation clipping (the reference code's runs "
+                    "use it with all seven linears W4A4)")
+    ap.add_argument("--calib_inputs", default="fp", choices=("fp", "quant"),
+                    help="what each layer trains on: the full-precision model's inputs (the reference) or the "
+                         "quantized layers' outputs so far (targets stay full precision)")
     ap.add_argument("--ppl_seqlen", type=int, default=512)
     ap.add_argument("--ppl_max_windows", type=int, default=None, help="first N windows only (quick looks)")
     ap.add_argument("--device", default="cpu", help="where calibration and perplexity run: cpu | cuda | npu | auto")
@@ -82,10 +87,10 @@ def main() -> None:
         windows = min(windows, args.ppl_max_windows)
     cfg = parse_config()
     cfg.epochs, cfg.cali_bsz, cfg.flat_lr = args.epochs, args.cali_bsz, args.flat_lr
-    cfg.use_o_quant = args.use_o_quant
+    cfg.use_o_quant, cfg.lac = args.use_o_quant, args.lac
     print(f"# {lm.name} fp32 (storage and compute): PPL@{args.ppl_seqlen} on {windows} windows of {test_file.name} "
           f"({test_ids.numel()} tokens); calibration {args.nsamples} x {args.seqlen} x {args.epochs} epochs from "
-          f"{calib_file.name}; o_proj {'W4A4' if args.use_o_quant else 'FP'}; torch {torch.__version__}, "
+          f"{calib_file.name}; o_proj {'W4A4' if args.use_o_quant else 'FP'}; LAC {'on' if args.lac else 'off'}; inputs {args.calib_inputs}; torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, device {device_label(device)}\n# {machine_line()}", flush=True)
 
     def ppl(model) -> float:
@@ -111,7 +116,7 @@ def main() -> None:
             done, before = states.get(algorithm, ({}, 0.0)) if rounding == "gptq" else ({}, 0.0)
             layer_states: dict[int, dict] = {}
             calibrate_model(model, samples, cfg, device, Reporter(), dtype=None, algorithm=algorithm,
-                            weight_rounding=rounding, done_states=done,
+                            weight_rounding=rounding, done_states=done, calib_inputs=args.calib_inputs,
                             on_layer_done=lambda i, s, _r: layer_states.__setitem__(i, s))
             seconds = before + time.monotonic() - t0
             if rounding == "rtn":

@@ -36,6 +36,7 @@ from .validate import check_trained_layer, loss_change
 SMALL_LAYER_PARAMS = 50_000_000  # a LLaMA-2-7B layer has 202M
 
 WEIGHT_ROUNDINGS = ("rtn", "gptq")
+CALIB_INPUTS = ("fp", "quant")
 
 __all__ = ["LayerResult", "WEIGHT_ROUNDINGS", "calibrate_model", "capture_layer_inputs", "fp_forward_with_stats",
            "rebuild_layer", "run_layer"]
@@ -156,27 +157,31 @@ def calibrate_model(model: nn.Module, samples: torch.Tensor, cfg: FlatQuantConfi
                     algorithm: Optional[LayerAlgorithm | str] = None, layer_range: Optional[tuple[int, int]] = None,
                     store: Optional[ActivationStore] = None, copy_layers: bool = False,
                     train_dtype: Optional[torch.dtype] = torch.float32, weight_rounding: str = "rtn",
-                    gptq: Optional[GPTQConfig] = None) -> list[LayerResult]:
+                    gptq: Optional[GPTQConfig] = None, calib_inputs: str = "fp") -> list[LayerResult]:
     """Calibrate (and fold) decoder layers in place with ``algorithm`` (default: FlatQuant). ``done_states`` holds
     layers finished by an interrupted run (resume): they are rebuilt from their saved tensors instead of retrained.
     ``weight_rounding``: "rtn" (the quantizer's rounding) or "gptq" (see the module docstring).
     Returns per-layer results of the layers in ``layer_range`` (default: all, or the first ``max_layers``)."""
     if weight_rounding not in WEIGHT_ROUNDINGS:
         raise ValueError(f"weight_rounding must be one of {', '.join(WEIGHT_ROUNDINGS)}, got {weight_rounding!r}")
+    if calib_inputs not in CALIB_INPUTS:
+        raise ValueError(f"calib_inputs must be one of {', '.join(CALIB_INPUTS)}, got {calib_inputs!r}")
     layers = decoder_layers(model)
     # Small layers keep freed host memory (~10% faster); large ones return it to the OS and recompute weight-sized
     # tensors in training instead of keeping them (core.algorithms.base.LayerContext.large_layer).
     large = sum(p.numel() for p in layers[0].parameters()) >= SMALL_LAYER_PARAMS
     with freed_host_memory_kept(device.type == "cpu" and not large):
         return _calibrate_layers(model, samples, cfg, device, reporter, dtype, max_layers, done_states, on_layer_done,
-                                 algorithm, layer_range, store, copy_layers, train_dtype, weight_rounding, gptq, large)
+                                 algorithm, layer_range, store, copy_layers, train_dtype, weight_rounding, gptq, large,
+                                 calib_inputs)
 
 
 def _calibrate_layers(model: nn.Module, samples: torch.Tensor, cfg: FlatQuantConfig, device: torch.device,
                       reporter: Reporter, dtype, max_layers: Optional[int], done_states: Optional[dict[int, dict]],
                       on_layer_done, algorithm, layer_range: Optional[tuple[int, int]],
                       store: Optional[ActivationStore], copy_layers: bool, train_dtype: Optional[torch.dtype],
-                      weight_rounding: str, gptq: Optional[GPTQConfig], large: bool) -> list[LayerResult]:
+                      weight_rounding: str, gptq: Optional[GPTQConfig], large: bool,
+                      calib_inputs: str = "fp") -> list[LayerResult]:
     algo = get_algorithm(algorithm or "flatquant", cfg) if not isinstance(algorithm, LayerAlgorithm) else algorithm
     layers = decoder_layers(model)
     num = len(layers) if max_layers is None else min(max_layers, len(layers))
@@ -219,6 +224,9 @@ def _calibrate_layers(model: nn.Module, samples: torch.Tensor, cfg: FlatQuantCon
             return per_step * (remaining_in_layer + n_steps_layer * (end - 1 - current[0]))
 
         bsz = max(1, cfg.cali_bsz)
+        if calib_inputs == "quant" and start > 0:
+            raise ValueError("calib_inputs='quant' needs the layers before the range quantized: run all layers")
+        q_inps = inps if calib_inputs == "quant" else None  # inputs through the quantized layers so far
         for i in range(end):
             current[0] = i
             reporter.check()
@@ -248,7 +256,8 @@ def _calibrate_layers(model: nn.Module, samples: torch.Tensor, cfg: FlatQuantCon
                               layer=i, num_layers=num)
             else:
                 t0 = time.monotonic()
-                ctx = LayerContext(inps, fp_outs, layer_kwargs, device, dtype, reporter, num, eta, large)
+                ctx = LayerContext(inps if q_inps is None else q_inps, fp_outs, layer_kwargs, device, dtype, reporter,
+                                   num, eta, large)
                 result = algo.calibrate_layer(layer, i, ctx)
                 if n_steps_layer:
                     step_times.append((time.monotonic() - t0) / n_steps_layer)
@@ -265,14 +274,17 @@ def _calibrate_layers(model: nn.Module, samples: torch.Tensor, cfg: FlatQuantCon
                 else:
                     reporter.emit("calibrate", f"layer {i + 1}/{num}: GPTQ weight rounding", layer=i, num_layers=num)
                     reporter.check()
-                    saved_rounding = _gptq_round(layer, inps, layer_kwargs, device, bsz, dtype, gptq)
+                    saved_rounding = _gptq_round(layer, inps if q_inps is None else q_inps, layer_kwargs, device,
+                                                 bsz, dtype, gptq)
                     reporter.check()
                 state = {**state, **saved_rounding}
+            if q_inps is not None:  # the quantized layer's outputs: the next layer trains on what it will see
+                q_inps, _ = fp_forward_with_stats(layer, q_inps, layer_kwargs, device, bsz, dtype, store, False)
             to_host(layer, keep, home)
             results.append(result)
             if on_layer_done is not None:
                 on_layer_done(i, state, result)
-            inps = fp_outs  # the next layer trains on full-precision inputs
+            inps = fp_outs  # full-precision inputs: the next layer's targets (and its training inputs with "fp")
             trim_host_heap()
         return results
     except RuntimeError as exc:
