@@ -6,7 +6,7 @@ import copy
 import pytest
 import torch
 
-from core.algorithms import ALGORITHMS
+from core.algorithms import ALGORITHMS, get_algorithm
 from core.calibrate import calibrate_model, capture_layer_inputs, run_layer
 from core.config import parse_config
 from core.data import load_text, sample_windows, tokenize
@@ -126,3 +126,34 @@ def test_gptq_lowers_layer_output_error_under_flatquant(smollm2):
         err = {r: float(((run_layer(decoder_layers(m)[0], inps, kwargs) - ref) ** 2).mean())
                for r, m in models.items()}
     assert err["gptq"] < 0.95 * err["rtn"], err  # measured: 0.106 vs 0.116 (activation error stays)
+
+
+@pytest.mark.parametrize("calib_inputs", ["fp", "quant"])
+def test_calib_inputs_chooses_what_the_next_layer_trains_on(tiny_qwen3, calib_inputs):
+    """"fp" (the reference): layer 1 trains on the float layer 0's outputs; "quant": on the quantized, folded layer
+    0's outputs. Its targets stay the float model's either way."""
+    model = copy.deepcopy(tiny_qwen3)
+    samples = torch.randint(0, 49152, (2, 32), generator=torch.Generator().manual_seed(0))
+    cfg = parse_config()
+    cfg.epochs = 1
+    seen = {}
+    algo = get_algorithm("flatquant", cfg)
+    train = algo.calibrate_layer
+
+    def recording(layer, index, ctx):
+        seen[index] = (ctx.inps.clone(), ctx.fp_outs.clone())
+        return train(layer, index, ctx)
+
+    algo.calibrate_layer = recording
+    calibrate_model(model, samples, cfg, torch.device("cpu"), Reporter(), dtype=None, algorithm=algo, max_layers=2,
+                    calib_inputs=calib_inputs)
+    inps, kwargs = capture_layer_inputs(tiny_qwen3, samples, torch.device("cpu"))
+    with torch.no_grad():
+        fp_out = run_layer(decoder_layers(tiny_qwen3)[0], inps, kwargs)
+        q_out = run_layer(decoder_layers(model)[0], inps, kwargs)
+        target = run_layer(decoder_layers(tiny_qwen3)[1], fp_out, kwargs)
+    assert not torch.allclose(q_out, fp_out, atol=1e-3)
+    torch.testing.assert_close(seen[1][0], q_out if calib_inputs == "quant" else fp_out, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(seen[1][1], target, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="calib_inputs"):
+        calibrate_model(copy.deepcopy(tiny_qwen3), samples, cfg, torch.device("cpu"), Reporter(), calib_inputs="x")
