@@ -5,9 +5,11 @@ layer-wise loop (core.calibrate.calibrate_model with --algorithm / --weight_roun
 Calibration reads WikiText-2 validation (wiki.valid.tokens), perplexity the whole WikiText-2 test (wiki.test.raw) at
 --ppl_seqlen; the two are checked to be different files (core.data.check_disjoint). Everything runs in fp32 (storage
 and compute dtype). An X-GPTQ row reuses the X-RTN row's layer states when that row ran in the same invocation (the
-transforms/rotation are the same; only the rounding is added), and its seconds are X-RTN's plus the GPTQ pass.
+transforms/rotation are the same; only the rounding is added), and its seconds are X-RTN's plus the GPTQ pass
+(not with --calib_inputs quant, where each layer trains on the outputs of the layers before it as rounded).
 
     python bench/quality.py                                  # 32 x 512 x 5 epochs (the 5-minute budget), all rows
+    python bench/quality.py --use_o_quant --lac              # all seven linears W4A4 + LAC (the reference's runs)
     python bench/quality.py --methods fp,flatquant-rtn,flatquant-gptq --ppl_max_windows 40
 """
 from __future__ import annotations
@@ -113,7 +115,9 @@ def main() -> None:
         else:
             algorithm, rounding = method.split("-")
             model = copy.deepcopy(lm.model)
-            done, before = states.get(algorithm, ({}, 0.0)) if rounding == "gptq" else ({}, 0.0)
+            # with --calib_inputs quant a layer's training inputs depend on the rounding of the layers before it
+            reuse = rounding == "gptq" and args.calib_inputs == "fp"
+            done, before = states.get(algorithm, ({}, 0.0)) if reuse else ({}, 0.0)
             layer_states: dict[int, dict] = {}
             calibrate_model(model, samples, cfg, device, Reporter(), dtype=None, algorithm=algorithm,
                             weight_rounding=rounding, done_states=done, calib_inputs=args.calib_inputs,
