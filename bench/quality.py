@@ -35,6 +35,7 @@ from core.calibrate import calibrate_model  # noqa: E402
 from core.config import parse_config  # noqa: E402
 from core.device import machine_line, machine_summary, resolve_device  # noqa: E402
 from core.data import check_disjoint, load_text, sample_windows, shared_data_dir, tokenize  # noqa: E402
+from core.gptq import GPTQConfig  # noqa: E402
 from core.models import load_model  # noqa: E402
 from core.perplexity import perplexity_from_ids  # noqa: E402
 from core.pipeline import peak_rss_mb, rtn_model  # noqa: E402
@@ -65,6 +66,8 @@ def main() -> None:
     ap.add_argument("--calib_inputs", default="fp", choices=("fp", "quant"),
                     help="what each layer trains on: the full-precision model's inputs (the reference) or the "
                          "quantized layers' outputs so far (targets stay full precision)")
+    ap.add_argument("--act_order", action="store_true", help="GPTQ quantizes columns in order of decreasing "
+                    "Hessian diagonal")
     ap.add_argument("--ppl_seqlen", type=int, default=512)
     ap.add_argument("--ppl_max_windows", type=int, default=None, help="first N windows only (quick looks)")
     ap.add_argument("--device", default="cpu", help="where calibration and perplexity run: cpu | cuda | npu | auto")
@@ -92,7 +95,7 @@ def main() -> None:
     cfg.use_o_quant, cfg.lac = args.use_o_quant, args.lac
     print(f"# {lm.name} fp32 (storage and compute): PPL@{args.ppl_seqlen} on {windows} windows of {test_file.name} "
           f"({test_ids.numel()} tokens); calibration {args.nsamples} x {args.seqlen} x {args.epochs} epochs from "
-          f"{calib_file.name}; o_proj {'W4A4' if args.use_o_quant else 'FP'}; LAC {'on' if args.lac else 'off'}; inputs {args.calib_inputs}; torch {torch.__version__}, "
+          f"{calib_file.name}; o_proj {'W4A4' if args.use_o_quant else 'FP'}; LAC {'on' if args.lac else 'off'}; inputs {args.calib_inputs}; GPTQ act_order {'on' if args.act_order else 'off'}; torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, device {device_label(device)}\n# {machine_line()}", flush=True)
 
     def ppl(model) -> float:
@@ -121,6 +124,7 @@ def main() -> None:
             layer_states: dict[int, dict] = {}
             calibrate_model(model, samples, cfg, device, Reporter(), dtype=None, algorithm=algorithm,
                             weight_rounding=rounding, done_states=done, calib_inputs=args.calib_inputs,
+                            gptq=GPTQConfig(act_order=args.act_order),
                             on_layer_done=lambda i, s, _r: layer_states.__setitem__(i, s))
             seconds = before + time.monotonic() - t0
             if rounding == "rtn":
