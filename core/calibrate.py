@@ -1,6 +1,7 @@
 """The generic layer-wise loop: capture layer 0's inputs, then per decoder layer compute its full-precision outputs
 and activation statistics, call the algorithm's hooks (prepare -> calibrate or restore -> freeze -> state -> fold),
-hand the state to the caller (checkpoint/resume), and move on with the full-precision outputs as the next inputs.
+hand the state to the caller (checkpoint/resume), and move on with the full-precision outputs as the next inputs
+(and, with ``calib_inputs="quant"``, the quantized layer's outputs as the next training inputs).
 Before the layers, the algorithm's model-level hook (prepare_model) runs once. With ``weight_rounding="gptq"`` each
 folded layer's quantized linears are then GPTQ-rounded on the Hessians of their (transformed) inputs over the
 calibration inputs, under any algorithm; the rounding (int8 codes + fp32 scales) joins the layer's state.
@@ -161,6 +162,9 @@ def calibrate_model(model: nn.Module, samples: torch.Tensor, cfg: FlatQuantConfi
     """Calibrate (and fold) decoder layers in place with ``algorithm`` (default: FlatQuant). ``done_states`` holds
     layers finished by an interrupted run (resume): they are rebuilt from their saved tensors instead of retrained.
     ``weight_rounding``: "rtn" (the quantizer's rounding) or "gptq" (see the module docstring).
+    ``calib_inputs``: what each layer trains (and GPTQ collects Hessians) on: "fp", the float model's inputs (the
+    reference code's choice), or "quant", the outputs of the layers quantized so far; the targets are the float
+    layer's outputs on float inputs either way.
     Returns per-layer results of the layers in ``layer_range`` (default: all, or the first ``max_layers``)."""
     if weight_rounding not in WEIGHT_ROUNDINGS:
         raise ValueError(f"weight_rounding must be one of {', '.join(WEIGHT_ROUNDINGS)}, got {weight_rounding!r}")
@@ -245,6 +249,7 @@ def _calibrate_layers(model: nn.Module, samples: torch.Tensor, cfg: FlatQuantCon
             keep = storage_dtype(layer)
             home = to_device(layer, device, train_dtype)  # folded weights go back into these host tensors
             fp_outs, stats = fp_forward_with_stats(layer, inps, layer_kwargs, device, bsz, dtype, store)
+            train_inps = inps if q_inps is None else q_inps
             algo.prepare_layer(layer, i, stats)
             layer.to(device)  # the parameters the algorithm just added
             saved_rounding: dict = {}
@@ -256,8 +261,7 @@ def _calibrate_layers(model: nn.Module, samples: torch.Tensor, cfg: FlatQuantCon
                               layer=i, num_layers=num)
             else:
                 t0 = time.monotonic()
-                ctx = LayerContext(inps if q_inps is None else q_inps, fp_outs, layer_kwargs, device, dtype, reporter,
-                                   num, eta, large)
+                ctx = LayerContext(train_inps, fp_outs, layer_kwargs, device, dtype, reporter, num, eta, large)
                 result = algo.calibrate_layer(layer, i, ctx)
                 if n_steps_layer:
                     step_times.append((time.monotonic() - t0) / n_steps_layer)
@@ -274,12 +278,11 @@ def _calibrate_layers(model: nn.Module, samples: torch.Tensor, cfg: FlatQuantCon
                 else:
                     reporter.emit("calibrate", f"layer {i + 1}/{num}: GPTQ weight rounding", layer=i, num_layers=num)
                     reporter.check()
-                    saved_rounding = _gptq_round(layer, inps if q_inps is None else q_inps, layer_kwargs, device,
-                                                 bsz, dtype, gptq)
+                    saved_rounding = _gptq_round(layer, train_inps, layer_kwargs, device, bsz, dtype, gptq)
                     reporter.check()
                 state = {**state, **saved_rounding}
             if q_inps is not None:  # the quantized layer's outputs: the next layer trains on what it will see
-                q_inps, _ = fp_forward_with_stats(layer, q_inps, layer_kwargs, device, bsz, dtype, store, False)
+                q_inps, _ = fp_forward_with_stats(layer, train_inps, layer_kwargs, device, bsz, dtype, store, False)
             to_host(layer, keep, home)
             results.append(result)
             if on_layer_done is not None:
