@@ -31,7 +31,7 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from core.calibrate import calibrate_model  # noqa: E402
+from core.calibrate import CALIB_INPUTS, calibrate_model  # noqa: E402
 from core.config import parse_config  # noqa: E402
 from core.device import machine_line, machine_summary, resolve_device  # noqa: E402
 from core.data import check_disjoint, load_text, sample_windows, shared_data_dir, tokenize  # noqa: E402
@@ -63,7 +63,7 @@ def main() -> None:
                     help="all seven linears W4A4 (the reference code's default); default: o_proj FP (AMCT default)")
     ap.add_argument("--lac", action="store_true", help="learnable activation clipping (the reference code's runs "
                     "use it with all seven linears W4A4)")
-    ap.add_argument("--calib_inputs", default="fp", choices=("fp", "quant"),
+    ap.add_argument("--calib_inputs", default="fp", choices=CALIB_INPUTS,
                     help="what each layer trains on: the full-precision model's inputs (the reference) or the "
                          "quantized layers' outputs so far (targets stay full precision)")
     ap.add_argument("--act_order", action="store_true", help="GPTQ quantizes columns in order of decreasing "
@@ -95,7 +95,9 @@ def main() -> None:
     cfg.use_o_quant, cfg.lac = args.use_o_quant, args.lac
     print(f"# {lm.name} fp32 (storage and compute): PPL@{args.ppl_seqlen} on {windows} windows of {test_file.name} "
           f"({test_ids.numel()} tokens); calibration {args.nsamples} x {args.seqlen} x {args.epochs} epochs from "
-          f"{calib_file.name}; o_proj {'W4A4' if args.use_o_quant else 'FP'}; LAC {'on' if args.lac else 'off'}; inputs {args.calib_inputs}; GPTQ act_order {'on' if args.act_order else 'off'}; torch {torch.__version__}, "
+          f"{calib_file.name}; o_proj {'W4A4' if args.use_o_quant else 'FP'}; LAC {'on' if args.lac else 'off'}; "
+          f"training inputs {args.calib_inputs}; GPTQ act_order {'on' if args.act_order else 'off'}; "
+          f"torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, device {device_label(device)}\n# {machine_line()}", flush=True)
 
     def ppl(model) -> float:

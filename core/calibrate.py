@@ -39,8 +39,8 @@ SMALL_LAYER_PARAMS = 50_000_000  # a LLaMA-2-7B layer has 202M
 WEIGHT_ROUNDINGS = ("rtn", "gptq")
 CALIB_INPUTS = ("fp", "quant")
 
-__all__ = ["LayerResult", "WEIGHT_ROUNDINGS", "calibrate_model", "capture_layer_inputs", "fp_forward_with_stats",
-           "rebuild_layer", "run_layer"]
+__all__ = ["CALIB_INPUTS", "LayerResult", "WEIGHT_ROUNDINGS", "calibrate_model", "capture_layer_inputs",
+           "fp_forward_with_stats", "rebuild_layer", "run_layer"]
 
 
 class _Captured(Exception):
