@@ -93,10 +93,13 @@ def main() -> None:
         print(f"{name:6s} PPL {value:9.3f}  ({value / fp:.3f}x FP {fp:.3f}, {args.windows} windows)", flush=True)
     fp_l = res["ppl_fp_layer_windows"] = ppl(lm.model, args.layer_windows)
     total = 0.0
+    float_layers = decoder_layers(lm.model)
     for i, layer in enumerate(decoder_layers(quant)):
-        m = copy.deepcopy(lm.model)
-        decoder_layers(m)[i] = layer  # the float model with the quantized model's layer i swapped in
-        value = res["only_layer"][i] = ppl(m, args.layer_windows)
+        kept, float_layers[i] = float_layers[i], layer  # the float model with the quantized model's layer i
+        try:
+            value = res["only_layer"][i] = ppl(lm.model, args.layer_windows)
+        finally:
+            float_layers[i] = kept
         total += math.log(value / fp_l)
         print(f"only layer {i:2d} quantized: PPL {value:8.3f} ({value / fp_l:.4f}x FP {fp_l:.3f})", flush=True)
     res["sum_log_ratio"] = total

@@ -97,8 +97,8 @@ def main() -> None:
           f"({test_ids.numel()} tokens); calibration {args.nsamples} x {args.seqlen} x {args.epochs} epochs from "
           f"{calib_file.name}; o_proj {'W4A4' if args.use_o_quant else 'FP'}; LAC {'on' if args.lac else 'off'}; "
           f"training inputs {args.calib_inputs}; GPTQ act_order {'on' if args.act_order else 'off'}; "
-          f"torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads, device {device_label(device)}\n# {machine_line()}", flush=True)
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {device_label(device)}\n"
+          f"# {machine_line()}", flush=True)
 
     def ppl(model) -> float:
         model.to(device)  # SmolLM2 fits any device whole; the models share no tensors with a moved one afterwards

@@ -170,6 +170,8 @@ def calibrate_model(model: nn.Module, samples: torch.Tensor, cfg: FlatQuantConfi
         raise ValueError(f"weight_rounding must be one of {', '.join(WEIGHT_ROUNDINGS)}, got {weight_rounding!r}")
     if calib_inputs not in CALIB_INPUTS:
         raise ValueError(f"calib_inputs must be one of {', '.join(CALIB_INPUTS)}, got {calib_inputs!r}")
+    if calib_inputs == "quant" and layer_range is not None and layer_range[0] > 0:
+        raise ValueError("calib_inputs='quant' needs the layers before the range quantized: run all layers")
     layers = decoder_layers(model)
     # Small layers keep freed host memory (~10% faster); large ones return it to the OS and recompute weight-sized
     # tensors in training instead of keeping them (core.algorithms.base.LayerContext.large_layer).
@@ -185,7 +187,7 @@ def _calibrate_layers(model: nn.Module, samples: torch.Tensor, cfg: FlatQuantCon
                       on_layer_done, algorithm, layer_range: Optional[tuple[int, int]],
                       store: Optional[ActivationStore], copy_layers: bool, train_dtype: Optional[torch.dtype],
                       weight_rounding: str, gptq: Optional[GPTQConfig], large: bool,
-                      calib_inputs: str = "fp") -> list[LayerResult]:
+                      calib_inputs: str) -> list[LayerResult]:
     algo = get_algorithm(algorithm or "flatquant", cfg) if not isinstance(algorithm, LayerAlgorithm) else algorithm
     layers = decoder_layers(model)
     num = len(layers) if max_layers is None else min(max_layers, len(layers))
@@ -228,8 +230,6 @@ def _calibrate_layers(model: nn.Module, samples: torch.Tensor, cfg: FlatQuantCon
             return per_step * (remaining_in_layer + n_steps_layer * (end - 1 - current[0]))
 
         bsz = max(1, cfg.cali_bsz)
-        if calib_inputs == "quant" and start > 0:
-            raise ValueError("calib_inputs='quant' needs the layers before the range quantized: run all layers")
         q_inps = inps if calib_inputs == "quant" else None  # inputs through the quantized layers so far
         for i in range(end):
             current[0] = i

@@ -61,12 +61,8 @@ def row_spans(rows: int, cols: int, elements: int) -> list[tuple[int, int]]:
 
 
 def _row_blocks(x2: torch.Tensor):
-    rows = x2.shape[0]
-    step = rows
     block = BLOCK_ELEMENTS.get(x2.device.type, DEVICE_BLOCK_ELEMENTS)
-    if x2.numel() > 4 * block:
-        step = max(1, block // max(1, x2.shape[1]))
-    return [(a, min(a + step, rows)) for a in range(0, rows, step)]
+    return row_spans(x2.shape[0], x2.shape[1], block if x2.numel() > 4 * block else x2.numel())
 
 
 def _rows_of(clip_ratio: Optional[torch.Tensor], a: int, b: int) -> Optional[torch.Tensor]:
