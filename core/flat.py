@@ -4,7 +4,7 @@ transforms into deployable weights. Which module is which comes from the family'
 Per decoder layer (the LLaMA names; every supported family has these roles):
   input_layernorm          -> FlatNormTransform (norm, then the q/k/v transform P_qkv; its diag folds into the norm)
   q/k/v_proj               -> FlatQuantLinear (weight W·P_qkv⁻ᵀ, per-token int4 activations, per-channel int4 weights)
-  o_proj                   -> FlatQuantLinear with its own online transform (only with use_o_quant; fake quant)
+  o_proj                   -> FlatQuantLinear with its own online transform (only with use_o_quant)
   post_attention_layernorm -> FlatNormTransform (P_upgate)
   gate/up_proj             -> FlatQuantLinear
   down_proj                -> FlatQuantLinear with its own online transform P_down (its diag folds into up_proj)
@@ -92,7 +92,7 @@ class FlatQuantLinear(nn.Module):
 
     def __init__(self, linear: nn.Linear, w_bits: int, a_bits: int, lwc: bool,
                  act_quantizer: Optional[ActQuantizer] = None, in_trans: Optional[KroneckerTransform] = None,
-                 weight_trans: Optional[KroneckerTransform] = None, real_quant_eligible: bool = True):
+                 weight_trans: Optional[KroneckerTransform] = None, ascend_served: bool = True):
         super().__init__()
         self.linear = linear
         self.in_features, self.out_features = linear.in_features, linear.out_features
@@ -100,7 +100,10 @@ class FlatQuantLinear(nn.Module):
         self.act_quantizer = act_quantizer if act_quantizer is not None else ActQuantizer(a_bits, lac=False)
         self.in_trans = in_trans
         self.__dict__["weight_trans"] = weight_trans  # shared with the norm: not registered twice
-        self.real_quant_eligible = real_quant_eligible and w_bits < 16 and self.act_quantizer.bits < 16
+        # weights and activations quantized: an integer GEMM (RealQuantLinear) computes it
+        self.real_quant_eligible = w_bits < 16 and self.act_quantizer.bits < 16
+        # and vllm-ascend's W4A4 FlatQuant method serves it (not o_proj: exported float there, see realquant.ascend)
+        self.ascend_served = ascend_served and self.real_quant_eligible
         self.quant_enabled = True
         self.folded = False
         # Training: recompute the transformed, fake-quantized weight in backward instead of keeping it and its
@@ -182,6 +185,7 @@ class FlatQuantLinear(nn.Module):
             "trans_left": None if left is None else left.detach().float().clone(),
             "trans_right": None if right is None else right.detach().float().clone(),
             "real_quant_eligible": self.real_quant_eligible,
+            "ascend_served": self.ascend_served,
         }
 
     def extra_repr(self) -> str:
@@ -286,10 +290,10 @@ def smooth_init(weights: list[torch.Tensor], act_absmax: torch.Tensor, alpha: fl
 
 
 def _flat_linear(linear: nn.Linear, cfg: FlatQuantConfig, act_q: ActQuantizer, trans, lwc: bool, in_trans=None,
-                 skipped: bool = False, eligible: bool = True) -> FlatQuantLinear:
+                 skipped: bool = False, ascend_served: bool = True) -> FlatQuantLinear:
     if skipped:  # stays full precision but must still undo the transform its input went through
         return FlatQuantLinear(linear, 16, 16, False, ActQuantizer(16, False), in_trans, trans, False)
-    return FlatQuantLinear(linear, cfg.w_bits, cfg.a_bits, lwc, act_q, in_trans, trans, eligible)
+    return FlatQuantLinear(linear, cfg.w_bits, cfg.a_bits, lwc, act_q, in_trans, trans, ascend_served)
 
 
 def wrap_layer(layer: nn.Module, index: int, cfg: FlatQuantConfig, stats: Optional[ActivationStats] = None,
@@ -333,7 +337,7 @@ def wrap_layer(layer: nn.Module, index: int, cfg: FlatQuantConfig, stats: Option
         o_proj = ad.get(layer, ad.o_proj)
         o_trans = make_trans(o_proj.in_features, 2, diag=False)
         ad.put(layer, ad.o_proj, _flat_linear(o_proj, cfg, ActQuantizer(cfg.a_bits, lac), o_trans, lwc,
-                                              in_trans=o_trans, eligible=False))
+                                              in_trans=o_trans, ascend_served=False))
 
     if cfg.use_kcache_quant or cfg.use_vcache_quant:
         register_attention()

@@ -268,7 +268,7 @@ def test_dtype_cast_keeps_fp32_scales(tiny_qwen3):
 
 # --- checkpoint ----------------------------------------------------------------------------------------------------
 
-RICH_CFG = {  # o_proj fake quant, 4-bit kv-cache and a skipped q_proj: every module kind of a converted model
+RICH_CFG = {  # o_proj W4A4, 4-bit kv-cache and a skipped q_proj
     "quant_cfg": {"inputs": {"type": "int4", "symmetric": True, "strategy": "token"},
                   "weights": {"type": "int4", "symmetric": True, "strategy": "channel"}},
     "algorithm": {"flatquant": {"use_o_quant": True, "use_kcache_quant": True, "k_bits": 4,
@@ -277,7 +277,11 @@ RICH_CFG = {  # o_proj fake quant, 4-bit kv-cache and a skipped q_proj: every mo
 }
 
 
-@pytest.mark.parametrize("cfg", [None, RICH_CFG], ids=["default", "o_quant+kv+skip"])
+O_QUANT_CFG = {"algorithm": {"flatquant": {"use_o_quant": True, "lac": True}}}
+W4A16_CFG = {"quant_cfg": {"inputs": {"type": "fp16"}}}  # weight-only: FrozenQuantLinear with int4 codes
+
+
+@pytest.mark.parametrize("cfg", [None, RICH_CFG, W4A16_CFG], ids=["default", "o_quant+kv+skip", "w4a16"])
 def test_checkpoint_round_trip_gives_identical_logits(tiny_qwen3, tmp_path, cfg, smollm2):
     fake = _fake_model(tiny_qwen3, cfg)
     real = convert_model(copy.deepcopy(fake), "auto")
@@ -285,10 +289,14 @@ def test_checkpoint_round_trip_gives_identical_logits(tiny_qwen3, tmp_path, cfg,
     assert info["ratio_to_bf16"] <= 0.3
     manifest = read_manifest(tmp_path / "ck")
     kinds = {e["kind"] for e in manifest["modules"].values()}
-    assert "realquant" in kinds and "norm_transform" in kinds
-    if cfg is not None:
-        assert {"frozen", "kv_quantizer"} <= kinds
+    assert "norm_transform" in kinds
+    assert kinds >= ({"frozen"} if cfg is W4A16_CFG else {"realquant"})
+    if cfg is RICH_CFG:
+        assert "kv_quantizer" in kinds
         assert isinstance(real.model.layers[1].self_attn.q_proj, torch.nn.Linear)
+        o_proj = real.model.layers[0].self_attn.o_proj  # W4A4 with its online transform: the integer kernels too
+        assert isinstance(o_proj, RealQuantLinear) and o_proj.trans_left is not None
+        assert manifest["modules"]["model.layers.0.self_attn.o_proj"]["kind"] == "realquant"
     loaded = load_checkpoint(tmp_path / "ck")
     assert loaded.tokenizer is not None and loaded.architecture == "Qwen3ForCausalLM"
     ids = torch.randint(0, tiny_qwen3.config.vocab_size, (2, 9))
@@ -472,9 +480,11 @@ def test_real_quant_equals_fake_quant_on_every_native_path(native_path, int_gemm
     from core.quantizer import INT_GEMM_ENV
 
     monkeypatch.setenv(INT_GEMM_ENV, int_gemm)
-    fake = _fake_model(tiny_qwen3)
+    fake = _fake_model(tiny_qwen3, O_QUANT_CFG)  # all seven linears W4A4 (o_proj with its own online transform)
     real = convert_model(copy.deepcopy(fake), "cpu")
-    assert all("qweight_vnni" in dict(m.named_buffers()) for m in real.modules() if isinstance(m, RealQuantLinear))
+    linears = [m for m in real.modules() if isinstance(m, RealQuantLinear)]
+    assert len(linears) == 7 * tiny_qwen3.config.num_hidden_layers
+    assert all("qweight_vnni" in dict(m.named_buffers()) for m in linears)
     g = torch.Generator().manual_seed(5)
     for shape in ((1, 1), (1, 3), (2, 9)):  # (bf16 kernels: test_native_path_equals_the_reference_integer_math)
         ids = torch.randint(0, tiny_qwen3.config.vocab_size, shape, generator=g)

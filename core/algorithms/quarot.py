@@ -118,7 +118,7 @@ def wrap_layer_quarot(layer: nn.Module, index: int, flat_cfg: FlatQuantConfig, c
         h = down_rotation(down.in_features, index, cfg).to(down.linear.weight.device)  # the layer may be on a GPU
         ad.put(layer, ad.down_proj, FlatQuantLinear(down.linear, down.weight_quantizer.bits, down.act_quantizer.bits,
                                                     False, down.act_quantizer, in_trans=h, weight_trans=h,
-                                                    real_quant_eligible=down.real_quant_eligible))
+                                                    ascend_served=down.ascend_served))
     set_clips(layer, cfg)
 
 

@@ -130,7 +130,7 @@ def _linear_tensors(name: str, m: nn.Module, layer: nn.Module, member: str, dtyp
     """(tensors, type) of one wrapped, folded FlatQuantLinear."""
 
     state = m.export_state()
-    if m.real_quant_eligible and state["w_bits"] == 4 and state["a_bits"] == 4:
+    if m.ascend_served and state["w_bits"] == 4 and state["a_bits"] == 4:
         if state["trans_left"] is not None:
             left, right = state["trans_left"], state["trans_right"]
         else:

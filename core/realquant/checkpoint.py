@@ -110,7 +110,7 @@ def _write_part(module: nn.Module, prefix: str, writer: ShardWriter, got: _Colle
                 if getattr(m, key) is not None:
                     own[key] = getattr(m, key)
             for key, t in own.items():
-                got.add(writer, f"{name}.{key}", t, quantized=real)
+                got.add(writer, f"{name}.{key}", t, quantized=real or codes is not None)
             handled.append(name + ".")
         elif isinstance(m, TransformedNorm):
             got.modules[name] = {"kind": "norm_transform", "left": m.left.shape[0], "right": m.right.shape[0]}
@@ -151,7 +151,8 @@ def export_checkpoint(model: nn.Module, tokenizer, output_dir: str | os.PathLike
     layers_name = next(n for n, m in model.named_modules() if m is layers)
     writer = ShardWriter(out, shard_bytes, TENSORS_STEM)
     got = _Collected(dtype)
-    if layer_states is None and not any(isinstance(m, (FlatQuantLinear, RealQuantLinear)) for m in model.modules()):
+    if layer_states is None and not any(isinstance(m, (FlatQuantLinear, RealQuantLinear, FrozenQuantLinear))
+                                         for m in model.modules()):
         raise FlatQuantError("The model has no FlatQuant layers to export; calibrate it (quantize) or load a "
                              "flat_matrices.pth first.")
     _write_part(model, "", writer, got, skip=(layers_name + ".",))

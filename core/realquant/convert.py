@@ -1,9 +1,9 @@
 """``convert``: replace each folded FlatQuantLinear with its real-quant module, and the sample's
 "Time diff orig / after real quant" measurement.
 
-Eligible linears (q/k/v, gate/up, down: w and a quantized) become RealQuantLinear on the selected backend; the rest
-(o_proj with use_o_quant, layers kept in float whose input is transformed) become FrozenQuantLinear or nn.Linear,
-and each FlatNormTransform becomes a TransformedNorm. The kv-cache quantizer stays as configured.
+Linears whose weights and activations are both quantized (q/k/v, gate/up, down, o_proj with use_o_quant) become
+RealQuantLinear on the selected backend; the rest (weight-only or activation-only quantization, layers kept in float)
+become FrozenQuantLinear or nn.Linear, and each FlatNormTransform becomes a TransformedNorm. The kv-cache quantizer stays as configured.
 """
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ from .modules import FrozenQuantLinear, RealQuantLinear, TransformedNorm
 
 
 def is_real_quant(model: nn.Module) -> bool:
-    return any(isinstance(m, RealQuantLinear) for m in model.modules())
+    return any(isinstance(m, (RealQuantLinear, FrozenQuantLinear)) for m in model.modules())
 
 
 def model_backend(model: nn.Module) -> Optional[str]:
@@ -85,16 +85,22 @@ def convert_model(model: nn.Module, backend: str | Backend = "auto") -> nn.Modul
 
 
 def memory_sizes(model: nn.Module) -> dict:
-    """Bytes the real-quant linears hold in memory (the backend's own layout: int4 blocks for the native cpu
-    kernels, int8-held codes for torch._int_mm, int32 words on the NPU; plus scales, transforms, biases) against the
+    """Bytes the real-quant linears (and weight-only quantized ones) hold in memory (the backend's own layout: int4
+    blocks for the native cpu kernels, int8-held codes for torch._int_mm and weight-only linears, int32 words on the
+    NPU; plus scales, transforms, biases) against the
     same linears in bf16. The checkpoint's sizes (always packed int4 on disk) are in its quant_config.json."""
     mem = bf16 = 0
     layouts = set()
     for m in model.modules():
         if isinstance(m, RealQuantLinear):
-            mem += sum(b.numel() * b.element_size() for b in m.buffers())
-            bf16 += 2 * m.out_features * (m.in_features + (1 if m.bias is not None else 0))
-            layouts.update(f"{n}:{str(t.dtype).replace('torch.', '')}" for n, t in m.weight_tensors().items())
+            weights = m.weight_tensors()
+        elif isinstance(m, FrozenQuantLinear) and m.w_codes is not None:  # weight-only: int8-held codes
+            weights = {"w_codes": m.w_codes}
+        else:
+            continue
+        mem += sum(b.numel() * b.element_size() for b in m.buffers())
+        bf16 += 2 * m.out_features * (m.in_features + (1 if m.bias is not None else 0))
+        layouts.update(f"{n}:{str(t.dtype).replace('torch.', '')}" for n, t in weights.items())
     return {"in_memory_bytes": mem, "bf16_bytes": bf16, "ratio_to_bf16": (mem / bf16) if bf16 else None,
             "backend": model_backend(model), "weight_layout": sorted(layouts)}
 

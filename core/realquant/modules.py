@@ -100,8 +100,8 @@ class RealQuantLinear(nn.Module):
 
 
 class FrozenQuantLinear(nn.Module):
-    """A FlatQuantLinear that stays fake-quant (o_proj with use_o_quant, or a kept-in-float layer whose input is
-    transformed online): its weight codes are computed once instead of at every forward, and with quantized
+    """A FlatQuantLinear that stays fake-quant (weights or activations alone quantized, e.g. a W4A16 config): its
+    weight codes are computed once instead of at every forward, and with quantized
     activations it runs the same integer math as the folded fake model (``core.quantizer.integer_linear``)."""
 
     def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor], w_bits: int, a_bits: int,
