@@ -13,6 +13,8 @@ Sections
           transform, quantization and rescale. A 256 MiB buffer is written before each timed call, so weights come
           from memory as in a whole model (else a variant that follows one with the same weights finds them in
           L3). Speedups are against the fastest float variant of the same row.
+  attention  one decode step's attention of a 7B-shaped layer (32 heads, cache depth --prompt + 1 and 4 x --prompt,
+          the compute dtype): PyTorch's SDPA vs core.attention.decode_attention (the models' CPU decode path).
   model   prefill (1 x --prompt tokens through the decoder, logits of the last one: what generate() and
           llama-bench's pp test compute) and decode (ms per token over --decode greedy steps
           with the KV cache after that prompt, core.latency.greedy_decode) of a LLaMA-2-7B-shaped model with
@@ -139,6 +141,41 @@ def _linear_variants(k: int, n: int, transform: bool, isas: list[str], auto: str
     return variants
 
 
+def bench_attention(repeats: int, warmup: int, depths, dtype) -> list[dict]:
+    """One decode step's attention of a LLaMA-2-7B-shaped layer (32 heads of 128, one query token, a cache of
+    ``depth`` tokens): PyTorch's SDPA (what transformers' "sdpa" runs) vs core.attention.decode_attention (what the
+    "flatquant" attention runs for a CPU decode step), interleaved; max abs difference of their outputs too."""
+    import torch
+    import torch.nn.functional as F
+
+    from core.attention import decode_attention
+
+    rows = []
+    g = torch.Generator().manual_seed(0)
+    for depth in depths:
+        q = torch.randn(1, 32, 1, 128, generator=g).to(dtype)
+        k, v = (torch.randn(1, 32, depth, 128, generator=g).to(dtype) for _ in range(2))
+        variants = {"sdpa": lambda: F.scaled_dot_product_attention(q, k, v),
+                    "decode_attention": lambda: decode_attention(q, k, v, None, None)}
+        times = {name: [] for name in variants}
+        with torch.inference_mode():
+            for rnd in range(warmup + repeats):
+                for name, fn in variants.items():
+                    t0 = time.perf_counter()
+                    fn()
+                    if rnd >= warmup:
+                        times[name].append((time.perf_counter() - t0) * 1e3)
+            diff = (variants["sdpa"]().transpose(1, 2).float() - variants["decode_attention"]().float()).abs().max()
+        med = {name: statistics.median(t) for name, t in times.items()}
+        rows.append({"depth": depth, "dtype": str(dtype).replace("torch.", ""), "sdpa_ms": med["sdpa"],
+                     "decode_attention_ms": med["decode_attention"], "speedup": med["sdpa"] / med["decode_attention"],
+                     "max_abs_diff": float(diff)})
+        print(f"  attention depth {depth:5d} {rows[-1]['dtype']}: sdpa {med['sdpa']:.3f} ms, decode_attention "
+              f"{med['decode_attention']:.3f} ms ({rows[-1]['speedup']:.2f}x), max |diff| {float(diff):.2e}",
+              flush=True)
+    return rows
+
+
 def bench_linear(repeats: int, warmup: int, tokens, isas, auto, backends) -> list[dict]:
     import torch
 
@@ -190,14 +227,25 @@ def _llama7b_shaped(layers: int):
     import torch
     from transformers import LlamaForCausalLM
 
+    from core.attention import use_flatquant_attention
+
     torch.manual_seed(0)
-    return LlamaForCausalLM(_llama7b_config(layers)).eval().requires_grad_(False)
+    model = LlamaForCausalLM(_llama7b_config(layers)).eval().requires_grad_(False)
+    use_flatquant_attention(model)  # as core.models.load_model does for every model it loads
+    return model
 
 
-def _model_set(base, originals: list, isas: list[str], auto: str, backends: list[str]) -> dict:
+QUANT_CONFIGS = {  # --quant_configs: FlatQuant configs of the W4A4 variants (label suffix, AMCT-style dict)
+    "default": ("", None),  # o_proj and lm_head in float, as INT4_FLAT_QUANT_CFG
+    "o_quant": (" +o_proj", {"algorithm": {"flatquant": {"use_o_quant": True}}}),  # all seven linears W4A4
+}
+
+
+def _model_set(base, originals: list, isas: list[str], auto: str, backends: list[str],
+               quant_configs: list[str]) -> dict:
     """{"original <dtype>": model, "W4A4 cpu [isa]": model, ...}: name -> (callable context, model).
-    Takes ``base`` (fp32) over: the float copies are made first, then ``base`` itself becomes the fake-quant model
-    that is converted (a 4-layer 7B-shaped model in fp32 is 4 GiB: one copy less keeps the peak lower)."""
+    Takes ``base`` (fp32) over: the float copies are made first, then ``base`` itself becomes the last fake-quant
+    model that is converted (a 4-layer 7B-shaped model in fp32 is 4 GiB: one copy less keeps the peak lower)."""
     import copy
 
     import torch
@@ -213,17 +261,19 @@ def _model_set(base, originals: list, isas: list[str], auto: str, backends: list
             models[f"original {dtype_name(dt)}"] = (None, copy.deepcopy(base).to(dt))
     keep_fp32 = torch.float32 in originals
     fp32_copy = copy.deepcopy(base) if keep_fp32 else None
-    apply_flat_structure(base, parse_config(None))  # random transforms: speed does not depend on their values
-    fold_model(base)
     real_dtype = compute_dtype("cpu")
-    for i, be in enumerate(backends):
-        src = base if i == len(backends) - 1 else copy.deepcopy(base)
+    jobs = [(qc, be) for qc in quant_configs for be in backends]
+    for i, (qc, be) in enumerate(jobs):
+        suffix, cfg = QUANT_CONFIGS[qc]
+        src = base if i == len(jobs) - 1 else copy.deepcopy(base)
+        apply_flat_structure(src, parse_config(cfg))  # random transforms: speed does not depend on their values
+        fold_model(src)
         real = convert_model(src, be).to(real_dtype)
         if be == "cpu" and isas:
             for isa in isas:
-                models[_isa_label(isa, auto)] = (isa, real)
+                models[_isa_label(isa, auto) + suffix] = (isa, real)
         else:
-            models[f"W4A4 {be}"] = (None, real)
+            models[f"W4A4 {be}{suffix}"] = (None, real)
     if keep_fp32:
         models = {"original float32": (None, fp32_copy), **models}
     return models
@@ -340,7 +390,7 @@ def _paired(ref: list, ours: list) -> float:
 
 
 def bench_model(repeats: int, warmup: int, layers: int, prompt: int, decode: int, originals, isas, auto,
-                backends, model_names, llama_cpp, threads) -> list[dict]:
+                backends, model_names, llama_cpp, threads, quant_configs=("default",)) -> list[dict]:
     """Prefill: the prompt through the decoder, last-token logits (``_prefill_ms``). Decode: core.latency.greedy_decode (the
     evaluation code path: one prefill, then ``decode`` single-token steps with the KV cache). Both interleaved."""
     import gc
@@ -362,7 +412,7 @@ def bench_model(repeats: int, warmup: int, layers: int, prompt: int, decode: int
             tmp = Path(tempfile.mkdtemp(prefix="fq_llama_", dir=os.environ.get("FQ_BENCH_TMP")))
             print(f"  writing GGUF Q4_0 of the same model to {tmp}", flush=True)
             llama = prepare_llama_cpp(Path(llama_cpp), base, tmp)
-        models = _model_set(base, originals, isas, auto, backends)
+        models = _model_set(base, originals, isas, auto, backends, list(quant_configs))
         del base
         gc.collect()
         ids = torch.randint(100, 30000, (1, prompt), generator=torch.Generator().manual_seed(0))
@@ -441,6 +491,10 @@ def _child(args) -> dict:
     sections = args.sections.split(",")
     tag = f"{out['omp_wait_policy']}, {out['threads']} threads"
     backends = args.backends.split(",")
+    if "attention" in sections:
+        print(f"[{tag}] decode-step attention, {args.repeats} repeats", flush=True)
+        out["attention"] = bench_attention(args.repeats, args.warmup, [args.prompt + 1, 4 * args.prompt],
+                                           compute_dtype("cpu"))
     if "linear" in sections:
         print(f"[{tag}] per-linear, {args.repeats} repeats", flush=True)
         tokens = [int(t) for t in args.tokens.split(",")]
@@ -450,7 +504,7 @@ def _child(args) -> dict:
         originals = [compute_dtype("cpu") if o == "auto" else COMPUTE_DTYPES[o] for o in args.originals.split(",")]
         out["model"] = bench_model(args.model_repeats, 1, args.layers, args.prompt, args.decode,
                                    list(dict.fromkeys(originals)), isas, auto, backends, args.models.split(","),
-                                   args.llama_cpp, args._threads)
+                                   args.llama_cpp, args._threads, args.quant_configs.split(","))
     return out
 
 
@@ -459,6 +513,13 @@ def _print_tables(results: dict) -> None:
     print(f"\nCPU: {m['cpu_model']} ({m['machine']}, {m['vcpus']} vCPUs), flags: {' '.join(m['key_flags'])}; "
           f"load average before {m['loadavg'][0]:.2f}, after {results['loadavg_after'][0]:.2f}")
     for policy, res in results["runs"].items():
+        if "attention" in res:
+            print(f"\n### Decode-step attention, {policy} (LLaMA-2-7B-shaped layer, ms, median)\n")
+            print("| cache depth | dtype | SDPA | core.attention | speedup | max abs diff |")
+            print("|---:|---|---:|---:|---:|---:|")
+            for r in res["attention"]:
+                print(f"| {r['depth']} | {r['dtype']} | {r['sdpa_ms']:.3f} | {r['decode_attention_ms']:.3f} | "
+                      f"{r['speedup']:.2f}x | {r['max_abs_diff']:.1e} |")
         if "linear" in res:
             print(f"\n### Per-linear, {policy} (ms, median; speedup vs the fastest float variant of the row)\n")
             variants = list(dict.fromkeys(r["variant"] for r in res["linear"]))
@@ -489,7 +550,8 @@ def _print_tables(results: dict) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--sections", default="linear,model", help="linear,model")
+    p.add_argument("--sections", default="linear,model", help="linear, model and/or attention (one decode step's "
+                   "attention at cache depths --prompt + 1 and 4 x --prompt: SDPA vs core.attention)")
     p.add_argument("--configs", default="passive:2",
                    help="comma-separated OMP_WAIT_POLICY:torch threads, each run in its own process")
     p.add_argument("--isas", default="auto", help="native code paths of the W4A4 variants: auto (the one this CPU "
@@ -505,12 +567,17 @@ def main() -> None:
     p.add_argument("--prompt", type=int, default=512)
     p.add_argument("--decode", type=int, default=64)
     p.add_argument("--backends", default="cpu", help="cpu (native kernels) and/or cpu-torch")
+    p.add_argument("--quant_configs", default="default", help="model section: FlatQuant configs of the W4A4 "
+                   f"variants, comma-separated: {', '.join(QUANT_CONFIGS)} (o_quant: o_proj W4A4 too)")
     p.add_argument("--llama_cpp", default=None, help="a llama.cpp build folder (with bin/llama-bench and "
                    "bin/llama-quantize): also time the same model as GGUF Q4_0")
     p.add_argument("--json", default=None, help="write all numbers (and every run) here")
     p.add_argument("--_child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--_threads", type=int, default=2, help=argparse.SUPPRESS)
     args = p.parse_args()
+    unknown = sorted(set(args.quant_configs.split(",")) - set(QUANT_CONFIGS))
+    if unknown:
+        p.error(f"--quant_configs {','.join(unknown)}: choose from {', '.join(QUANT_CONFIGS)}")
     if args._child:
         print("@@RESULT@@" + json.dumps(_child(args)))
         return

@@ -21,6 +21,7 @@ import torch.utils.checkpoint
 from torch import nn
 
 from .adapters import LinearGroup, ModelAdapter, adapter_for
+from .attention import use_flatquant_attention
 from .config import FlatQuantConfig
 from .quantizer import (ActQuantizer, WeightQuantizer, fake_quant_asym, fake_quant_sym, integer_linear, quantize_codes,
                         row_spans)
@@ -248,28 +249,6 @@ class KVCacheQuantizer(nn.Module):
         return query, key, value
 
 
-ATTN_KEY = "flatquant"  # the attention implementation name that applies a layer's KVCacheQuantizer
-
-
-def register_attention() -> None:
-    """An attention function that applies the module's KVCacheQuantizer, then defers to SDPA."""
-    from transformers import AttentionInterface
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
-
-    if ATTN_KEY in AttentionInterface._global_mapping:
-        return
-
-    def flatquant_attention(module, query, key, value, attention_mask, **kwargs):
-        kvq = getattr(module, "kv_quantizer", None)
-        if kvq is not None:
-            query, key, value = kvq(query, key, value)
-        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
-
-    AttentionInterface.register(ATTN_KEY, flatquant_attention)
-    ALL_MASK_ATTENTION_FUNCTIONS.register(ATTN_KEY, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
-
-
 # --- building, folding and (de)serializing ---------------------------------------------------------------------
 
 
@@ -340,11 +319,10 @@ def wrap_layer(layer: nn.Module, index: int, cfg: FlatQuantConfig, stats: Option
                                               in_trans=o_trans, ascend_served=False))
 
     if cfg.use_kcache_quant or cfg.use_vcache_quant:
-        register_attention()
         head_dim = attn.head_dim
         attn.kv_quantizer = KVCacheQuantizer(head_dim, cfg.k_bits if cfg.use_kcache_quant else 16, cfg.k_sym,
                                              cfg.v_bits if cfg.use_vcache_quant else 16, cfg.v_sym, seed + 3)
-        attn.config._attn_implementation = ATTN_KEY
+        use_flatquant_attention(attn.config, force=True)  # the attention function applies the quantizer
 
     wrap_group(ad.up_gate, stats.up_gate if stats else None, 5)
 

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from .adapters import ModelAdapter, adapter_for, adapter_for_architecture, supported_architectures
+from .attention import use_flatquant_attention
 from .errors import ModelLoadError
 
 DEFAULT_MODEL = "smollm2"
@@ -147,6 +148,7 @@ def load_model(model_path: Optional[str] = None, device: str | torch.device = "c
         raise ModelLoadError(f"Could not load the model at {str(path)!r}: {str(exc).splitlines()[0]}") from exc
     model.to(device).eval()
     model.requires_grad_(False)
+    use_flatquant_attention(model)  # SDPA, but a CPU decode step as two matmuls (core.attention)
     is_default = model_path in (None, "", DEFAULT_MODEL)
     name = "SmolLM2-135M-Instruct" if is_default else path.name
     return LoadedModel(model, tokenizer, name, DEFAULT_MODEL if is_default else str(path), arch)

@@ -24,7 +24,8 @@ import torch
 from torch import nn
 
 from ..errors import FlatQuantError, ModelLoadError
-from ..flat import ATTN_KEY, FlatQuantLinear, KVCacheQuantizer, register_attention
+from ..attention import use_flatquant_attention
+from ..flat import FlatQuantLinear, KVCacheQuantizer
 from ..matrices import apply_layer_matrices, check_layer_indices
 from ..memory import trim_host_heap
 from ..models import LoadedModel, decoder_layers, model_identity, read_architecture
@@ -293,11 +294,11 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu",
     config = AutoConfig.from_pretrained(path, local_files_only=True)
     modules = manifest.get("modules", {})
     if any(e.get("kind") == "kv_quantizer" for e in modules.values()):
-        register_attention()
-        config._attn_implementation = ATTN_KEY
+        use_flatquant_attention(config, force=True)
     dtype = getattr(torch, manifest["dtype"]) if manifest.get("dtype") else torch.float32
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    use_flatquant_attention(model)
     be = select_backend(backend, device)
 
     shared: dict[str, SharedInputQuant] = {}
