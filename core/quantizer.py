@@ -200,14 +200,21 @@ def int_mm(rows: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 def code_matmul(q_x: torch.Tensor, w_codes: torch.Tensor, a_bits: int, w_bits: int) -> torch.Tensor:
     """Exact Σ_k q_x[m, k]·w[n, k] of integer codes ([M, K] · [N, K]ᵀ), int32 or fp32 holding the same integers: the
-    int8 GEMM where it is fast (VNNI CPUs, CUDA), else an fp32 GEMM of the codes (exact within
-    ``float_gemm_is_exact``; beyond it the int8 GEMM however slow)."""
+    int8 GEMM where it is fast (VNNI CPUs, CUDA), else fp32 GEMMs of the codes: one where ``float_gemm_is_exact``,
+    beyond it (8-bit codes, K > 1024) one per slice of K that is, their sums added in int32."""
     k = q_x.shape[-1]
-    if a_bits <= 8 and w_bits <= 8 and (int8_gemm_is_fast(q_x.device) or not float_gemm_is_exact(k, a_bits, w_bits)):
+    if a_bits <= 8 and w_bits <= 8 and int8_gemm_is_fast(q_x.device):
         rows = q_x.reshape(-1, k).to(torch.int8)
         return int_mm(rows, w_codes.to(torch.int8)).reshape(*q_x.shape[:-1], -1)
+    step = FP32_EXACT_LIMIT // ((1 << (a_bits - 1)) * (1 << (w_bits - 1)))
     with torch.autocast(q_x.device.type, enabled=False):
-        return F.linear(q_x.float(), w_codes.float())
+        if k <= step:
+            return F.linear(q_x.float(), w_codes.float())
+        acc = None
+        for a in range(0, k, step):
+            part = F.linear(q_x[..., a:a + step].float(), w_codes[:, a:a + step].float()).to(torch.int32)
+            acc = part if acc is None else acc.add_(part)
+        return acc
 
 
 def integer_linear(x: torch.Tensor, w_codes: torch.Tensor, w_scale: torch.Tensor, bias: Optional[torch.Tensor],

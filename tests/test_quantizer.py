@@ -87,8 +87,9 @@ def test_fake_quant_equals_the_integer_codes_times_scale():
     assert torch.equal(fake_quant_sym(x, 4), q * scale)
 
 
-@pytest.mark.parametrize("a_bits,w_bits,k", [(4, 4, 4096), (8, 4, 1000), (4, 8, 333)])
+@pytest.mark.parametrize("a_bits,w_bits,k", [(4, 4, 4096), (8, 4, 1000), (4, 8, 333), (8, 8, 1024), (8, 8, 2501)])
 def test_integer_gemm_is_exact_on_the_int8_and_the_fp32_path(monkeypatch, a_bits, w_bits, k):
+    """W8A8 beyond K = 1024 (an int8 lm_head) is past one fp32 GEMM's exact range: the fp32 path sums K slices."""
     from core.quantizer import INT_GEMM_ENV, code_matmul, float_gemm_is_exact, integer_linear, quantize_codes
 
     g = torch.Generator().manual_seed(k)
@@ -97,13 +98,17 @@ def test_integer_gemm_is_exact_on_the_int8_and_the_fp32_path(monkeypatch, a_bits
     q_x[1:] = torch.randint(-(2 ** (a_bits - 1)), 2 ** (a_bits - 1), (2, k), generator=g).float()
     w = torch.full((5, k), -(2 ** (w_bits - 1)), dtype=torch.int8)
     w[1:] = torch.randint(-(2 ** (w_bits - 1)), 2 ** (w_bits - 1), (4, k), generator=g, dtype=torch.int8)
+    q_x[2], w[2] = 2 ** (a_bits - 1) - 1, 2 ** (w_bits - 1) - 1  # 8x8 bits, K = 2501: an odd sum > 2^24
     exact = (q_x.double() @ w.double().t())
-    assert float_gemm_is_exact(k, a_bits, w_bits)
+    assert float_gemm_is_exact(k, a_bits, w_bits) == (k <= 1024 or a_bits + w_bits < 16)
     monkeypatch.setenv(INT_GEMM_ENV, "int")
     as_int = code_matmul(q_x, w, a_bits, w_bits)
     monkeypatch.setenv(INT_GEMM_ENV, "float")
     as_float = code_matmul(q_x, w, a_bits, w_bits)
-    assert as_int.dtype == torch.int32 and as_float.dtype == torch.float32
+    assert as_int.dtype == torch.int32
+    assert as_float.dtype == (torch.float32 if float_gemm_is_exact(k, a_bits, w_bits) else torch.int32)
+    if not float_gemm_is_exact(k, a_bits, w_bits):  # the case the slices are for: one fp32 GEMM is off
+        assert not torch.equal((q_x @ w.float().t()).double(), exact)
     assert torch.equal(as_int.double(), exact) and torch.equal(as_float.double(), exact)
     # the whole integer linear (quantize, GEMM, epilogue) is bit-identical on both paths
     x = torch.randn(4, k, generator=g) * 3

@@ -422,17 +422,22 @@ def test_the_portable_path_is_always_there():
 
 
 @pytest.mark.parametrize("native_path", _native_paths(), indirect=True)
-@pytest.mark.parametrize("case", CASES[:4] + CASES[5:], ids=lambda c: "m{}k{}n{}a{}".format(c[0], c[1], c[2], c[4]))
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "m{}k{}n{}w{}a{}".format(*c[:5]))
 def test_native_path_equals_the_reference_integer_math(native_path, case):
     """Activation codes, scales, code sums, GEMM + epilogue (fp32 and bf16 out) and the fused call of each path are
-    bit-identical to the PyTorch reference (cpu-torch: quantize_per_token + an exact integer GEMM + rescale)."""
-    m, k, n, _, a_bits, clip, trans, has_bias = case
+    bit-identical to the PyTorch reference (cpu-torch: quantize_per_token + an exact integer GEMM + rescale); 8-bit
+    weights too (two int4 planes on the same kernels)."""
+    m, k, n, w_bits, a_bits, clip, trans, has_bias = case
     kernels = native.load()
     g = torch.Generator().manual_seed(m * 7 + k)
-    codes, scale = quantize_weight(torch.randn(n, k, generator=g), 4, torch.full((n, 1), 0.9))
+    codes, scale = quantize_weight(torch.randn(n, k, generator=g), w_bits, torch.full((n, 1), 0.9))
     bias = torch.randn(n, generator=g) if has_bias else None
     ref_be, be = TorchCpuBackend(), CpuBackend()
-    ref_t, t = ref_be.prepare_weight(codes, 4), be.prepare_weight(codes, 4)
+    ref_t, t = ref_be.prepare_weight(codes, w_bits, a_bits), be.prepare_weight(codes, w_bits, a_bits)
+    assert set(t) == ({"qweight_vnni"} if w_bits == 4 else {"qweight_vnni_hi", "qweight_vnni_lo"})
+    assert torch.equal(be.weight_codes(t, n, k), codes)
+    if w_bits == 8:
+        assert codes.min() == -128 and codes.max() == 127  # the planes' extremes are covered
     for dtype in (torch.float32, torch.bfloat16):
         x = (torch.randn(m, k, generator=g) * 3).to(dtype)
         x[:, 1] *= 30
@@ -442,7 +447,7 @@ def test_native_path_equals_the_reference_integer_math(native_path, case):
         assert torch.equal(qx.extra["rowsum"], ref_q.q.sum(1, dtype=torch.int32))
         for out_dtype in (torch.float32, torch.bfloat16):
             ref = ref_be.matmul(ref_q, ref_t, n, scale, bias, out_dtype)
-            assert torch.equal(kernels.matmul(qx, t, n, scale, bias, out_dtype), ref), (native_path, out_dtype)
+            assert torch.equal(be.matmul(qx, t, n, scale, bias, out_dtype), ref), (native_path, out_dtype)
         left = right = None
         if trans is not None:
             left = torch.linalg.qr(torch.randn(trans[0], trans[0], generator=g))[0].to(dtype)
@@ -450,6 +455,9 @@ def test_native_path_equals_the_reference_integer_math(native_path, case):
         act = ActQuant(a_bits, clip, left, right)
         separate = be.matmul(be.quantize(x[:1], act, t), t, n, scale, bias, dtype)
         fused = be.fused_linear(x[:1], act, t, n, scale, bias, dtype)
+        if w_bits == 8:  # no fused single call for the two planes
+            assert fused is None
+            continue
         assert fused is not None and torch.equal(fused, separate), native_path
 
 

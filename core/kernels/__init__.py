@@ -47,6 +47,8 @@ ISA_ENV = "FLATQUANT_NATIVE_ISA"
 ISAS = {"portable": (0, ()), "avx2": (1, ("avx2", "fma")), "avxvnni": (2, ("avx2", "fma", "avx_vnni")),
         "avx512": (3, ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni")), "neon": (4, ("asimddp",))}
 _PREFERENCE = ("avx512", "avxvnni", "avx2", "neon", "portable")
+# 8-bit weights as two int4 planes: each plane's sum of K products |w| <= 8, |x| <= 128 must stay below 2^24
+INT8_PLANES_MAX_K = (1 << 24) // (8 * 128)
 _lock = threading.Lock()
 _loaded: dict[str, object] = {}
 
@@ -236,7 +238,23 @@ class NativeKernels:
 
     @staticmethod
     def weight_codes(tensors: dict[str, torch.Tensor], n: int, k: int) -> torch.Tensor:
+        if "qweight_vnni_hi" in tensors:
+            hi, lo = unpack_weight(tensors["qweight_vnni_hi"], n, k), unpack_weight(tensors["qweight_vnni_lo"], n, k)
+            return (hi.to(torch.int16) * 16 + lo + 8).to(torch.int8)
         return unpack_weight(tensors["qweight_vnni"], n, k)
+
+    @staticmethod
+    def prepare_weight8(codes: torch.Tensor) -> dict[str, torch.Tensor]:
+        """8-bit codes as two int4 planes in the int4 block layout: w = 16·hi + (lo + 8), hi and lo in [-8, 7].
+        Half a byte each: the GEMM reads one byte per weight, as an int8 kernel would, on the int4 kernels."""
+        if codes.device.type != "cpu":
+            raise ValueError("native kernels run on cpu tensors")
+        if codes.shape[1] > INT8_PLANES_MAX_K:
+            raise ValueError(f"8-bit weights with K = {codes.shape[1]} > {INT8_PLANES_MAX_K}: plane sums not exact")
+        w = codes.to(torch.int16)
+        hi = torch.div(w, 16, rounding_mode="floor")
+        return {"qweight_vnni_hi": pack_weight(hi.to(torch.int8)), "qweight_vnni_lo": pack_weight((w - 16 * hi - 8)
+                                                                                                   .to(torch.int8))}
 
     # activations -------------------------------------------------------------------------------------------------
     @staticmethod
@@ -307,6 +325,23 @@ class NativeKernels:
         self.lib.fq_gemm(q.data_ptr(), kp, rowsum.data_ptr(), xs.data_ptr(), w.data_ptr(), ws.data_ptr(), _ptr(b),
                          m, n, kb, out.data_ptr(), n, int(bf16), torch.get_num_threads())
         return out if out.dtype == out_dtype else out.to(out_dtype)
+
+    def matmul8(self, qx: QuantizedInput, tensors: dict[str, torch.Tensor], n: int, w_scale: torch.Tensor,
+                bias: Optional[torch.Tensor], out_dtype: torch.dtype) -> torch.Tensor:
+        """``matmul`` for 8-bit weights held as two int4 planes (``prepare_weight8``): each plane's GEMM with unit
+        scales gives its exact integer sums (below 2^24 for K <= INT8_PLANES_MAX_K), combined in int32 as
+        16·hi + lo + 8·Σx, then the same epilogue as the reference (``core.realquant.backends.rescale`` order)."""
+        m = qx.q.shape[0]
+        unit = QuantizedInput(qx.q, torch.ones(m, 1), qx.extra)
+        ones = torch.ones(n)
+        hi = self.matmul(unit, {"qweight_vnni": tensors["qweight_vnni_hi"]}, n, ones, None, torch.float32)
+        lo = self.matmul(unit, {"qweight_vnni": tensors["qweight_vnni_lo"]}, n, ones, None, torch.float32)
+        acc = hi.to(torch.int32).mul_(16).add_(lo.to(torch.int32)).add_(qx.extra["rowsum"].reshape(-1, 1) * 8)
+        out = torch.mul(acc, w_scale.float().reshape(-1))
+        out.mul_(qx.scale.float())
+        if bias is not None:
+            out.add_(bias.float())
+        return out.to(out_dtype)
 
     # transform + quantize + GEMM in one call -----------------------------------------------------------------------
     def linear(self, x: torch.Tensor, bits: int, clip: Optional[float], left: Optional[torch.Tensor],

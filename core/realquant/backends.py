@@ -183,7 +183,7 @@ class TorchCpuBackend(Backend):
 @register_backend
 class CpuBackend(TorchCpuBackend):
     """The native kernels (int4 in memory) when they build on this machine, else exactly the cpu-torch path.
-    8-bit weights always take the cpu-torch path (the native GEMM reads int4 only)."""
+    8-bit weights (an int8 lm_head) run on the same kernels as two int4 planes (NativeKernels.prepare_weight8)."""
 
     name = "cpu"
     description = "native int4 kernels (AVX-512 VNNI / AVX-VNNI / AVX2 / NEON / portable), else cpu-torch"
@@ -196,21 +196,31 @@ class CpuBackend(TorchCpuBackend):
         return self.native is not None
 
     def prepare_weight(self, codes, w_bits, a_bits=4):
-        if self.native is None or w_bits > 4 or codes.device.type != "cpu":
+        if self.native is None or w_bits > 8 or a_bits > 8 or codes.device.type != "cpu":
             return super().prepare_weight(codes, w_bits, a_bits)
-        return self.native.prepare_weight(codes)
+        if w_bits <= 4:
+            return self.native.prepare_weight(codes)
+        if codes.shape[1] <= native_kernels.INT8_PLANES_MAX_K:
+            return self.native.prepare_weight8(codes)
+        return super().prepare_weight(codes, w_bits, a_bits)
+
+    @staticmethod
+    def _native_layout(tensors) -> bool:
+        return "qweight_vnni" in tensors or "qweight_vnni_hi" in tensors
 
     def weight_codes(self, tensors, out_features, in_features):
-        if "qweight_vnni" in tensors:
+        if self._native_layout(tensors):
             return self.native.weight_codes(tensors, out_features, in_features)
         return super().weight_codes(tensors, out_features, in_features)
 
     def quantize(self, x, act, tensors):
-        if "qweight_vnni" in tensors and act.bits <= 8:
+        if self._native_layout(tensors) and act.bits <= 8:
             return self.native.quantize(transform_input(x, act), act.bits, act.clip)
         return super().quantize(x, act, tensors)
 
     def matmul(self, qx, tensors, out_features, w_scale, bias, out_dtype):
+        if "qweight_vnni_hi" in tensors:
+            return self.native.matmul8(qx, tensors, out_features, w_scale, bias, out_dtype)
         if "qweight_vnni" in tensors:
             return self.native.matmul(qx, tensors, out_features, w_scale, bias, out_dtype)
         return super().matmul(qx, tensors, out_features, w_scale, bias, out_dtype)
