@@ -19,7 +19,7 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from .algorithms import LayerAlgorithm, LayerContext, LayerResult, get_algorithm, rebuild_layer
+from .algorithms import LayerAlgorithm, LayerContext, LayerResult, get_algorithm, prepare_model, rebuild_layer
 from .adapters import adapter_for
 from .algorithms.base import run_layer
 from .config import FlatQuantConfig
@@ -197,7 +197,7 @@ def _calibrate_layers(model: nn.Module, samples: torch.Tensor, cfg: FlatQuantCon
     store = store or ActivationStore()
     results: list[LayerResult] = []
     gptq = gptq or GPTQConfig()
-    algo.prepare_model(model, unshare=copy_layers)
+    prepare_model(algo, model, unshare=copy_layers)
     if not algo.needs_data and weight_rounding == "rtn":  # nothing to capture: each layer where it is
         for i in range(start, end):
             reporter.check()

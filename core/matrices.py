@@ -12,7 +12,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .algorithms import ALGORITHMS, LayerAlgorithm, get_algorithm, rebuild_layer
+from .algorithms import ALGORITHMS, LayerAlgorithm, get_algorithm, prepare_model, rebuild_layer
 from .config import FlatQuantConfig, parse_config
 from .errors import CalibrationError, MatrixFileError
 from .flat import apply_flat_structure, flat_state, iter_transforms
@@ -157,7 +157,7 @@ def apply_matrices(model: nn.Module, payload: dict, path: str = "", copy_layers:
     states = sorted((int(i), s) for i, s in payload["layers"].items())
     layers = decoder_layers(model)
     check_layer_indices(layers, [i for i, _ in states], path)
-    algo.prepare_model(model, unshare=copy_layers)
+    prepare_model(algo, model, unshare=copy_layers)
     for i, state in states:
         if copy_layers:
             layers[i] = copy.deepcopy(layers[i])

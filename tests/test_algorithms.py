@@ -11,7 +11,7 @@ from core.calibrate import calibrate_model, capture_layer_inputs, run_layer
 from core.config import parse_config
 from core.data import load_text, sample_windows, tokenize
 from core.errors import JobCancelled
-from core.flat import set_quant_enabled
+from core.flat import FlatQuantLinear, set_quant_enabled
 from core.matrices import MATRIX_FILE, RESUME_FILE, load_matrices
 from core.models import decoder_layers, load_model
 from core.pipeline import QuantizeOptions, run_quantize
@@ -41,7 +41,9 @@ def test_every_algorithm_is_registered():
 
 @pytest.mark.parametrize("algorithm,rounding", COMBOS)
 def test_real_equals_fake_and_load_matrix_gives_identical_logits(tiny_qwen3_dir, tmp_path, algorithm, rounding):
-    result = run_quantize(_options(tiny_qwen3_dir, tmp_path / "run", algorithm, rounding))
+    """With lm_head quantized too (skip_layers empty: int8, core.flat.wrap_lm_head) under every algorithm."""
+    result = run_quantize(_options(tiny_qwen3_dir, tmp_path / "run", algorithm, rounding, skip_layers=[]))
+    assert isinstance(result.quantized.lm_head, FlatQuantLinear) and result.quantized.lm_head.weight_quantizer.bits == 8
     fake = _logits(result.quantized)
     assert torch.equal(_logits(convert_model(copy.deepcopy(result.quantized), "auto")), fake)
     # the float original the job kept is untouched (QuaRot rotates the whole model: its tensors were unshared)
@@ -51,7 +53,7 @@ def test_real_equals_fake_and_load_matrix_gives_identical_logits(tiny_qwen3_dir,
     if rounding == "gptq":
         assert all(v.dtype == torch.int8 for k, v in state.items() if k.endswith(".codes"))
     loaded = run_quantize(_options(tiny_qwen3_dir, tmp_path / "load", algorithm, rounding, load_matrix=True,
-                                   flat_matrix_path=str(result.matrix_path)))
+                                   flat_matrix_path=str(result.matrix_path), skip_layers=[]))
     assert torch.equal(_logits(loaded.quantized), fake)
     # the library's load (tests, benches, export) is the same rebuild: any algorithm, any rounding
     fresh = load_model(str(tiny_qwen3_dir)).model

@@ -103,6 +103,20 @@ def test_smollm2_export_equals_the_real_quant_model_on_wikitext(smol_calibrated,
     assert q <= 0.55 * bf16
 
 
+def test_int8_lm_head_is_exported_float_with_a_note(tiny_qwen3, tmp_path):
+    cfg = parse_config({"skip_layers": []})  # lm_head quantized (int8) in the run, which vllm-ascend cannot serve
+    wrapped, _ = uncalibrated_states(tiny_qwen3, cfg)
+    fold_model(wrapped)
+    notes = []
+    info = export_ascend(wrapped, cfg, None, tmp_path / "h", dtype=torch.float32, say=notes.append)
+    assert layout_problems(tmp_path / "h") == [] and info["quantized_linears"] == 12
+    assert len(notes) == 1 and "lm_head" in notes[0] and "FLOAT" in notes[0]
+    assert json.loads((tmp_path / "h" / DESCRIPTION_FILE).read_text())["lm_head.weight"] == "FLOAT"
+    tensors = load_tensors(tmp_path / "h")
+    assert not any(k.startswith("lm_head.") and k != "lm_head.weight" for k in tensors)
+    assert torch.equal(tensors["lm_head.weight"], tiny_qwen3.lm_head.weight)
+
+
 def test_tiny_qwen3_export_from_memory_equals_real_quant(tiny_qwen3, smollm2, shared_data, tmp_path):
     cfg = parse_config(None)
     cfg.lac = True  # a learned activation clip (sigmoid(4) here) must reach clip_ratio

@@ -7,6 +7,7 @@ from torch import nn
 
 from ..config import FlatQuantConfig
 from ..errors import FlatQuantError
+from ..flat import wrap_lm_head
 from ..gptq import apply_rounding_state, split_rounding_state
 from .base import LayerAlgorithm, LayerContext, LayerResult
 from .flatquant import FlatQuantAlgorithm
@@ -32,6 +33,14 @@ def get_algorithm(name: str, cfg: FlatQuantConfig, settings: Optional[dict] = No
     return ALGORITHMS[name](cfg, settings)
 
 
+def prepare_model(algo: LayerAlgorithm, model: nn.Module, unshare: bool = False) -> None:
+    """The model-level step before any layer: the algorithm's own (QuaRot's fused rotation), then lm_head's
+    quantization where the config asks for it (core.flat.wrap_lm_head: a module swap, no tensor changed in place).
+    Calibration, --load_matrix and export all start here, so each builds the same model."""
+    algo.prepare_model(model, unshare=unshare)
+    wrap_lm_head(model, algo.cfg)
+
+
 def rebuild_layer(algo: LayerAlgorithm, layer: nn.Module, index: int, state: dict) -> None:
     """A layer from its saved state, without data: the algorithm's modules and tensors, folded, then the saved
     GPTQ rounding when there is one (--load_matrix, export, another rank's layers, resume of a data-free
@@ -44,5 +53,5 @@ def rebuild_layer(algo: LayerAlgorithm, layer: nn.Module, index: int, state: dic
     apply_rounding_state(layer, rounding)
 
 
-__all__ = ["ALGORITHMS", "LayerAlgorithm", "LayerContext", "LayerResult", "get_algorithm", "rebuild_layer",
-           "register_algorithm"]
+__all__ = ["ALGORITHMS", "LayerAlgorithm", "LayerContext", "LayerResult", "get_algorithm", "prepare_model",
+           "rebuild_layer", "register_algorithm"]

@@ -22,7 +22,7 @@ from torch import nn
 
 from ..adapters import ModelAdapter, adapter_for
 from ..config import FlatQuantConfig
-from ..flat import FlatQuantLinear, flat_state, fold_layer, load_flat_state, wrap_layer
+from ..flat import FlatQuantLinear, flat_state, fold_layer, load_flat_state, wrap_layer, wrap_lm_head
 from ..hadamard import HadamardTransform, random_hadamard
 from ..models import unshare_tensors
 from ..quantizer import WeightQuantizer
@@ -147,6 +147,7 @@ def apply_quarot(model: nn.Module, flat_cfg: FlatQuantConfig, cfg: Optional[QuaR
         if num_layers is not None and i >= num_layers:
             break
         wrap_layer_quarot(layer, i, flat_cfg, cfg, prefix=ad.layers_path, adapter=ad)
+    wrap_lm_head(model, flat_cfg)
     return model
 
 

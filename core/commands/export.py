@@ -117,12 +117,13 @@ def _run_ascend(args, loaded, payload, cfg, source, dtype, shard_bytes: int) -> 
 def _run_native(args, loaded, payload, source, dtype, shard_bytes: int) -> int:
     import torch
 
+    from ..algorithms import prepare_model
     from ..matrices import matrix_algorithm
     from ..realquant.checkpoint import export_checkpoint, load_checkpoint
     from ..realquant.folder import StagedFolder, check_target
 
     algo = matrix_algorithm(payload, args.flat_matrix_path)
-    algo.prepare_model(loaded.model)
+    prepare_model(algo, loaded.model)
     layers = {int(i): s for i, s in payload["layers"].items()}
     target = check_target(args.output_dir, source, args.overwrite)
     with StagedFolder(target) as staged:  # one layer at a time; --verify keeps the converted model to compare

@@ -43,8 +43,8 @@ from .packing import quantize_weight
 LAYER_PREFIX = "model.layers"
 GROUP_PARENTS = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "gate_proj": "mlp",
                  "up_proj": "mlp"}
-NOT_EXPORTED_NOTE = ("note: the run's fake-quant {what} setting(s) are not part of the exported model (vllm-ascend has "
-                     "no FlatQuant method for them): exported FLOAT, in the original basis.")
+NOT_EXPORTED_NOTE = ("note: the run's quantization of {what} is not part of the exported model (vllm-ascend's W4A4 "
+                     "FlatQuant method has none for them): exported FLOAT, in the original basis.")
 
 
 # --- skip_layers vs vLLM's fused layers -------------------------------------------------------------------------
@@ -250,6 +250,12 @@ def export_ascend(model: nn.Module, cfg, tokenizer, output_dir: str | os.PathLik
         writer = ShardWriter(staged.path, shard_bytes, WEIGHTS_STEM)
         tied = bool(getattr(model.config, "tie_word_embeddings", False))
         rest = {k: t for k, t in model.state_dict().items() if not k.startswith(LAYER_PREFIX + ".")}
+        if not cfg.is_skipped("lm_head"):  # an int8 lm_head (core.flat.wrap_lm_head): served float
+            stats.not_exported.add("lm_head (not in skip_layers)")
+            head = model.get_submodule("lm_head")
+            if isinstance(head, FlatQuantLinear):
+                rest = {k: t for k, t in rest.items() if not k.startswith("lm_head.")}
+                rest["lm_head.weight"] = head.linear.weight
         if tied and "lm_head.weight" in rest:
             del rest["lm_head.weight"]  # one tensor with the embeddings; typed below for the server's lookup
         for key, t in rest.items():

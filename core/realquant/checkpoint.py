@@ -23,8 +23,8 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ..errors import FlatQuantError, ModelLoadError
 from ..attention import use_flatquant_attention
+from ..errors import FlatQuantError, ModelLoadError
 from ..flat import FlatQuantLinear, KVCacheQuantizer
 from ..matrices import apply_layer_matrices, check_layer_indices
 from ..memory import trim_host_heap
@@ -131,6 +131,25 @@ def _write_part(module: nn.Module, prefix: str, writer: ShardWriter, got: _Colle
 
 
 @torch.no_grad()
+def _convert_outside_layers(model: nn.Module, layers_prefix: str, backend: str, keep_model: bool,
+                            got: _Collected) -> dict[str, nn.Module]:
+    """Convert the quantized linears outside the decoder layers (an int8 lm_head, core.flat.wrap_lm_head) in place
+    before the model's own tensors are written, and count them; with ``keep_model`` a copy is converted and the
+    originals are returned, to be put back once written."""
+    kept = {}
+    for name, m in [(n, m) for n, m in model.named_modules()
+                    if isinstance(m, FlatQuantLinear) and not n.startswith(layers_prefix)]:
+        holder = nn.ModuleDict({"linear": copy.deepcopy(m) if keep_model else m})
+        convert_model(holder, backend)
+        model.set_submodule(name, holder["linear"])
+        if keep_model:
+            kept[name] = m
+    for name, m in model.named_modules():
+        if isinstance(m, (RealQuantLinear, FrozenQuantLinear)) and not name.startswith(layers_prefix):
+            got.count_in_memory(m)
+    return kept
+
+
 def export_checkpoint(model: nn.Module, tokenizer, output_dir: str | os.PathLike, config=None,
                       backend: str = "auto", dtype: Optional[torch.dtype] = None, *,
                       layer_states: Optional[dict] = None, algorithm=None, consume: bool = False,
@@ -156,7 +175,10 @@ def export_checkpoint(model: nn.Module, tokenizer, output_dir: str | os.PathLike
                                          for m in model.modules()):
         raise FlatQuantError("The model has no FlatQuant layers to export; calibrate it (quantize) or load a "
                              "flat_matrices.pth first.")
+    kept = _convert_outside_layers(model, layers_name + ".", backend, keep_model, got)
     _write_part(model, "", writer, got, skip=(layers_name + ".",))
+    for name, m in kept.items():  # keep_model: the model gets its own modules back
+        model.set_submodule(name, m)
     for i in range(len(layers)):
         if layer_states is not None and i in layer_states:
             apply_layer_matrices(layers, i, algorithm, layer_states[i])
