@@ -238,6 +238,8 @@ def _llama7b_shaped(layers: int):
 QUANT_CONFIGS = {  # --quant_configs: FlatQuant configs of the W4A4 variants (label suffix, AMCT-style dict)
     "default": ("", None),  # o_proj and lm_head in float, as INT4_FLAT_QUANT_CFG
     "o_quant": (" +o_proj", {"algorithm": {"flatquant": {"use_o_quant": True}}}),  # all seven linears W4A4
+    "lm_head": (" +int8 lm_head", {"skip_layers": []}),  # o_proj float, lm_head int8 (core.flat.wrap_lm_head)
+    "all": (" +o_proj +int8 lm_head", {"algorithm": {"flatquant": {"use_o_quant": True}}, "skip_layers": []}),
 }
 
 
@@ -568,7 +570,8 @@ def main() -> None:
     p.add_argument("--decode", type=int, default=64)
     p.add_argument("--backends", default="cpu", help="cpu (native kernels) and/or cpu-torch")
     p.add_argument("--quant_configs", default="default", help="model section: FlatQuant configs of the W4A4 "
-                   f"variants, comma-separated: {', '.join(QUANT_CONFIGS)} (o_quant: o_proj W4A4 too)")
+                   f"variants, comma-separated: {', '.join(QUANT_CONFIGS)} (o_quant: o_proj W4A4 too; lm_head: lm_head int8; "
+                   "all: both)")
     p.add_argument("--llama_cpp", default=None, help="a llama.cpp build folder (with bin/llama-bench and "
                    "bin/llama-quantize): also time the same model as GGUF Q4_0")
     p.add_argument("--json", default=None, help="write all numbers (and every run) here")

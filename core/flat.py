@@ -9,6 +9,7 @@ Per decoder layer (the LLaMA names; every supported family has these roles):
   gate/up_proj             -> FlatQuantLinear
   down_proj                -> FlatQuantLinear with its own online transform P_down (its diag folds into up_proj)
   kv-cache                 -> per-head transforms + fake quant of k (after RoPE) and v (use_kcache/vcache_quant)
+Per model, with lm_head not in skip_layers: lm_head -> FlatQuantLinear, int8 weights and activations (wrap_lm_head).
 """
 from __future__ import annotations
 

@@ -76,7 +76,8 @@ class QuantizeOptions:
         negation="--no_down_quant", negation_help="keep down_proj in full precision (for models sensitive to it)",
         config_key=True, gui=GuiControl("toggles", "checkbox", "use_down_quant", default=True)))
     use_o_quant: Optional[bool] = field(default=None, metadata=option(
-        "fake-quantize o_proj inputs (off by default)", negation="--no_use_o_quant", config_key=True,
+        "quantize o_proj W4A4 with its own online transform (off by default)", negation="--no_use_o_quant",
+        config_key=True,
         gui=GuiControl("toggles", "checkbox", "o_proj_quant", name="o_proj_quant", default=False)))
     use_kcache_quant: Optional[bool] = field(default=None, metadata=option(
         "fake-quantize the k cache (k_bits, default 4)", negation="--no_use_kcache_quant", config_key=True))

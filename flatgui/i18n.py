@@ -28,14 +28,15 @@ STRINGS: dict[str, dict[str, str]] = {
     "skip_layers_info": {
         "en": "Comma-separated. A linear layer stays in full precision when an entry equals its name or appears "
               "anywhere inside it (substring rule): 'lm_head' skips the output head, 'down_proj' skips every MLP "
-              "down projection, 'layers.0.' skips all of layer 0. Each entry needs a letter or digit.",
+              "down projection, 'layers.0.' skips all of layer 0. Each entry needs a letter or digit. Without "
+              "'lm_head' the output head is quantized int8 (weights and activations).",
         "zh": "逗号分隔。某个线性层的名字等于某一项、或包含某一项（子串规则）时，该层保持全精度："
               "'lm_head' 跳过输出头，'down_proj' 跳过所有 MLP 的下投影，'layers.0.' 跳过第 0 层全部。"
-              "每一项至少要有一个字母或数字。"},
+              "每一项至少要有一个字母或数字。不含 'lm_head' 时输出头量化为 int8（权重与激活）。"},
     "w_bits": {"en": "Weight bits", "zh": "权重位数"},
     "a_bits": {"en": "Activation bits", "zh": "激活位数"},
     "use_down_quant": {"en": "Quantize down_proj (use_down_quant)", "zh": "量化 down_proj (use_down_quant)"},
-    "o_proj_quant": {"en": "Fake-quantize o_proj input (use_o_quant)", "zh": "伪量化 o_proj 输入 (use_o_quant)"},
+    "o_proj_quant": {"en": "Quantize o_proj, W4A4 (use_o_quant)", "zh": "量化 o_proj，W4A4 (use_o_quant)"},
     "kv_quant": {"en": "Fake-quantize the KV cache", "zh": "伪量化 KV 缓存"},
     "kv_bits": {"en": "KV-cache bits", "zh": "KV 缓存位数"},
     "epochs": {"en": "Epochs per layer", "zh": "每层训练轮数"},
