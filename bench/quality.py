@@ -10,6 +10,7 @@ transforms/rotation are the same; only the rounding is added), and its seconds a
 
     python bench/quality.py                                  # 32 x 512 x 5 epochs (the 5-minute budget), all rows
     python bench/quality.py --use_o_quant --lac              # all seven linears W4A4 + LAC (the reference's runs)
+    python bench/quality.py --use_o_quant --lac --quantize_lm_head  # ... and lm_head int8 (every linear quantized)
     python bench/quality.py --methods fp,flatquant-rtn,flatquant-gptq --ppl_max_windows 40
 """
 from __future__ import annotations
@@ -63,6 +64,8 @@ def main() -> None:
                     help="all seven linears W4A4 (the reference code's default); default: o_proj FP (AMCT default)")
     ap.add_argument("--lac", action="store_true", help="learnable activation clipping (the reference code's runs "
                     "use it with all seven linears W4A4)")
+    ap.add_argument("--quantize_lm_head", action="store_true", help="lm_head out of skip_layers: int8 weights and "
+                    "activations (core.flat.wrap_lm_head), in every quantized row")
     ap.add_argument("--calib_inputs", default="fp", choices=CALIB_INPUTS,
                     help="what each layer trains on: the full-precision model's inputs (the reference) or the "
                          "quantized layers' outputs so far (targets stay full precision)")
@@ -93,9 +96,12 @@ def main() -> None:
     cfg = parse_config()
     cfg.epochs, cfg.cali_bsz, cfg.flat_lr = args.epochs, args.cali_bsz, args.flat_lr
     cfg.use_o_quant, cfg.lac = args.use_o_quant, args.lac
+    if args.quantize_lm_head:
+        cfg.skip_layers = []
     print(f"# {lm.name} fp32 (storage and compute): PPL@{args.ppl_seqlen} on {windows} windows of {test_file.name} "
           f"({test_ids.numel()} tokens); calibration {args.nsamples} x {args.seqlen} x {args.epochs} epochs from "
-          f"{calib_file.name}; o_proj {'W4A4' if args.use_o_quant else 'FP'}; LAC {'on' if args.lac else 'off'}; "
+          f"{calib_file.name}; o_proj {'W4A4' if args.use_o_quant else 'FP'}; lm_head "
+          f"{'W8A8' if args.quantize_lm_head else 'FP'}; LAC {'on' if args.lac else 'off'}; "
           f"training inputs {args.calib_inputs}; GPTQ act_order {'on' if args.act_order else 'off'}; "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {device_label(device)}\n"
           f"# {machine_line()}", flush=True)
