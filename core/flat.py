@@ -417,7 +417,7 @@ def wrap_lm_head(model: nn.Module, cfg: FlatQuantConfig) -> bool:
     if cfg.is_skipped(ad.lm_head_path):
         return False
     head = model.get_submodule(ad.lm_head_path)
-    if isinstance(head, FlatQuantLinear):
+    if not isinstance(head, nn.Linear):  # wrapped already (or converted)
         return True
     w_bits, a_bits = max(cfg.w_bits, LM_HEAD_MIN_BITS), max(cfg.a_bits, LM_HEAD_MIN_BITS)
     wrapped = FlatQuantLinear(head, w_bits, a_bits, False, ActQuantizer(a_bits, lac=False), ascend_served=False)
