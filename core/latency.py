@@ -81,12 +81,27 @@ def _forward_kwargs(model: nn.Module) -> dict:
     return {"logits_to_keep": 1} if "logits_to_keep" in params else {}
 
 
+def _preallocated_cache(model: nn.Module, length: int):
+    """transformers' StaticCache for ``length`` tokens (what llama.cpp's context is): each decode step writes its
+    keys/values in place instead of concatenating the whole cache again (~10% of a 7B-shaped 4-layer decode step
+    on 2 CPU threads); None (a dynamic cache) for a model without a transformers config."""
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(config, "num_hidden_layers"):
+        return None
+    from transformers import StaticCache
+
+    return StaticCache(config=config, max_cache_len=length)
+
+
 @torch.inference_mode()
 def greedy_decode(model: nn.Module, input_ids: torch.Tensor, decode_tokens: int) -> tuple[float, float, torch.Tensor]:
     """(prefill seconds, decode seconds for ``decode_tokens`` greedy steps, the 1 + decode_tokens picked ids) on a
-    fresh KV cache: one prefill forward, then one single-token forward per step."""
+    fresh, preallocated KV cache: one prefill forward, then one single-token forward per step."""
     device = input_ids.device
     kwargs = _forward_kwargs(model)
+    cache = _preallocated_cache(model, input_ids.shape[1] + decode_tokens + 1)
+    if cache is not None:
+        kwargs["past_key_values"] = cache
     synchronize(device)
     t0 = time.perf_counter()
     out = model(input_ids=input_ids, use_cache=True, **kwargs)
@@ -94,6 +109,7 @@ def greedy_decode(model: nn.Module, input_ids: torch.Tensor, decode_tokens: int)
     synchronize(device)
     t1 = time.perf_counter()
     past = out.past_key_values
+    kwargs.pop("past_key_values", None)
     picked = [nxt]
     for _ in range(decode_tokens):
         out = model(input_ids=nxt, past_key_values=past, use_cache=True, **kwargs)

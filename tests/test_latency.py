@@ -34,14 +34,28 @@ def test_interleaved_returns_every_model(tiny_qwen3):
     assert res["bf16"]["weights_mb"] == pytest.approx(res["fp32"]["weights_mb"] / 2, rel=0.01)
 
 
-def test_decode_loop_with_kv_cache_matches_generate(smollm2):
-    """The timed decode loop is real greedy decoding: same tokens as transformers' generate()."""
+def test_decode_loop_with_kv_cache_matches_generate(smollm2, tiny_qwen3):
+    """The timed decode loop (a preallocated StaticCache) is real greedy decoding: same tokens as transformers'
+    generate() (dynamic cache), and its last logits equal a dynamic-cache loop's within fp32 rounding (GQA too)."""
+    from transformers import StaticCache
+
     ids = smollm2.tokenizer("The capital of France is", return_tensors="pt").input_ids
-    _, _, picked = greedy_decode(smollm2.model, ids, decode_tokens=5)
-    ref = smollm2.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False,
+    _, _, picked = greedy_decode(smollm2.model, ids, decode_tokens=12)
+    ref = smollm2.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=13, do_sample=False,
                                  temperature=None, top_p=None, top_k=None,
                                  pad_token_id=smollm2.tokenizer.eos_token_id, eos_token_id=None)
     assert picked[0].tolist() == ref[0, ids.shape[1]:].tolist()
+    seq = torch.randint(0, 1000, (1, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        logits = {}
+        for kind in ("static", "dynamic"):
+            past = StaticCache(config=tiny_qwen3.config, max_cache_len=12) if kind == "static" else None
+            out = tiny_qwen3(input_ids=seq[:, :6], past_key_values=past, use_cache=True)
+            for t in range(6, 9):
+                out = tiny_qwen3(input_ids=seq[:, t:t + 1], past_key_values=out.past_key_values, use_cache=True)
+            assert isinstance(out.past_key_values, StaticCache) == (kind == "static")
+            logits[kind] = out.logits
+    torch.testing.assert_close(logits["static"], logits["dynamic"], atol=1e-4, rtol=1e-4)
 
 
 def test_forward_time_and_inputs(tiny_qwen3, smollm2):
