@@ -40,6 +40,7 @@ def main() -> None:
     from gui_server import running_app
 
     root = Path(args.runs_root or tempfile.mkdtemp(prefix="gui_bench_"))
+    root.mkdir(parents=True, exist_ok=True)
     t_app = time.monotonic()
     with running_app(root / "runs", root / "app.log") as url:
         startup = time.monotonic() - t_app
