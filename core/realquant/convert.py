@@ -3,7 +3,8 @@
 
 Linears whose weights and activations are both quantized (q/k/v, gate/up, down, o_proj with use_o_quant) become
 RealQuantLinear on the selected backend; the rest (weight-only or activation-only quantization, layers kept in float)
-become FrozenQuantLinear or nn.Linear, and each FlatNormTransform becomes a TransformedNorm. The kv-cache quantizer stays as configured.
+become FrozenQuantLinear or nn.Linear, and each FlatNormTransform becomes a TransformedNorm. The kv-cache quantizer
+stays as configured.
 """
 from __future__ import annotations
 
