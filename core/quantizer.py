@@ -154,6 +154,19 @@ VNNI_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
 FP32_EXACT_LIMIT = 1 << 24  # every integer of magnitude <= 2^24 is exact in fp32
 
 
+# ONEDNN_MAX_CPU_ISA values that keep oneDNN below its VNNI kernels even on a VNNI CPU
+_ONEDNN_CAPS_WITHOUT_VNNI = ("SSE41", "AVX", "AVX2", "AVX512_CORE")
+
+
+def _cpu_int8_vnni() -> bool:
+    """Whether oneDNN (behind torch._int_mm on the CPU) runs VNNI int8 kernels here."""
+    if os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper() in _ONEDNN_CAPS_WITHOUT_VNNI:
+        return False
+    from .device import cpu_flags
+
+    return any(f in cpu_flags() for f in VNNI_FLAGS)
+
+
 def int8_gemm_is_fast(device: torch.device) -> bool:
     """Whether torch._int_mm is the fast way to an exact integer GEMM on ``device`` (FLATQUANT_INT_GEMM=int|float
     forces the answer)."""
@@ -162,9 +175,16 @@ def int8_gemm_is_fast(device: torch.device) -> bool:
         return forced == "int"
     if device.type != "cpu":
         return device.type == "cuda"
-    from .device import cpu_flags
+    return _cpu_int8_vnni()
 
-    return any(f in cpu_flags() for f in VNNI_FLAGS)
+
+def int8_gemm_is_exact(device: torch.device, a_bits: int, w_bits: int) -> bool:
+    """Whether torch._int_mm sums these codes exactly: on CUDA and VNNI CPUs always. Without VNNI oneDNN multiplies
+    the activations shifted to unsigned bytes (x + 128) by the weights with vpmaddubsw, whose int16 pair sums
+    saturate once 2·(128 + |x|)·|w| passes 32767: 8-bit weights come out wrong there (measured with
+    ONEDNN_MAX_CPU_ISA=AVX2), 4-bit ones are safe."""
+    return (device.type != "cpu" or 2 * (128 + (1 << (a_bits - 1))) * (1 << (w_bits - 1)) <= (1 << 15) - 1
+            or _cpu_int8_vnni())
 
 
 def float_gemm_is_exact(k: int, a_bits: int, w_bits: int) -> bool:
@@ -203,7 +223,8 @@ def code_matmul(q_x: torch.Tensor, w_codes: torch.Tensor, a_bits: int, w_bits: i
     int8 GEMM where it is fast (VNNI CPUs, CUDA), else fp32 GEMMs of the codes: one where ``float_gemm_is_exact``,
     beyond it (8-bit codes, K > 1024) one per slice of K that is, their sums added in int32."""
     k = q_x.shape[-1]
-    if a_bits <= 8 and w_bits <= 8 and int8_gemm_is_fast(q_x.device):
+    if a_bits <= 8 and w_bits <= 8 and int8_gemm_is_fast(q_x.device) and int8_gemm_is_exact(q_x.device, a_bits,
+                                                                                               w_bits):
         rows = q_x.reshape(-1, k).to(torch.int8)
         return int_mm(rows, w_codes.to(torch.int8)).reshape(*q_x.shape[:-1], -1)
     step = FP32_EXACT_LIMIT // ((1 << (a_bits - 1)) * (1 << (w_bits - 1)))

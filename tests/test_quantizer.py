@@ -90,7 +90,8 @@ def test_fake_quant_equals_the_integer_codes_times_scale():
 @pytest.mark.parametrize("a_bits,w_bits,k", [(4, 4, 4096), (8, 4, 1000), (4, 8, 333), (8, 8, 1024), (8, 8, 2501)])
 def test_integer_gemm_is_exact_on_the_int8_and_the_fp32_path(monkeypatch, a_bits, w_bits, k):
     """W8A8 beyond K = 1024 (an int8 lm_head) is past one fp32 GEMM's exact range: the fp32 path sums K slices."""
-    from core.quantizer import INT_GEMM_ENV, code_matmul, float_gemm_is_exact, integer_linear, quantize_codes
+    from core.quantizer import (INT_GEMM_ENV, code_matmul, float_gemm_is_exact, int8_gemm_is_exact, integer_linear,
+                                quantize_codes)
 
     g = torch.Generator().manual_seed(k)
     # worst case for the fp32 sums: every product at its extreme, same sign
@@ -105,7 +106,9 @@ def test_integer_gemm_is_exact_on_the_int8_and_the_fp32_path(monkeypatch, a_bits
     as_int = code_matmul(q_x, w, a_bits, w_bits)
     monkeypatch.setenv(INT_GEMM_ENV, "float")
     as_float = code_matmul(q_x, w, a_bits, w_bits)
-    assert as_int.dtype == torch.int32
+    # torch._int_mm where it sums these codes exactly (8x8 bits on a CPU without VNNI: it does not; the fp32 path)
+    assert (as_int.dtype == torch.int32) == (int8_gemm_is_exact(q_x.device, a_bits, w_bits)
+                                             or not float_gemm_is_exact(k, a_bits, w_bits))
     assert as_float.dtype == (torch.float32 if float_gemm_is_exact(k, a_bits, w_bits) else torch.int32)
     if not float_gemm_is_exact(k, a_bits, w_bits):  # the case the slices are for: one fp32 GEMM is off
         assert not torch.equal((q_x @ w.float().t()).double(), exact)
@@ -166,3 +169,21 @@ def test_clip_search_in_row_blocks_picks_the_same_ratios(monkeypatch):
     assert (ratio < 0.99).any()
     err = ((quantizer.fake_quant_sym(w, 4, dim=1, clip_ratio=ratio) - w) ** 2).sum()
     assert err < ((quantizer.fake_quant_sym(w, 4, dim=1) - w) ** 2).sum()
+
+
+def test_int8_gemm_is_kept_from_codes_it_would_saturate(monkeypatch):
+    """Without VNNI (here: oneDNN capped at AVX2), torch._int_mm's int16 pair sums saturate for 8-bit weights, so
+    code_matmul sends those codes to the exact fp32 path even when the int8 GEMM is forced; 4-bit weights stay."""
+    from core.quantizer import INT_GEMM_ENV, code_matmul, int8_gemm_is_exact
+
+    cpu = torch.device("cpu")
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    assert int8_gemm_is_exact(cpu, 8, 4) and int8_gemm_is_exact(cpu, 4, 4)
+    assert not int8_gemm_is_exact(cpu, 8, 8) and not int8_gemm_is_exact(cpu, 4, 8)
+    assert int8_gemm_is_exact(torch.device("meta"), 8, 8)  # not a CPU: cuBLASLt sums exactly
+    monkeypatch.setenv(INT_GEMM_ENV, "int")
+    q_x = torch.full((2, 300), 7.0)
+    w = torch.full((3, 300), 127, dtype=torch.int8)
+    out = code_matmul(q_x, w, 4, 8)
+    assert out.dtype == torch.float32 and torch.equal(out, torch.full((2, 3), 7.0 * 127 * 300))
+    assert code_matmul(q_x, w.clamp(-8, 7), 4, 4).dtype == torch.int32

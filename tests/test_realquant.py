@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from core.config import parse_config
 from core.errors import ConfigError, FlatQuantError, ModelLoadError
 from core.flat import FlatQuantLinear, apply_flat_structure, fold_model, iter_transforms
-from core.quantizer import fake_quant_sym
+from core.quantizer import fake_quant_sym, int8_gemm_is_exact
 from core import kernels as native
 from core.realquant.backends import ActQuant, CpuBackend, CudaBackend, TorchCpuBackend, select_backend
 from core.realquant.checkpoint import export_checkpoint, load_checkpoint, read_manifest
@@ -122,6 +122,8 @@ def test_backend_kernels_match_fake_quant(case):
     codes, scale = quantize_weight(w, w_bits, w_clip)
     results = {}
     for name, be in _backends():
+        if name == "cuda-padding-on-cpu" and not int8_gemm_is_exact(torch.device("cpu"), a_bits, w_bits):
+            continue  # torch._int_mm on a CPU without VNNI saturates 8x8-bit sums; on CUDA it is exact
         tensors = be.prepare_weight(codes, w_bits, a_bits)
         assert torch.equal(be.weight_codes(tensors, n, k), codes), name
         qx = be.quantize(x, ActQuant(a_bits, clip, left, right), tensors)
