@@ -235,11 +235,13 @@ def _llama7b_shaped(layers: int):
     return model
 
 
+_O_QUANT = {"algorithm": {"flatquant": {"use_o_quant": True}}}  # all seven linears W4A4
+_LM_HEAD = {"skip_layers": []}  # lm_head int8 (core.flat.wrap_lm_head)
 QUANT_CONFIGS = {  # --quant_configs: FlatQuant configs of the W4A4 variants (label suffix, AMCT-style dict)
     "default": ("", None),  # o_proj and lm_head in float, as INT4_FLAT_QUANT_CFG
-    "o_quant": (" +o_proj", {"algorithm": {"flatquant": {"use_o_quant": True}}}),  # all seven linears W4A4
-    "lm_head": (" +int8 lm_head", {"skip_layers": []}),  # o_proj float, lm_head int8 (core.flat.wrap_lm_head)
-    "all": (" +o_proj +int8 lm_head", {"algorithm": {"flatquant": {"use_o_quant": True}}, "skip_layers": []}),
+    "o_quant": (" +o_proj", _O_QUANT),
+    "lm_head": (" +int8 lm_head", _LM_HEAD),
+    "all": (" +o_proj +int8 lm_head", {**_O_QUANT, **_LM_HEAD}),
 }
 
 

@@ -190,7 +190,12 @@ def int8_gemm_is_exact(device: torch.device, a_bits: int, w_bits: int) -> bool:
 def float_gemm_is_exact(k: int, a_bits: int, w_bits: int) -> bool:
     """Σ_k q_x·q_w in fp32 is exact (bit-identical to int32) when no partial sum can pass 2^24: |q| <= 2^(bits-1),
     so 4-bit codes are exact up to K = 2^18, 8-bit activations with 4-bit weights up to K = 2^14."""
-    return (1 << (a_bits - 1)) * (1 << (w_bits - 1)) * k <= FP32_EXACT_LIMIT
+    return k <= fp32_exact_k(a_bits, w_bits)
+
+
+def fp32_exact_k(a_bits: int, w_bits: int) -> int:
+    """The longest K over which a sum of products of a_bits by w_bits codes cannot pass 2^24 (exact in fp32)."""
+    return FP32_EXACT_LIMIT // ((1 << (a_bits - 1)) * (1 << (w_bits - 1)))
 
 
 CUDA_INT_MM_MIN_ROWS = 17  # cuBLASLt's int8 GEMM behind torch._int_mm: M > 16, K and N multiples of 8
@@ -227,7 +232,7 @@ def code_matmul(q_x: torch.Tensor, w_codes: torch.Tensor, a_bits: int, w_bits: i
                                                                                                w_bits):
         rows = q_x.reshape(-1, k).to(torch.int8)
         return int_mm(rows, w_codes.to(torch.int8)).reshape(*q_x.shape[:-1], -1)
-    step = FP32_EXACT_LIMIT // ((1 << (a_bits - 1)) * (1 << (w_bits - 1)))
+    step = fp32_exact_k(a_bits, w_bits)
     with torch.autocast(q_x.device.type, enabled=False):
         if k <= step:
             return F.linear(q_x.float(), w_codes.float())

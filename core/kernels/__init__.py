@@ -36,6 +36,7 @@ import torch
 from ..device import cpu_flags
 from ..errors import ConfigError
 from ..models import cache_dir
+from ..quantizer import fp32_exact_k
 
 _SOURCE = Path(__file__).with_name("fq_kernels.c")
 # No -m flags: the x86 paths carry target attributes, and dispatch happens at run time. No contraction of a * b + c
@@ -47,8 +48,8 @@ ISA_ENV = "FLATQUANT_NATIVE_ISA"
 ISAS = {"portable": (0, ()), "avx2": (1, ("avx2", "fma")), "avxvnni": (2, ("avx2", "fma", "avx_vnni")),
         "avx512": (3, ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni")), "neon": (4, ("asimddp",))}
 _PREFERENCE = ("avx512", "avxvnni", "avx2", "neon", "portable")
-# 8-bit weights as two int4 planes: each plane's sum of K products |w| <= 8, |x| <= 128 must stay below 2^24
-INT8_PLANES_MAX_K = (1 << 24) // (8 * 128)
+# 8-bit weights as two int4 planes: each plane's sums (4-bit by up to 8-bit codes) must stay exact in fp32
+INT8_PLANES_MAX_K = fp32_exact_k(8, 4)
 _lock = threading.Lock()
 _loaded: dict[str, object] = {}
 
