@@ -1,8 +1,10 @@
 """CUDA checks of the real-quant path (run when a GPU is lent; the default suite has no GPU): on small random Qwen3
 and Qwen2 models with the FlatQuant structure folded, the `cuda` real-quant backend's logits must equal the folded
 fake-quant model's exactly (both sum int codes exactly: torch._int_mm with zero padding for cuBLASLt's shape rules)
-for prompt and decode shapes, and greedy generation must give the same tokens. Prints one JSON line per check and
-exits 1 when one fails.
+for prompt and decode shapes, and greedy generation must give the same tokens. Two configs: the default (o_proj and
+lm_head float) and every linear quantized (o_proj W4A4 on the integer kernels, lm_head int8), both models running
+the project's ``flatquant`` attention; the latter also decodes on a preallocated cache (core.latency.greedy_decode).
+Prints one JSON line per check and exits 1 when one fails.
 
     python bench/cuda_check.py          # or: python bench/cuda_check.py cpu
 """
@@ -17,10 +19,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from core.config import parse_config  # noqa: E402
+from core.attention import use_flatquant_attention  # noqa: E402
+from core.config import INT4_FLAT_QUANT_CFG, parse_config  # noqa: E402
 from core.flat import apply_flat_structure, fold_model  # noqa: E402
 from core.models import build_random_qwen2, build_random_qwen3  # noqa: E402
+from core.latency import greedy_decode  # noqa: E402
 from core.realquant.convert import convert_model  # noqa: E402
+
+ALL_LINEARS = {**INT4_FLAT_QUANT_CFG, "skip_layers": set(),
+               "algorithm": {"flatquant": {**INT4_FLAT_QUANT_CFG["algorithm"]["flatquant"], "use_o_quant": True}}}
 
 
 def main() -> int:
@@ -31,11 +38,15 @@ def main() -> int:
     ok = True
     label = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
     print(json.dumps({"device": label, "torch": torch.__version__}), flush=True)
-    for name, build in (("qwen3", build_random_qwen3), ("qwen2", build_random_qwen2)):
+    for name, build, cfg in (("qwen3", build_random_qwen3, None), ("qwen2", build_random_qwen2, None),
+                             ("qwen3-all-linears", build_random_qwen3, ALL_LINEARS),
+                             ("qwen2-all-linears", build_random_qwen2, ALL_LINEARS)):
         fake = build()
-        apply_flat_structure(fake, parse_config())
+        apply_flat_structure(fake, parse_config(cfg))
         fold_model(fake)
         fake.eval()
+        if cfg is not None:
+            use_flatquant_attention(fake)
         real = convert_model(copy.deepcopy(fake).to(dev), dev.type)
         fake.to(dev)
         g = torch.Generator().manual_seed(5)
@@ -54,6 +65,13 @@ def main() -> int:
         same = bool(torch.equal(ta, tb))
         ok &= same
         print(json.dumps({"model": name, "greedy_8_tokens_equal": same}), flush=True)
+        if cfg is not None:
+            kinds = sorted({type(m).__name__ for m in real.modules() if "Linear" in type(m).__name__})
+            (_, _, ga), (_, _, gb) = greedy_decode(real, ids, 8), greedy_decode(fake, ids, 8)
+            same = bool(torch.equal(ga, gb)) and bool(torch.equal(ga[:, :8], ta[:, 12:]))
+            ok &= same
+            print(json.dumps({"model": name, "static_cache_decode_equal": same, "attention":
+                              real.config._attn_implementation, "linear_kinds": kinds}), flush=True)
     print(json.dumps({"all_ok": ok}), flush=True)
     return 0 if ok else 1
 
