@@ -84,7 +84,9 @@ def capture_layer_inputs(model: nn.Module, samples: torch.Tensor, device: torch.
     finally:
         for h in handles:
             h.remove()
-    kwargs_seen["past_key_values"] = None
+    for name in ("past_key_values", "cache"):  # the cache argument's name differs across transformers versions
+        if name in kwargs_seen:
+            kwargs_seen[name] = None
     kwargs_seen["use_cache"] = False
     moved = {k: (v.to(device) if isinstance(v, torch.Tensor) else
                  tuple(t.to(device) for t in v) if isinstance(v, tuple) and all(isinstance(t, torch.Tensor) for t in v)

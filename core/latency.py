@@ -72,13 +72,22 @@ def peak_memory_mb(device: torch.device) -> float:
 # --- one measurement --------------------------------------------------------------------------------------------
 
 
-def _forward_kwargs(model: nn.Module) -> dict:
-    # Only the last position's logits are needed to pick the next token; skipping the others is what generate() does.
+def _forward_parameters(model: nn.Module):
     try:
-        params = inspect.signature(model.forward).parameters
+        return inspect.signature(model.forward).parameters
     except (TypeError, ValueError):
         return {}
-    return {"logits_to_keep": 1} if "logits_to_keep" in params else {}
+
+
+def _forward_kwargs(model: nn.Module) -> dict:
+    # Only the last position's logits are needed to pick the next token; skipping the others is what generate() does.
+    return {"logits_to_keep": 1} if "logits_to_keep" in _forward_parameters(model) else {}
+
+
+def cache_argument(model: nn.Module) -> str:
+    """The name of the KV-cache argument of ``model.forward`` and of its output: ``cache`` from transformers 5.24
+    (``past_key_values`` is deprecated there and removed in 5.40), ``past_key_values`` before."""
+    return "cache" if "cache" in _forward_parameters(model) else "past_key_values"
 
 
 def _preallocated_cache(model: nn.Module, length: int):
@@ -99,21 +108,20 @@ def greedy_decode(model: nn.Module, input_ids: torch.Tensor, decode_tokens: int)
     fresh, preallocated KV cache: one prefill forward, then one single-token forward per step."""
     device = input_ids.device
     kwargs = _forward_kwargs(model)
+    name = cache_argument(model)
     cache = _preallocated_cache(model, input_ids.shape[1] + decode_tokens + 1)
     if cache is not None:
-        kwargs["past_key_values"] = cache
+        kwargs[name] = cache
     synchronize(device)
     t0 = time.perf_counter()
     out = model(input_ids=input_ids, use_cache=True, **kwargs)
     nxt = out.logits[:, -1:].argmax(-1)
     synchronize(device)
     t1 = time.perf_counter()
-    past = out.past_key_values
-    kwargs.pop("past_key_values", None)
     picked = [nxt]
     for _ in range(decode_tokens):
-        out = model(input_ids=nxt, past_key_values=past, use_cache=True, **kwargs)
-        past = out.past_key_values
+        kwargs[name] = out[name]
+        out = model(input_ids=nxt, use_cache=True, **kwargs)
         nxt = out.logits[:, -1:].argmax(-1)
         picked.append(nxt)
     synchronize(device)

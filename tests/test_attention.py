@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from core.attention import ATTN_KEY, decode_attention, use_flatquant_attention
+from core.latency import cache_argument
 
 
 def _sdpa(q, k, v, mask, scale=None):
@@ -45,7 +46,8 @@ def _decode_logits(model, ids, mask, steps):
     for _ in range(steps):
         nxt = out.logits[:, -1:].argmax(-1)
         mask = torch.cat([mask, torch.ones_like(nxt)], dim=1)
-        out = model(input_ids=nxt, attention_mask=mask, past_key_values=out.past_key_values, use_cache=True)
+        cache = {cache_argument(model): out[cache_argument(model)]}
+        out = model(input_ids=nxt, attention_mask=mask, use_cache=True, **cache)
         logits.append(out.logits[:, -1])
     return torch.stack(logits)
 

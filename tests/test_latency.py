@@ -6,7 +6,7 @@ import copy
 import pytest
 import torch
 
-from core.latency import (forward_time_ms, greedy_decode, latency_input_ids, measure_interleaved,
+from core.latency import (cache_argument, forward_time_ms, greedy_decode, latency_input_ids, measure_interleaved,
                           measure_model_latency, model_weights_mb)
 
 KEYS = {"prefill_ms", "decode_ms_per_token", "tokens_per_s", "peak_memory_mb", "weights_mb", "prompt_tokens",
@@ -50,10 +50,11 @@ def test_decode_loop_with_kv_cache_matches_generate(smollm2, tiny_qwen3):
         logits = {}
         for kind in ("static", "dynamic"):
             past = StaticCache(config=tiny_qwen3.config, max_cache_len=12) if kind == "static" else None
-            out = tiny_qwen3(input_ids=seq[:, :6], past_key_values=past, use_cache=True)
+            name = cache_argument(tiny_qwen3)
+            out = tiny_qwen3(input_ids=seq[:, :6], use_cache=True, **{name: past})
             for t in range(6, 9):
-                out = tiny_qwen3(input_ids=seq[:, t:t + 1], past_key_values=out.past_key_values, use_cache=True)
-            assert isinstance(out.past_key_values, StaticCache) == (kind == "static")
+                out = tiny_qwen3(input_ids=seq[:, t:t + 1], use_cache=True, **{name: out[name]})
+            assert isinstance(out[name], StaticCache) == (kind == "static")
             logits[kind] = out.logits
     torch.testing.assert_close(logits["static"], logits["dynamic"], atol=1e-4, rtol=1e-4)
 
