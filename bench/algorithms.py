@@ -31,7 +31,7 @@ from core.adapters import adapter_for  # noqa: E402
 from core.algorithms.quarot import QuaRotConfig, apply_quarot  # noqa: E402
 from core.calibrate import capture_layer_inputs, run_layer  # noqa: E402
 from core.config import parse_config  # noqa: E402
-from core.data import check_disjoint, load_text, sample_windows, shared_data_dir, tokenize  # noqa: E402
+from core.data import benchmark_data  # noqa: E402
 from core.flat import apply_flat_structure, fold_model, set_quant_enabled  # noqa: E402
 from core.gptq import GPTQConfig, gptq_layer  # noqa: E402
 from core.models import load_model  # noqa: E402
@@ -75,13 +75,9 @@ def main() -> None:
     if unknown:
         raise SystemExit(f"error: unknown method(s) {sorted(unknown)}; choose from {', '.join(METHODS)}")
 
-    data = shared_data_dir()
-    test_file, calib_file = data / "wikitext-2-raw" / "wiki.test.raw", data / "wikitext-2" / "wiki.valid.tokens"
-    check_disjoint(calib_file, test_file)
     lm = load_model()
-    test_ids = tokenize(lm.tokenizer, load_text(test_file)[0])
-    calib_ids = tokenize(lm.tokenizer, load_text(calib_file)[0])
-    samples = sample_windows(calib_ids, args.nsamples, args.seqlen, seed=0)
+    data = benchmark_data(lm.tokenizer, args.nsamples, args.seqlen)
+    test_file, calib_file, test_ids, samples = data.test_file, data.calib_file, data.test_ids, data.samples
     windows = test_ids.numel() // args.ppl_seqlen
     if args.ppl_max_windows:
         windows = min(windows, args.ppl_max_windows)

@@ -38,7 +38,7 @@ from core.algorithms.base import run_layer  # noqa: E402
 from core.algorithms.flatquant import _param_groups  # noqa: E402
 from core.calibrate import capture_layer_inputs  # noqa: E402
 from core.config import parse_config  # noqa: E402
-from core.data import load_text, sample_windows, shared_data_dir, tokenize  # noqa: E402
+from core.data import benchmark_data  # noqa: E402
 from core.device import compute_dtype, dtype_name, machine_line, machine_summary  # noqa: E402
 from core.flat import init_weight_clips, iter_transforms, wrap_layer  # noqa: E402
 from core.models import decoder_layers, load_model  # noqa: E402
@@ -57,14 +57,10 @@ def main() -> None:
     ap.add_argument("--layer", type=int, default=None, help="which decoder layer (default: the middle one)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
-    data = shared_data_dir()
-    if data is None:
-        raise SystemExit("error: needs ../shared/data (wikitext-2/wiki.valid.tokens)")
     lm = load_model(dtype=torch.float32)
     dtype = compute_dtype("cpu", None if args.compute_dtype == "auto" else args.compute_dtype)
     dtype = None if dtype == torch.float32 else dtype  # autocast_for: None = no autocast
-    samples = sample_windows(tokenize(lm.tokenizer, load_text(data / "wikitext-2" / "wiki.valid.tokens")[0]),
-                             args.cali_bsz, args.seqlen, seed=0)
+    samples = benchmark_data(lm.tokenizer, args.cali_bsz, args.seqlen).samples
     layers = decoder_layers(lm.model)
     index = len(layers) // 2 if args.layer is None else args.layer
     x0, kwargs = capture_layer_inputs(lm.model, samples, torch.device("cpu"))

@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from core.calibrate import calibrate_model  # noqa: E402
 from core.config import parse_config  # noqa: E402
-from core.data import check_disjoint, load_text, sample_windows, shared_data_dir, tokenize  # noqa: E402
+from core.data import benchmark_data  # noqa: E402
 from core.device import machine_line, machine_summary  # noqa: E402
 from core.flat import FlatQuantLinear  # noqa: E402
 from core.matrices import load_matrices  # noqa: E402
@@ -60,13 +60,9 @@ def main() -> None:
     ap.add_argument("--layer_windows", type=int, default=10, help="PPL windows for the per-layer rows")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
-    data = shared_data_dir()
-    if data is None:
-        raise SystemExit("error: needs ../shared/data (wikitext-2-raw/wiki.test.raw, wikitext-2/wiki.valid.tokens)")
-    test_file, calib_file = data / "wikitext-2-raw" / "wiki.test.raw", data / "wikitext-2" / "wiki.valid.tokens"
-    check_disjoint(calib_file, test_file)
     lm = load_model(args.model_path, dtype=torch.float32)
-    ids = tokenize(lm.tokenizer, load_text(test_file)[0])
+    data = benchmark_data(lm.tokenizer, args.nsamples, args.seqlen)
+    ids = data.test_ids
     quant = copy.deepcopy(lm.model)
     t0 = time.monotonic()
     if args.flat_matrix_path:
@@ -75,9 +71,8 @@ def main() -> None:
     else:
         cfg = parse_config()
         cfg.epochs = args.epochs
-        samples = sample_windows(tokenize(lm.tokenizer, load_text(calib_file)[0]), args.nsamples, args.seqlen, seed=0)
-        calibrate_model(quant, samples, cfg, torch.device("cpu"), Reporter(), dtype=None)
-        source = f"FlatQuant-RTN {args.nsamples} x {args.seqlen} x {args.epochs} epochs from {calib_file.name}"
+        calibrate_model(quant, data.samples, cfg, torch.device("cpu"), Reporter(), dtype=None)
+        source = f"FlatQuant-RTN {args.nsamples} x {args.seqlen} x {args.epochs} epochs from {data.calib_file.name}"
     print(f"# {lm.name} fp32; {source} ({time.monotonic() - t0:.0f} s); PPL@512 on wiki.test.raw\n# {machine_line()}",
           flush=True)
 

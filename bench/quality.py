@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from core.calibrate import CALIB_INPUTS, calibrate_model  # noqa: E402
 from core.config import parse_config  # noqa: E402
 from core.device import machine_line, machine_summary, resolve_device  # noqa: E402
-from core.data import check_disjoint, load_text, sample_windows, shared_data_dir, tokenize  # noqa: E402
+from core.data import benchmark_data  # noqa: E402
 from core.gptq import GPTQConfig  # noqa: E402
 from core.models import load_model  # noqa: E402
 from core.perplexity import perplexity_from_ids  # noqa: E402
@@ -80,16 +80,10 @@ def main() -> None:
     unknown = sorted(set(methods) - set(METHODS))
     if unknown:
         raise SystemExit(f"error: unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
-    data = shared_data_dir()
-    if data is None:
-        raise SystemExit("error: needs ../shared/data (wikitext-2-raw/wiki.test.raw, wikitext-2/wiki.valid.tokens)")
-    test_file, calib_file = data / "wikitext-2-raw" / "wiki.test.raw", data / "wikitext-2" / "wiki.valid.tokens"
-    check_disjoint(calib_file, test_file)
-
     device = resolve_device(args.device)
     lm = load_model(args.model_path, dtype=torch.float32)
-    test_ids = tokenize(lm.tokenizer, load_text(test_file)[0])
-    samples = sample_windows(tokenize(lm.tokenizer, load_text(calib_file)[0]), args.nsamples, args.seqlen, seed=0)
+    data = benchmark_data(lm.tokenizer, args.nsamples, args.seqlen)
+    test_file, calib_file, test_ids, samples = data.test_file, data.calib_file, data.test_ids, data.samples
     windows = test_ids.numel() // args.ppl_seqlen
     if args.ppl_max_windows:
         windows = min(windows, args.ppl_max_windows)

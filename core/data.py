@@ -3,6 +3,7 @@ dataset in the local HF cache, and an embedded default that ships with Python it
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -183,3 +184,28 @@ def sample_windows(ids: torch.Tensor, nsamples: int, seqlen: int, seed: int = 0)
     gen = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, ids.numel() - seqlen, (nsamples,), generator=gen)
     return torch.stack([ids[s:s + seqlen] for s in starts.tolist()])
+
+
+@dataclass
+class BenchmarkData:
+    """The benchmarks' text (bench/): calibration windows from WikiText-2 validation, perplexity ids of the whole
+    WikiText-2 test split; the two files are checked to be different texts."""
+
+    calib_file: Path
+    test_file: Path
+    samples: torch.Tensor  # [nsamples, seqlen] from calib_file
+    test_ids: torch.Tensor  # 1-D, the whole of test_file
+
+
+def benchmark_data(tokenizer, nsamples: int, seqlen: int, seed: int = 0) -> BenchmarkData:
+    """WikiText-2 validation (``wikitext-2/wiki.valid.tokens``) for calibration and test (``wikitext-2-raw/
+    wiki.test.raw``) for perplexity, from the shared data folder (FLATQUANT_DATA_DIR or ../shared/data)."""
+    folder = shared_data_dir()
+    calib_file = folder / "wikitext-2" / "wiki.valid.tokens" if folder else None
+    test_file = folder / "wikitext-2-raw" / "wiki.test.raw" if folder else None
+    if calib_file is None or not calib_file.is_file() or not test_file.is_file():
+        raise DataError("The benchmarks need ../shared/data (or FLATQUANT_DATA_DIR) with wikitext-2/wiki.valid.tokens "
+                        "and wikitext-2-raw/wiki.test.raw.")
+    check_disjoint(calib_file, test_file)
+    samples = sample_windows(tokenize(tokenizer, load_text(calib_file)[0]), nsamples, seqlen, seed)
+    return BenchmarkData(calib_file, test_file, samples, tokenize(tokenizer, load_text(test_file)[0]))

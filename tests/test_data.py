@@ -118,3 +118,19 @@ def test_quantize_refuses_to_calibrate_on_the_perplexity_text_before_loading(tin
         run_quantize(QuantizeOptions(model_path=str(tiny_qwen3_dir), calib_data=str(same), ppl_data=str(same),
                                      output_dir=str(tmp_path / "run")))
     assert not (tmp_path / "run").exists()
+
+
+def test_benchmark_data_reads_disjoint_wikitext_splits(smollm2, tmp_path, monkeypatch):
+    """bench/'s data: calibration windows from WikiText-2 validation, perplexity ids of the whole test split; a data
+    folder without them is refused with a message naming the files."""
+    from core.data import benchmark_data, shared_data_dir
+
+    data = benchmark_data(smollm2.tokenizer, nsamples=3, seqlen=16)
+    assert data.calib_file.name == "wiki.valid.tokens" and data.test_file.name == "wiki.test.raw"
+    assert data.samples.shape == (3, 16) and data.test_ids.numel() > 100_000
+    valid = tokenize(smollm2.tokenizer, data.calib_file.read_text(encoding="utf-8"))
+    assert bool((valid.unfold(0, 16, 1) == data.samples[0]).all(1).any())  # drawn from the validation text
+    monkeypatch.setenv("FLATQUANT_DATA_DIR", str(tmp_path))
+    assert shared_data_dir() == tmp_path
+    with pytest.raises(DataError, match="wiki.valid.tokens"):
+        benchmark_data(smollm2.tokenizer, nsamples=3, seqlen=16)
