@@ -32,7 +32,8 @@ from core.algorithms.quarot import QuaRotConfig, apply_quarot  # noqa: E402
 from core.calibrate import capture_layer_inputs, run_layer  # noqa: E402
 from core.config import parse_config  # noqa: E402
 from core.data import benchmark_data  # noqa: E402
-from core.flat import apply_flat_structure, fold_model, set_quant_enabled  # noqa: E402
+from core.algorithms import apply_flat_structure  # noqa: E402
+from core.flat import fold_model, set_quant_enabled  # noqa: E402
 from core.gptq import GPTQConfig, gptq_layer  # noqa: E402
 from core.models import load_model  # noqa: E402
 from core.perplexity import perplexity_from_ids  # noqa: E402

@@ -35,7 +35,7 @@ from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from core.algorithms.base import run_layer  # noqa: E402
-from core.algorithms.flatquant import _param_groups  # noqa: E402
+from core.algorithms.flatquant import trainable_groups  # noqa: E402
 from core.calibrate import capture_layer_inputs  # noqa: E402
 from core.config import parse_config  # noqa: E402
 from core.data import benchmark_data  # noqa: E402
@@ -78,7 +78,7 @@ def main() -> None:
     init_weight_clips(layer)
     for p in layer.parameters():
         p.requires_grad_(False)
-    for group in _param_groups(layer, cfg):
+    for group in trainable_groups(layer, cfg):
         for p in group["params"]:
             p.requires_grad_(True)
     transforms = list(iter_transforms(layer))

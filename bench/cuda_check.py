@@ -19,11 +19,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from core.algorithms import apply_flat_structure  # noqa: E402
 from core.attention import use_flatquant_attention  # noqa: E402
 from core.config import INT4_FLAT_QUANT_CFG, parse_config  # noqa: E402
-from core.flat import apply_flat_structure, fold_model  # noqa: E402
-from core.models import build_random_qwen2, build_random_qwen3  # noqa: E402
+from core.flat import fold_model  # noqa: E402
 from core.latency import greedy_decode  # noqa: E402
+from core.models import build_random_qwen2, build_random_qwen3  # noqa: E402
 from core.realquant.convert import convert_model  # noqa: E402
 
 ALL_LINEARS = {**INT4_FLAT_QUANT_CFG, "skip_layers": set(),

@@ -37,7 +37,8 @@ def main() -> None:
     import core.latency as latency
     from core.config import parse_config
     from core.device import compute_dtype, machine_line
-    from core.flat import apply_flat_structure, fold_model
+    from core.algorithms import apply_flat_structure
+    from core.flat import fold_model
     from core.realquant.convert import convert_model
 
     torch.set_num_threads(args.threads)

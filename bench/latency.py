@@ -256,7 +256,8 @@ def _model_set(base, originals: list, isas: list[str], auto: str, backends: list
 
     from core.config import parse_config
     from core.device import compute_dtype, dtype_name
-    from core.flat import apply_flat_structure, fold_model
+    from core.algorithms import apply_flat_structure
+    from core.flat import fold_model
     from core.realquant.convert import convert_model
 
     models = {}

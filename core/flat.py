@@ -426,19 +426,6 @@ def wrap_lm_head(model: nn.Module, cfg: FlatQuantConfig) -> bool:
     return True
 
 
-def apply_flat_structure(model: nn.Module, cfg: FlatQuantConfig, num_layers: Optional[int] = None,
-                         use_transforms: bool = True) -> None:
-    """Wrap the first num_layers (all by default) decoder layers without calibration (random-orthogonal transforms,
-    unit diag), and lm_head where the config quantizes it. Used to rebuild the structure before loading saved
-    matrices, and for the RTN baseline."""
-    ad = adapter_for(model)
-    for i, layer in enumerate(ad.decoder_layers(model)):
-        if num_layers is not None and i >= num_layers:
-            break
-        wrap_layer(layer, i, cfg, None, use_transforms=use_transforms, prefix=ad.layers_path, adapter=ad)
-    wrap_lm_head(model, cfg)
-
-
 def flat_state(layer: nn.Module) -> dict[str, torch.Tensor]:
     """The calibrated tensors of one (frozen, not yet folded) layer: transforms, diag scales, clip factors."""
     keep = ("trans.", "quantizer.", "kv_quantizer.")

@@ -12,10 +12,10 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .algorithms import ALGORITHMS, LayerAlgorithm, get_algorithm, prepare_model, rebuild_layer
+from .algorithms import ALGORITHMS, LayerAlgorithm, apply_flat_structure, get_algorithm, prepare_model, rebuild_layer
 from .config import FlatQuantConfig, parse_config
 from .errors import CalibrationError, MatrixFileError
-from .flat import apply_flat_structure, flat_state, iter_transforms
+from .flat import flat_state, iter_transforms
 from .models import decoder_layers, model_identity
 from .report import atomic_write_bytes
 
@@ -182,6 +182,4 @@ def load_matrices(path: str | os.PathLike, model: nn.Module, copy_layers: bool =
 __all__ = ["MATRIX_FILE", "RESUME_FILE", "build_payload", "non_finite_tensors", "save_matrices", "read_matrices",
            "read_complete_matrices",
            "load_matrices", "apply_matrices", "apply_layer_matrices", "check_layer_indices", "matrix_algorithm",
-           "uncalibrated_states",
-           "check_identity",
-           "apply_flat_structure"]
+           "uncalibrated_states", "check_identity"]

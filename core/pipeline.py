@@ -20,7 +20,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .algorithms import ALGORITHMS, get_algorithm, rebuild_layer
+from .algorithms import ALGORITHMS, apply_flat_structure, get_algorithm, rebuild_layer
 from .algorithms.quarot import apply_quarot
 from .calibrate import WEIGHT_ROUNDINGS, LayerResult, calibrate_model
 from .config import FlatQuantConfig, load_config_file, normalize_skip_layers, parse_config
@@ -28,7 +28,7 @@ from .data import EMBEDDED_TEXT_LABEL, check_disjoint, load_text, sample_windows
 from .device import COMPUTE_DTYPE_CHOICES, SUPPORTED_DEVICES, compute_dtype, dtype_name, resolve_device
 from .distributed import DistInfo, finish, gather_to_main, init_distributed, layer_range
 from .errors import ConfigError, FlatQuantError, JobCancelled, MatrixFileError, ModelLoadError
-from .flat import apply_flat_structure, fold_model
+from .flat import fold_model
 from .matrices import MATRIX_FILE, RESUME_FILE, build_payload, load_matrices, read_matrices, save_matrices
 from .memory import (DTYPE_CHOICES, GIB, ActivationStore, ModelShape, check_fits, current_rss_bytes,
                      device_peak_bytes, estimate_quantize_memory, host_available_bytes, parse_dtype)

@@ -9,8 +9,8 @@ import torch
 from core.adapters import adapter_for, supported_architectures
 from core.config import parse_config
 from core.errors import UnsupportedModelError
-from core.flat import FlatQuantLinear, apply_flat_structure, flat_state, fold_model, iter_transforms, \
-    set_quant_enabled
+from core.algorithms import apply_flat_structure
+from core.flat import FlatQuantLinear, flat_state, fold_model, iter_transforms, set_quant_enabled
 from core.matrices import MATRIX_FILE, build_payload, load_matrices, save_matrices
 from core.models import build_random_mistral, build_random_qwen2, build_random_qwen3, decoder_layers, \
     model_identity, read_architecture

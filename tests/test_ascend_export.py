@@ -4,8 +4,6 @@ import copy
 import errno
 import json
 import shutil
-import sys
-import types
 
 import pytest
 import torch

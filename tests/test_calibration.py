@@ -1,7 +1,6 @@
 """Calibration on the real SmolLM2: it learns, saves/loads exactly, cancels cleanly, refuses bad matrix files."""
 import copy
 import os
-import pickle
 
 import pytest
 import torch

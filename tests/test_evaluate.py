@@ -20,7 +20,8 @@ TEXT = ("The tower is 324 metres tall, about the same height as an 81-storey bui
 def flat_smollm2(smollm2):
     """SmolLM2 with FlatQuant W4A4 structure on every layer (random orthogonal transforms, not calibrated), folded."""
     from core.config import parse_config
-    from core.flat import apply_flat_structure, fold_model
+    from core.algorithms import apply_flat_structure
+    from core.flat import fold_model
 
     model = copy.deepcopy(smollm2.model)
     apply_flat_structure(model, parse_config(None))
@@ -83,7 +84,8 @@ def test_evaluate_pair_writes_every_section(smollm2, flat_smollm2, shared_data, 
 
 def test_rtn_covers_the_same_layers_as_the_quantized_model(smollm2):
     from core.config import parse_config
-    from core.flat import apply_flat_structure, is_wrapped
+    from core.algorithms import apply_flat_structure
+    from core.flat import is_wrapped
 
     partial = copy.deepcopy(smollm2.model)
     apply_flat_structure(partial, parse_config(None), num_layers=2)

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from core.config import parse_config
-from core.flat import FlatNormTransform, FlatQuantLinear, apply_flat_structure, fold_model, iter_transforms, \
-    set_quant_enabled
+from core.algorithms import apply_flat_structure
+from core.flat import FlatNormTransform, FlatQuantLinear, fold_model, iter_transforms, set_quant_enabled
 
 TOL = 1e-4
 

@@ -9,7 +9,8 @@ from core.adapters import adapter_for
 from core.algorithms.quarot import apply_quarot
 from core.config import parse_config
 from core.data import load_text, sample_windows, tokenize
-from core.flat import FlatQuantLinear, apply_flat_structure, fold_model, set_quant_enabled
+from core.algorithms import apply_flat_structure
+from core.flat import FlatQuantLinear, fold_model, set_quant_enabled
 from core.gptq import GPTQConfig, HessianCollector, dequantize, gptq_layer, gptq_linear, gptq_quantize, \
     quantized_linears
 from core.models import decoder_layers

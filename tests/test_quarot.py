@@ -6,7 +6,8 @@ import torch
 
 from core.algorithms.quarot import QuaRotConfig, apply_quarot, rotate_model
 from core.config import parse_config
-from core.flat import FlatQuantLinear, apply_flat_structure, fold_model, set_quant_enabled
+from core.algorithms import apply_flat_structure
+from core.flat import FlatQuantLinear, fold_model, set_quant_enabled
 from core.hadamard import HadamardTransform, random_hadamard, random_hadamard_factors, split_pow2, sylvester_hadamard
 from core.models import decoder_layers
 from core.perplexity import perplexity_from_ids

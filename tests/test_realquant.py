@@ -13,7 +13,8 @@ import torch.nn.functional as F
 
 from core.config import parse_config
 from core.errors import ConfigError, FlatQuantError, ModelLoadError
-from core.flat import FlatQuantLinear, apply_flat_structure, fold_model, iter_transforms
+from core.algorithms import apply_flat_structure
+from core.flat import FlatQuantLinear, fold_model
 from core.quantizer import fake_quant_sym, int8_gemm_is_exact
 from core import kernels as native
 from core.realquant.backends import ActQuant, CpuBackend, CudaBackend, TorchCpuBackend, select_backend

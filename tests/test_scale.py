@@ -186,7 +186,7 @@ def test_weight_recompute_gives_the_gradients_of_the_plain_path(tiny_qwen3, comp
     import core.calibrate as calibrate
     import core.flat as flat
     from core.algorithms.base import run_layer
-    from core.algorithms.flatquant import _param_groups
+    from core.algorithms.flatquant import trainable_groups
     from core.config import parse_config
     from core.flat import init_weight_clips, iter_transforms, set_weight_recompute, wrap_layer
     from core.perplexity import autocast_for
@@ -201,7 +201,7 @@ def test_weight_recompute_gives_the_gradients_of_the_plain_path(tiny_qwen3, comp
 
     def step(recompute: bool, bf16: bool):
         trained = copy.deepcopy(layer)
-        params = [p for g in _param_groups(trained, cfg) for p in g["params"]]
+        params = [p for g in trainable_groups(trained, cfg) for p in g["params"]]
         for p in params:
             p.requires_grad_(True)
         set_weight_recompute(trained, recompute)

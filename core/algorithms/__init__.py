@@ -7,9 +7,8 @@ from torch import nn
 
 from ..config import FlatQuantConfig
 from ..errors import FlatQuantError
-from ..flat import wrap_lm_head
 from ..gptq import apply_rounding_state, split_rounding_state
-from .base import LayerAlgorithm, LayerContext, LayerResult
+from .base import LayerAlgorithm, LayerContext, LayerResult, build_uncalibrated, prepare_model
 from .flatquant import FlatQuantAlgorithm
 from .quarot import QuaRotAlgorithm
 from .rtn import RTNAlgorithm
@@ -33,12 +32,13 @@ def get_algorithm(name: str, cfg: FlatQuantConfig, settings: Optional[dict] = No
     return ALGORITHMS[name](cfg, settings)
 
 
-def prepare_model(algo: LayerAlgorithm, model: nn.Module, unshare: bool = False) -> None:
-    """The model-level step before any layer: the algorithm's own (QuaRot's fused rotation), then lm_head's
-    quantization where the config asks for it (core.flat.wrap_lm_head: a module swap, no tensor changed in place).
-    Calibration, --load_matrix and export all start here, so each builds the same model."""
-    algo.prepare_model(model, unshare=unshare)
-    wrap_lm_head(model, algo.cfg)
+def apply_flat_structure(model: nn.Module, cfg: FlatQuantConfig, num_layers: Optional[int] = None,
+                         use_transforms: bool = True) -> nn.Module:
+    """FlatQuant's modules without calibration (random-orthogonal transforms, unit diag), or with
+    ``use_transforms=False`` the RTN baseline's, and lm_head where the config quantizes it. Used to rebuild the
+    structure before loading saved matrices, for the RTN baseline, and by benches and tests."""
+    algo = FlatQuantAlgorithm(cfg) if use_transforms else RTNAlgorithm(cfg)
+    return build_uncalibrated(algo, model, num_layers)
 
 
 def rebuild_layer(algo: LayerAlgorithm, layer: nn.Module, index: int, state: dict) -> None:
@@ -53,5 +53,5 @@ def rebuild_layer(algo: LayerAlgorithm, layer: nn.Module, index: int, state: dic
     apply_rounding_state(layer, rounding)
 
 
-__all__ = ["ALGORITHMS", "LayerAlgorithm", "LayerContext", "LayerResult", "get_algorithm", "prepare_model",
-           "rebuild_layer", "register_algorithm"]
+__all__ = ["ALGORITHMS", "LayerAlgorithm", "LayerContext", "LayerResult", "apply_flat_structure",
+           "build_uncalibrated", "get_algorithm", "prepare_model", "rebuild_layer", "register_algorithm"]

@@ -24,6 +24,8 @@ import torch
 from torch import nn
 
 from ..config import FlatQuantConfig
+from ..flat import wrap_lm_head
+from ..models import decoder_layers
 from ..progress import Reporter
 
 
@@ -101,6 +103,27 @@ class LayerAlgorithm:
 
     def fold_layer(self, layer: nn.Module) -> None:
         raise NotImplementedError
+
+
+def prepare_model(algo: LayerAlgorithm, model: nn.Module, unshare: bool = False) -> None:
+    """The model-level step before any layer: the algorithm's own (QuaRot's fused rotation), then lm_head's
+    quantization where the config asks for it (core.flat.wrap_lm_head: a module swap, no tensor changed in place).
+    Calibration, --load_matrix, export and the uncalibrated builds all start here, so each builds the same model."""
+    algo.prepare_model(model, unshare=unshare)
+    wrap_lm_head(model, algo.cfg)
+
+
+def build_uncalibrated(algo: LayerAlgorithm, model: nn.Module, num_layers: Optional[int] = None) -> nn.Module:
+    """The algorithm's structure on a float model in place, without calibration data: prepare_model, then each
+    of the first ``num_layers`` (all by default) layers' modules at their starting values (FlatQuant: random-
+    orthogonal transforms, unit diag; RTN: plain quantizers; QuaRot: the rotation, online Hadamard and fixed clips).
+    Call core.flat.fold_model next for the deployable form."""
+    prepare_model(algo, model)
+    for i, layer in enumerate(decoder_layers(model)):
+        if num_layers is not None and i >= num_layers:
+            break
+        algo.prepare_layer(layer, i, None)
+    return model
 
 
 def run_layer(layer: nn.Module, x: torch.Tensor, layer_kwargs: dict) -> torch.Tensor:

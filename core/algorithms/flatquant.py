@@ -17,7 +17,8 @@ from ..perplexity import autocast_for
 from .base import LayerAlgorithm, LayerContext, LayerResult, run_layer
 
 
-def _param_groups(layer: nn.Module, cfg) -> list[dict]:
+def trainable_groups(layer: nn.Module, cfg) -> list[dict]:
+    """AdamW parameter groups of a wrapped layer: transforms and diag scales at flat_lr, clip factors at 10x."""
     trans, clips = [], []
     for name, p in layer.named_parameters():
         if ".skew" in name or name.endswith(".s") or name.endswith("trans.diag"):
@@ -67,7 +68,7 @@ def train_layer(layer: nn.Module, index: int, ctx: LayerContext, cfg) -> LayerRe
     reporter, device, num_layers = ctx.reporter, ctx.device, ctx.num_layers
     for p in layer.parameters():
         p.requires_grad_(False)
-    groups = _param_groups(layer, cfg)
+    groups = trainable_groups(layer, cfg)
     for g in groups:
         for p in g["params"]:
             p.requires_grad_(True)

@@ -22,11 +22,11 @@ from torch import nn
 
 from ..adapters import ModelAdapter, adapter_for
 from ..config import FlatQuantConfig
-from ..flat import FlatQuantLinear, flat_state, fold_layer, load_flat_state, wrap_layer, wrap_lm_head
+from ..flat import FlatQuantLinear, flat_state, fold_layer, load_flat_state, wrap_layer
 from ..hadamard import HadamardTransform, random_hadamard
 from ..models import unshare_tensors
 from ..quantizer import WeightQuantizer
-from .base import LayerAlgorithm
+from .base import LayerAlgorithm, build_uncalibrated
 
 
 @dataclass
@@ -136,21 +136,6 @@ def set_clips(layer: nn.Module, cfg: QuaRotConfig) -> None:
             aq.clip = nn.Parameter(torch.logit(torch.tensor(float(cfg.a_clip))), requires_grad=False)
 
 
-def apply_quarot(model: nn.Module, flat_cfg: FlatQuantConfig, cfg: Optional[QuaRotConfig] = None,
-                 num_layers: Optional[int] = None) -> nn.Module:
-    """QuaRot-RTN on a float model in place: rotate, then wrap every layer (call core.flat.fold_model next, or
-    GPTQ-round the folded weights with core.gptq)."""
-    cfg = cfg or QuaRotConfig()
-    rotate_model(model, cfg)
-    ad = adapter_for(model)
-    for i, layer in enumerate(ad.decoder_layers(model)):
-        if num_layers is not None and i >= num_layers:
-            break
-        wrap_layer_quarot(layer, i, flat_cfg, cfg, prefix=ad.layers_path, adapter=ad)
-    wrap_lm_head(model, flat_cfg)
-    return model
-
-
 STATE_PREFIX = "quarot."
 
 
@@ -204,3 +189,10 @@ class QuaRotAlgorithm(LayerAlgorithm):
 
     def fold_layer(self, layer: nn.Module) -> None:
         fold_layer(layer)
+
+
+def apply_quarot(model: nn.Module, flat_cfg: FlatQuantConfig, cfg: Optional[QuaRotConfig] = None,
+                 num_layers: Optional[int] = None) -> nn.Module:
+    """QuaRot-RTN on a float model in place: rotate, then wrap every layer (call core.flat.fold_model next, or
+    GPTQ-round the folded weights with core.gptq)."""
+    return build_uncalibrated(QuaRotAlgorithm(flat_cfg, asdict(cfg or QuaRotConfig())), model, num_layers)
