@@ -268,7 +268,10 @@ def test_progress_cancel_artifacts_and_chinese(tmp_path):
                                timeout=30_000)
         page.screenshot(path=str(tmp_path / "cancelled.png"), full_page=True)
 
-        # Chinese: every tab's rendered text, with the finished job's status line and the charts.
+        # Chinese: every tab's rendered text, with the finished job's status line and the charts. Gradio's own
+        # transient queue/timer indicator ("queue: 1/1 | 0.1s", shown while an event waits on a loaded machine) is
+        # the framework's chrome, not the app's strings: hidden before reading.
+        page.add_style_tag(content=".progress-text, .meta-text, .meta-text-center { display: none !important; }")
         page.get_by_label("中文").check()
         page.get_by_role("tab", name="模型与配置").wait_for()
         for tab in ("模型与配置", "校准", "对比", "产物下载"):
