@@ -5,8 +5,8 @@ On real data (WikiText-2 validation windows, the inputs of a middle decoder laye
 project's pipeline), it counts the floating-point operations of one training step of a FlatQuant layer
 (torch.utils.flop_counter: forward, backward, transforms; the layer's float forward for comparison; torch has no
 formula for CPU SDPA, so attention's scores and weighted sums, ~8% at 512 tokens, are left out: a lower bound), times
-the steps
-at the given compute dtype, and profiles how much of a step is matrix multiplication. From these:
+the steps at the given compute dtype (with the calibration loop's settings for a layer of this size: weight recompute
+and host-memory keeping), and profiles how much of a step is matrix multiplication. From these:
 
 - the budget's training arithmetic: FLOPs per step x steps per layer x layers;
 - the projected training seconds: measured seconds per step x steps (calibration adds the float target pass, input
@@ -36,11 +36,11 @@ from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from core.algorithms.base import run_layer  # noqa: E402
 from core.algorithms.flatquant import trainable_groups  # noqa: E402
-from core.calibrate import capture_layer_inputs  # noqa: E402
+from core.calibrate import SMALL_LAYER_PARAMS, capture_layer_inputs  # noqa: E402
 from core.config import parse_config  # noqa: E402
 from core.data import benchmark_data  # noqa: E402
-from core.device import compute_dtype, dtype_name, machine_line, machine_summary  # noqa: E402
-from core.flat import init_weight_clips, iter_transforms, wrap_layer  # noqa: E402
+from core.device import compute_dtype, dtype_name, freed_host_memory_kept, machine_line, machine_summary  # noqa: E402
+from core.flat import init_weight_clips, iter_transforms, set_weight_recompute, wrap_layer  # noqa: E402
 from core.models import decoder_layers, load_model  # noqa: E402
 from core.perplexity import autocast_for  # noqa: E402
 
@@ -74,8 +74,10 @@ def main() -> None:
     fp_forward_flops = fc.get_total_flops()
 
     cfg = parse_config()
+    large = sum(p.numel() for p in layer.parameters()) >= SMALL_LAYER_PARAMS  # as core.calibrate decides it
     wrap_layer(layer, index, cfg, None)
     init_weight_clips(layer)
+    set_weight_recompute(layer, large)
     for p in layer.parameters():
         p.requires_grad_(False)
     for group in trainable_groups(layer, cfg):
@@ -96,15 +98,16 @@ def main() -> None:
     with FlopCounterMode(display=False) as fc:
         step()
     step_flops = fc.get_total_flops()
-    for _ in range(2):
-        step()
-    t0 = time.perf_counter()
-    for _ in range(args.steps):
-        step()
-    step_s = (time.perf_counter() - t0) / args.steps
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+    with freed_host_memory_kept(not large):  # as the calibration loop runs a small layer on the CPU
         for _ in range(2):
             step()
+        t0 = time.perf_counter()
+        for _ in range(args.steps):
+            step()
+        step_s = (time.perf_counter() - t0) / args.steps
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(2):
+                step()
     events = prof.key_averages()
     total_us = sum(e.self_cpu_time_total for e in events)
     mm_us = sum(e.self_cpu_time_total for e in events if e.key in ("aten::mm", "aten::addmm", "aten::bmm"))
