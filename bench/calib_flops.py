@@ -29,20 +29,18 @@ from pathlib import Path
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from core.algorithms.base import run_layer  # noqa: E402
-from core.algorithms.flatquant import trainable_groups  # noqa: E402
-from core.calibrate import SMALL_LAYER_PARAMS, capture_layer_inputs  # noqa: E402
+from core.algorithms.flatquant import enable_training, training_loss  # noqa: E402
+from core.calibrate import capture_layer_inputs, is_large_layer  # noqa: E402
 from core.config import parse_config  # noqa: E402
 from core.data import benchmark_data  # noqa: E402
 from core.device import compute_dtype, dtype_name, freed_host_memory_kept, machine_line, machine_summary  # noqa: E402
 from core.flat import init_weight_clips, iter_transforms, set_weight_recompute, wrap_layer  # noqa: E402
 from core.models import decoder_layers, load_model  # noqa: E402
-from core.perplexity import autocast_for  # noqa: E402
 
 
 def main() -> None:
@@ -74,23 +72,15 @@ def main() -> None:
     fp_forward_flops = fc.get_total_flops()
 
     cfg = parse_config()
-    large = sum(p.numel() for p in layer.parameters()) >= SMALL_LAYER_PARAMS  # as core.calibrate decides it
+    large = is_large_layer(layer)  # as core.calibrate decides it
     wrap_layer(layer, index, cfg, None)
     init_weight_clips(layer)
     set_weight_recompute(layer, large)
-    for p in layer.parameters():
-        p.requires_grad_(False)
-    for group in trainable_groups(layer, cfg):
-        for p in group["params"]:
-            p.requires_grad_(True)
+    enable_training(layer, cfg)
     transforms = list(iter_transforms(layer))
 
     def step() -> None:  # what core.algorithms.flatquant.train_layer does per step, less the optimizer's update
-        for t in transforms:
-            t.cache_matrices(True)
-        with autocast_for(layer, dtype):
-            out = run_layer(layer, x, kwargs)
-        F.mse_loss(out.float(), target).backward()
+        training_loss(layer, transforms, x, target, kwargs, dtype).backward()
         for t in transforms:
             t.cache_matrices(False)
         layer.zero_grad(set_to_none=True)

@@ -21,14 +21,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from core.algorithms import apply_flat_structure  # noqa: E402
 from core.attention import use_flatquant_attention  # noqa: E402
-from core.config import INT4_FLAT_QUANT_CFG, parse_config  # noqa: E402
+from core.config import parse_config  # noqa: E402
 from core.flat import fold_model  # noqa: E402
 from core.latency import greedy_decode  # noqa: E402
 from core.models import build_random_qwen2, build_random_qwen3  # noqa: E402
 from core.realquant.convert import convert_model  # noqa: E402
+from latency import QUANT_CONFIGS  # noqa: E402  (bench/latency.py, beside this script)
 
-ALL_LINEARS = {**INT4_FLAT_QUANT_CFG, "skip_layers": set(),
-               "algorithm": {"flatquant": {**INT4_FLAT_QUANT_CFG["algorithm"]["flatquant"], "use_o_quant": True}}}
+ALL_LINEARS = QUANT_CONFIGS["all"][1]  # o_proj W4A4 + int8 lm_head
 
 
 def main() -> int:

@@ -34,11 +34,11 @@ def main() -> None:
 
     import torch
 
-    import core.latency as latency
+    from core.algorithms import apply_flat_structure
     from core.config import parse_config
     from core.device import compute_dtype, machine_line
-    from core.algorithms import apply_flat_structure
     from core.flat import fold_model
+    from core.latency import greedy_decode
     from core.realquant.convert import convert_model
 
     torch.set_num_threads(args.threads)
@@ -48,17 +48,12 @@ def main() -> None:
     fold_model(model)
     model = convert_model(model, "cpu").to(compute_dtype("cpu"))
     ids = torch.randint(100, 30000, (1, args.prompt), generator=torch.Generator().manual_seed(0))
-    preallocated = latency._preallocated_cache
-    caches = {"static (preallocated)": preallocated, "dynamic (concatenated)": lambda m, n: None}
+    caches = {"static (preallocated)": True, "dynamic (concatenated)": False}
     times: dict[str, list[float]] = {k: [] for k in caches}
     picked = {}
     for rnd in range(args.rounds + 1):  # round 0 warms up
-        for name, make in caches.items():
-            latency._preallocated_cache = make
-            try:
-                _, seconds, picked[name] = latency.greedy_decode(model, ids, args.decode)
-            finally:
-                latency._preallocated_cache = preallocated
+        for name, preallocate in caches.items():
+            _, seconds, picked[name] = greedy_decode(model, ids, args.decode, preallocate)
             if rnd:
                 times[name].append(seconds / args.decode * 1e3)
     same = torch.equal(*picked.values())

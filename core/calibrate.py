@@ -48,6 +48,11 @@ class _Captured(Exception):
 
 
 @torch.no_grad()
+def is_large_layer(layer: nn.Module) -> bool:
+    """A layer large enough (a 7B layer, not SmolLM2's) that calibration trades time for memory."""
+    return sum(p.numel() for p in layer.parameters()) >= SMALL_LAYER_PARAMS
+
+
 def capture_layer_inputs(model: nn.Module, samples: torch.Tensor, device: torch.device,
                          store: Optional[ActivationStore] = None) -> tuple[torch.Tensor, dict]:
     """Hidden states entering decoder layer 0 for each sample [N, L, H] (fp32, host or disk) and the keyword
@@ -177,7 +182,7 @@ def calibrate_model(model: nn.Module, samples: torch.Tensor, cfg: FlatQuantConfi
     layers = decoder_layers(model)
     # Small layers keep freed host memory (~10% faster); large ones return it to the OS and recompute weight-sized
     # tensors in training instead of keeping them (core.algorithms.base.LayerContext.large_layer).
-    large = sum(p.numel() for p in layers[0].parameters()) >= SMALL_LAYER_PARAMS
+    large = is_large_layer(layers[0])
     with freed_host_memory_kept(device.type == "cpu" and not large):
         return _calibrate_layers(model, samples, cfg, device, reporter, dtype, max_layers, done_states, on_layer_done,
                                  algorithm, layer_range, store, copy_layers, train_dtype, weight_rounding, gptq, large,

@@ -103,13 +103,15 @@ def _preallocated_cache(model: nn.Module, length: int):
 
 
 @torch.inference_mode()
-def greedy_decode(model: nn.Module, input_ids: torch.Tensor, decode_tokens: int) -> tuple[float, float, torch.Tensor]:
+def greedy_decode(model: nn.Module, input_ids: torch.Tensor, decode_tokens: int,
+                  preallocate: bool = True) -> tuple[float, float, torch.Tensor]:
     """(prefill seconds, decode seconds for ``decode_tokens`` greedy steps, the 1 + decode_tokens picked ids) on a
-    fresh, preallocated KV cache: one prefill forward, then one single-token forward per step."""
+    fresh KV cache, preallocated unless ``preallocate`` is off (then transformers' dynamic cache): one prefill forward,
+    then one single-token forward per step."""
     device = input_ids.device
     kwargs = _forward_kwargs(model)
     name = cache_argument(model)
-    cache = _preallocated_cache(model, input_ids.shape[1] + decode_tokens + 1)
+    cache = _preallocated_cache(model, input_ids.shape[1] + decode_tokens + 1) if preallocate else None
     if cache is not None:
         kwargs[name] = cache
     synchronize(device)

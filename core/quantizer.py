@@ -227,13 +227,12 @@ def code_matmul(q_x: torch.Tensor, w_codes: torch.Tensor, a_bits: int, w_bits: i
     """Exact Σ_k q_x[m, k]·w[n, k] of integer codes ([M, K] · [N, K]ᵀ), int32 or fp32 holding the same integers: the
     int8 GEMM where it is fast (VNNI CPUs, CUDA), else fp32 GEMMs of the codes: one where ``float_gemm_is_exact``,
     beyond it (8-bit codes, K > 1024) one per slice of K that is, their sums added in int32."""
-    k = q_x.shape[-1]
-    if a_bits <= 8 and w_bits <= 8 and int8_gemm_is_fast(q_x.device) and int8_gemm_is_exact(q_x.device, a_bits,
-                                                                                               w_bits):
+    k, device = q_x.shape[-1], q_x.device
+    if a_bits <= 8 and w_bits <= 8 and int8_gemm_is_fast(device) and int8_gemm_is_exact(device, a_bits, w_bits):
         rows = q_x.reshape(-1, k).to(torch.int8)
         return int_mm(rows, w_codes.to(torch.int8)).reshape(*q_x.shape[:-1], -1)
     step = fp32_exact_k(a_bits, w_bits)
-    with torch.autocast(q_x.device.type, enabled=False):
+    with torch.autocast(device.type, enabled=False):
         if k <= step:
             return F.linear(q_x.float(), w_codes.float())
         acc = None

@@ -43,11 +43,11 @@ def test_decode_attention_equals_sdpa(heads, kv_heads, q_len):
 def _decode_logits(model, ids, mask, steps):
     """Prefill, then ``steps`` greedy single-token steps with the cache: every step's logits."""
     out, logits = model(input_ids=ids, attention_mask=mask, use_cache=True), []
+    name = cache_argument(model)
     for _ in range(steps):
         nxt = out.logits[:, -1:].argmax(-1)
         mask = torch.cat([mask, torch.ones_like(nxt)], dim=1)
-        cache = {cache_argument(model): out[cache_argument(model)]}
-        out = model(input_ids=nxt, attention_mask=mask, use_cache=True, **cache)
+        out = model(input_ids=nxt, attention_mask=mask, use_cache=True, **{name: out[name]})
         logits.append(out.logits[:, -1])
     return torch.stack(logits)
 

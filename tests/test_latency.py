@@ -47,10 +47,9 @@ def test_decode_loop_with_kv_cache_matches_generate(smollm2, tiny_qwen3):
     assert picked[0].tolist() == ref[0, ids.shape[1]:].tolist()
     seq = torch.randint(0, 1000, (1, 9), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        logits = {}
+        logits, name = {}, cache_argument(tiny_qwen3)
         for kind in ("static", "dynamic"):
             past = StaticCache(config=tiny_qwen3.config, max_cache_len=12) if kind == "static" else None
-            name = cache_argument(tiny_qwen3)
             out = tiny_qwen3(input_ids=seq[:, :6], use_cache=True, **{name: past})
             for t in range(6, 9):
                 out = tiny_qwen3(input_ids=seq[:, t:t + 1], use_cache=True, **{name: out[name]})

@@ -62,16 +62,33 @@ class FlatQuantAlgorithm(LayerAlgorithm):
         fold_layer(layer)
 
 
-def train_layer(layer: nn.Module, index: int, ctx: LayerContext, cfg) -> LayerResult:
-    """Minimize MSE(quantized layer(x), fp layer(x)) over the flat parameters with AdamW + cosine schedule."""
-    start = time.monotonic()
-    reporter, device, num_layers = ctx.reporter, ctx.device, ctx.num_layers
+def enable_training(layer: nn.Module, cfg) -> list[dict]:
+    """Freeze the layer except its trainable groups (trainable_groups), which it returns."""
     for p in layer.parameters():
         p.requires_grad_(False)
     groups = trainable_groups(layer, cfg)
     for g in groups:
         for p in g["params"]:
             p.requires_grad_(True)
+    return groups
+
+
+def training_loss(layer: nn.Module, transforms: list, x: torch.Tensor, target: torch.Tensor, layer_kwargs: dict,
+                  dtype) -> torch.Tensor:
+    """One step's MSE(quantized layer(x), target), each transform's matrices computed once for the step. The caller
+    drops them (``cache_matrices(False)``) after backward: a large layer's backward recomputes its weights from them."""
+    for t in transforms:
+        t.cache_matrices(True)
+    with autocast_for(layer, dtype):
+        out = run_layer(layer, x, layer_kwargs)
+    return F.mse_loss(out.float(), target)
+
+
+def train_layer(layer: nn.Module, index: int, ctx: LayerContext, cfg) -> LayerResult:
+    """Minimize MSE(quantized layer(x), fp layer(x)) over the flat parameters with AdamW + cosine schedule."""
+    start = time.monotonic()
+    reporter, device, num_layers = ctx.reporter, ctx.device, ctx.num_layers
+    groups = enable_training(layer, cfg)
     n = ctx.inps.shape[0]
     bsz = max(1, min(cfg.cali_bsz, n))
     steps = max(1, n // bsz)
@@ -90,11 +107,7 @@ def train_layer(layer: nn.Module, index: int, ctx: LayerContext, cfg) -> LayerRe
             reporter.check()
             sl = slice(step * bsz, (step + 1) * bsz)
             x, target = ctx.inps[sl].to(device), ctx.fp_outs[sl].to(device)
-            for t in transforms:
-                t.cache_matrices(True)
-            with autocast_for(layer, ctx.dtype):
-                out = run_layer(layer, x, ctx.layer_kwargs)
-            loss = F.mse_loss(out.float(), target)
+            loss = training_loss(layer, transforms, x, target, ctx.layer_kwargs, ctx.dtype)
             value = float(loss.detach())
             if not math.isfinite(value):
                 raise CalibrationError(f"Loss became {value} at layer {index}, epoch {epoch}; lower --flat_lr "
