@@ -37,18 +37,29 @@ class _TqdmProgress:
         self.bar = None
 
     def __call__(self, e: ProgressEvent) -> None:
-        if e.stage == "calibrate":
+        if e.stage == "calibrate" and e.step is not None:  # a training step (GPTQ's per-layer event has none)
             total = (e.num_layers or 1) * (e.epochs or 1) * (e.steps or 1)
             if self.bar is None:
                 self.bar = tqdm(total=total, desc="calibrate", unit="step", file=sys.stderr, dynamic_ncols=True)
-            rss = f" rss {e.rss_mb / 1024:.2f}G" if e.rss_mb else ""
-            self.bar.set_postfix_str(f"layer {e.layer + 1}/{e.num_layers} ep {e.epoch + 1} loss {e.loss:.4g}{rss}")
+            self.bar.set_postfix_str(" ".join(self._fields(e)))
             self.bar.update(1)
         elif e.stage == "ppl" and e.step is not None:
             return
         else:
             (self.bar.write if self.bar else print)(f"[{e.elapsed_s:7.1f}s] {e.stage}: {e.message}",
                                                     file=sys.stderr)
+
+    @staticmethod
+    def _fields(e: ProgressEvent):
+        """What the event carries: a GPTQ or RTN layer has no epoch or loss, an algorithm may report neither."""
+        if e.layer is not None:
+            yield f"layer {e.layer + 1}/{e.num_layers}"
+        if e.epoch is not None:
+            yield f"ep {e.epoch + 1}"
+        if e.loss is not None:
+            yield f"loss {e.loss:.4g}"
+        if e.rss_mb:
+            yield f"rss {e.rss_mb / 1024:.2f}G"
 
     def close(self):
         if self.bar is not None:
