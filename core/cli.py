@@ -8,12 +8,20 @@ import sys
 from typing import Optional, Sequence
 
 from .commands import COMMANDS
-from .errors import FlatQuantError
+from .errors import FlatQuantError, UsageError, one_line
+
+
+class CliParser(argparse.ArgumentParser):
+    """argparse whose own errors (a bad number or choice, an unknown option, a missing argument or command) are one
+    UsageError line instead of a usage block; add_subparsers gives every command's parser this class too."""
+
+    def error(self, message: str):
+        raise UsageError(f"{message}; see `{self.prog} --help`.")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m core", description="FlatQuant Studio: W4A4 post-training "
-                                     "quantization for LLaMA and Qwen3 models.")
+    parser = CliParser(prog="python -m core", description="FlatQuant Studio: W4A4 post-training quantization "
+                       "for LLaMA and Qwen3 models.")
     sub = parser.add_subparsers(dest="command", required=True)
     for name in COMMANDS:
         try:
@@ -23,6 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
                 continue  # a command whose module is not installed in this checkout
             raise
         module.register(sub)
+    sub.metavar = "{" + ",".join(sub.choices) + "}"  # a missing command's error names the commands
     return parser
 
 
@@ -46,7 +55,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         args = parser.parse_args(argv)
         return int(args.func(args) or 0)
     except FlatQuantError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {one_line(str(exc))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("error: interrupted; finished layers are kept in the resume checkpoint of --output_dir.", file=sys.stderr)

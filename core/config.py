@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
-from .errors import ConfigError
+from .errors import ConfigError, one_line, shown
 
 INT4_FLAT_QUANT_CFG: dict = {
     "quant_cfg": {
@@ -49,6 +49,8 @@ _ALGO_SCHEMA: dict[str, type | tuple] = {
 }
 _TENSOR_SCHEMA = {"type": str, "symmetric": bool, "strategy": str}
 _STRATEGIES = {"inputs": ("token",), "weights": ("channel",)}
+CONFIG_FILE_LIMIT = 2**20  # bytes of a config file (INT4_FLAT_QUANT_CFG is under 1 KiB)
+_MAX_DEPTH = 16  # nesting levels of a YAML config (INT4_FLAT_QUANT_CFG has 4)
 
 
 @dataclass
@@ -91,9 +93,9 @@ class FlatQuantConfig:
 
 
 def _check_keys(section: dict, allowed: Iterable[str], where: str) -> None:
-    unknown = sorted(set(section) - set(allowed))
+    unknown = sorted(set(section) - set(allowed), key=str)
     if unknown:
-        raise ConfigError(f"Unknown key(s) {unknown} in {where}; allowed: {sorted(allowed)}.")
+        raise ConfigError(f"Unknown key(s) {shown(unknown)} in {where}; allowed: {sorted(allowed)}.")
 
 
 def _check_type(value: Any, expected, where: str) -> None:
@@ -102,13 +104,15 @@ def _check_type(value: Any, expected, where: str) -> None:
                                               (expected if isinstance(expected, tuple) else (expected,)))
     if not ok:
         name = expected.__name__ if isinstance(expected, type) else "/".join(t.__name__ for t in expected)
-        raise ConfigError(f"{where} must be {name}, got {type(value).__name__} {value!r}.")
+        raise ConfigError(f"{where} must be {name}, got {type(value).__name__} {shown(value)}.")
 
 
 def normalize_skip_layers(value: Any, where: str = "skip_layers") -> list[str]:
-    """A set/list/tuple of names, or a comma-separated string; each entry must contain a letter or digit."""
+    """A set/list/tuple of names, or a comma-separated string; each entry must contain a letter or digit, so text
+    of separators or blanks only (',', ' ', 'a,,b') is refused. An empty string or list skips nothing (lm_head is
+    then quantized int8). Every path (CLI, config file, API, GUI) goes through here."""
     if isinstance(value, str):
-        items = [s.strip() for s in value.split(",") if s.strip()]
+        items = value.split(",") if value else []
     elif isinstance(value, (set, list, tuple, frozenset)):
         items = list(value)
     else:
@@ -116,20 +120,20 @@ def normalize_skip_layers(value: Any, where: str = "skip_layers") -> list[str]:
     out = []
     for s in items:
         if not isinstance(s, str):
-            raise ConfigError(f"{where} entries must be strings, got {s!r}.")
+            raise ConfigError(f"{where} entries must be strings, got {shown(s)}.")
         s = s.strip()
         if not re.search(r"[A-Za-z0-9]", s):
-            raise ConfigError(
-                f"{where} entry {s!r} has no letter or digit; give a layer name or part of one, e.g. 'lm_head' "
-                "or 'layers.0.mlp.down_proj'."
-            )
+            what = (f"entry {shown(s)} has no letter or digit" if s
+                    else f"{shown(value)} has an empty entry (a stray comma or a blank)")
+            raise ConfigError(f"{where} {what}; give layer names or parts of them, e.g. 'lm_head' or "
+                              "'lm_head,layers.0.mlp.down_proj' (an empty value skips nothing).")
         out.append(s)
     return sorted(set(out))
 
 
 def _bits_of(type_name: Any, where: str) -> int:
     if type_name not in _TYPES:
-        raise ConfigError(f"{where} must be one of {sorted(_TYPES)}, got {type_name!r}.")
+        raise ConfigError(f"{where} must be one of {sorted(_TYPES)}, got {shown(type_name)}.")
     return _TYPES[type_name]
 
 
@@ -156,7 +160,8 @@ def parse_config(cfg: dict | None = None) -> FlatQuantConfig:
             raise ConfigError(f"quant_cfg.{kind}.symmetric must be True: FlatQuant W4A4 quantizes symmetrically.")
         strategy = section.get("strategy", _STRATEGIES[kind][0])
         if strategy not in _STRATEGIES[kind]:
-            raise ConfigError(f"quant_cfg.{kind}.strategy must be {_STRATEGIES[kind][0]!r}, got {strategy!r}.")
+            raise ConfigError(f"quant_cfg.{kind}.strategy must be {_STRATEGIES[kind][0]!r}, "
+                              f"got {shown(strategy)}.")
         bits = _bits_of(section.get("type", "int4"), f"quant_cfg.{kind}.type")
         if kind == "inputs":
             out.a_bits = bits
@@ -196,30 +201,55 @@ def parse_config(cfg: dict | None = None) -> FlatQuantConfig:
 
 
 def load_config_file(path: str | Path) -> dict:
-    """Read a JSON or YAML config file into the AMCT-shaped dict (validated later by parse_config)."""
+    """Read a JSON or YAML config file into the AMCT-shaped dict (validated later by parse_config). Bounded: at most
+    CONFIG_FILE_LIMIT bytes, and YAML aliases are refused, so a small hostile file cannot expand into billions of
+    values."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"Config file {str(path)!r} does not exist.")
+        what = "is not a regular file" if path.exists() else "does not exist"
+        raise ConfigError(f"Config file {str(path)!r} {what}.")
     try:
+        if path.stat().st_size > CONFIG_FILE_LIMIT:
+            raise ConfigError(f"Config file {path.name!r} is larger than {CONFIG_FILE_LIMIT // 1024} KiB; a config "
+                              "is a small dict like INT4_FLAT_QUANT_CFG.")
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
         raise ConfigError(f"Config file {path.name!r} is not UTF-8 text; save it as UTF-8 JSON or YAML.") from exc
     except OSError as exc:
         raise ConfigError(f"Config file {path.name!r} cannot be read: {exc.strerror}.") from exc
     try:
-        if path.suffix.lower() in (".yaml", ".yml"):
-            import yaml
-
-            data = yaml.safe_load(text)
-        else:
-            data = json.loads(text)
-    except Exception as exc:  # json.JSONDecodeError, yaml.YAMLError
+        data = _load_yaml(text) if path.suffix.lower() in (".yaml", ".yml") else json.loads(text)
+    except Exception as exc:  # json.JSONDecodeError, yaml.YAMLError, RecursionError (deep nesting)
+        detail = (str(exc).splitlines() or [type(exc).__name__])[0]
         raise ConfigError(f"Config file {str(path)!r} is not valid {path.suffix.lstrip('.') or 'JSON'}: "
-                          f"{str(exc).splitlines()[0]}") from exc
+                          f"{one_line(detail, 200)}") from exc
     if not isinstance(data, dict):
         raise ConfigError(f"Config file {path.name!r} must hold a mapping like INT4_FLAT_QUANT_CFG, "
                           f"not a {type(data).__name__}.")
     return data
+
+
+def _load_yaml(text: str) -> Any:
+    """yaml.safe_load, refusing aliases (*name) and deep nesting: a config needs neither, and nested aliases (a
+    "billion laughs" file) expand a few hundred bytes into billions of values."""
+    import yaml
+
+    class BoundedLoader(yaml.SafeLoader):
+        depth = 0
+
+        def compose_node(self, parent, index):
+            if self.check_event(yaml.AliasEvent):
+                anchor = self.peek_event().anchor
+                raise yaml.YAMLError(f"it uses the YAML alias *{anchor[:40]}; write the values out instead")
+            if self.depth >= _MAX_DEPTH:
+                raise yaml.YAMLError(f"it nests deeper than {_MAX_DEPTH} levels")
+            self.depth += 1
+            try:
+                return super().compose_node(parent, index)
+            finally:
+                self.depth -= 1
+
+    return yaml.load(text, Loader=BoundedLoader)
 
 
 def default_config_dict() -> dict:

@@ -24,12 +24,13 @@ import torch
 from torch import nn
 
 from .accuracy import DEFAULT_TASKS, AccuracyOptions, evaluate_accuracy, format_acc_line
+from .data import check_recorded_disjoint
 from .device import COMPUTE_DTYPE_CHOICES, compute_dtype
 from .errors import ConfigError
 from .generation import GenerationOptions, compare_generation
 from .latency import LATENCY_TEXT, latency_input_ids, measure_interleaved, model_device
 from .progress import Reporter
-from .report import update_report
+from .report import load_report, update_report
 
 SECTIONS = ("ppl", "acc", "latency", "gen")
 LATENCY_MODELS = ("original", "quantized", "quantized_real")
@@ -123,6 +124,9 @@ def evaluate_ppl(models: dict[str, nn.Module], tokenizer, options: EvalOptions, 
     from .pipeline import ppl_token_ids
     from .perplexity import perplexity_from_ids
 
+    if "quantized" in models and options.output_dir:  # never on the text the run's report says it calibrated on
+        calibration = load_report(options.output_dir).get("calibration") or {}
+        check_recorded_disjoint(calibration.get("calib_source"), options.ppl_data)
     ids, label = ppl_token_ids(tokenizer, options.ppl_data)
     dtype = compute_dtype(model_device(next(iter(models.values()))), options.compute_dtype)
     seqlens = [int(s) for s in options.ppl_seqlens]

@@ -101,6 +101,12 @@ def read_matrices(path: str | os.PathLike) -> dict:
     return payload
 
 
+def calibrated_on(payload: dict) -> Optional[str]:
+    """The calibration text a matrix file records (meta ``calib_source``, core.data.recorded_source); None for a
+    file from before it was recorded."""
+    return (payload.get("meta") or {}).get("calib_source")
+
+
 def check_identity(payload: dict, model: nn.Module, path: str = "") -> None:
     want, have = payload["identity"], model_identity(model)
     diff = {k: (want.get(k), have[k]) for k in have if want.get(k) != have[k]}
@@ -179,7 +185,8 @@ def load_matrices(path: str | os.PathLike, model: nn.Module, copy_layers: bool =
     return apply_matrices(model, read_complete_matrices(path), str(path), copy_layers)
 
 
-__all__ = ["MATRIX_FILE", "RESUME_FILE", "build_payload", "non_finite_tensors", "save_matrices", "read_matrices",
+__all__ = ["MATRIX_FILE", "RESUME_FILE", "build_payload", "calibrated_on", "non_finite_tensors", "save_matrices",
+           "read_matrices",
            "read_complete_matrices",
            "load_matrices", "apply_matrices", "apply_layer_matrices", "check_layer_indices", "matrix_algorithm",
            "uncalibrated_states", "check_identity"]

@@ -24,12 +24,13 @@ from .algorithms import ALGORITHMS, apply_flat_structure, get_algorithm, rebuild
 from .algorithms.quarot import apply_quarot
 from .calibrate import WEIGHT_ROUNDINGS, LayerResult, calibrate_model
 from .config import FlatQuantConfig, load_config_file, normalize_skip_layers, parse_config
-from .data import EMBEDDED_TEXT_LABEL, check_disjoint, load_text, sample_windows, tokenize, wikitext_test_path
+from .data import check_disjoint, recorded_source, sample_windows, token_ids, wikitext_test_path
 from .device import COMPUTE_DTYPE_CHOICES, SUPPORTED_DEVICES, compute_dtype, dtype_name, resolve_device
 from .distributed import DistInfo, finish, gather_to_main, init_distributed, layer_range
 from .errors import ConfigError, FlatQuantError, JobCancelled, MatrixFileError, ModelLoadError
 from .flat import fold_model
-from .matrices import MATRIX_FILE, RESUME_FILE, build_payload, load_matrices, read_matrices, save_matrices
+from .matrices import (MATRIX_FILE, RESUME_FILE, apply_matrices, build_payload, read_complete_matrices,
+                       read_matrices, save_matrices)
 from .memory import (DTYPE_CHOICES, GIB, ActivationStore, ModelShape, check_fits, current_rss_bytes,
                      device_peak_bytes, estimate_quantize_memory, host_available_bytes, parse_dtype)
 from .models import (DEFAULT_MODEL, LoadedModel, checkpoint_dtype, decoder_layers, load_model, model_identity,
@@ -239,31 +240,27 @@ def _file_logger(output_dir: Path) -> logging.Logger:
 
 
 def ppl_token_ids(tokenizer, ppl_data: Optional[str]) -> tuple[torch.Tensor, str]:
-    if ppl_data is None:
-        wiki = wikitext_test_path()
-        if wiki is not None:
-            text, _ = load_text(wiki)
-            return tokenize(tokenizer, text), f"wikitext-2-raw test ({wiki})"
-        text, _ = load_text(None)
-        ids = tokenize(tokenizer, text)
-        return ids[ids.numel() // 2:], f"{EMBEDDED_TEXT_LABEL}, second half"
-    text, label = load_text(ppl_data, split="test")
-    return tokenize(tokenizer, text), label
+    """The perplexity text's token ids and label: ``ppl_data``, else WikiText-2 test from the shared data folder,
+    else the embedded text's second half."""
+    wiki = wikitext_test_path() if ppl_data is None else None
+    if wiki is not None:
+        return token_ids(tokenizer, wiki, "test")[0], f"wikitext-2-raw test ({wiki})"
+    return token_ids(tokenizer, ppl_data, "test")
 
 
-def calibration_token_ids(tokenizer, options: QuantizeOptions, want_ppl: bool) -> tuple[torch.Tensor, str]:
-    """The calibration text's token ids and its label, never the text perplexity is measured on: a user path that
-    is the perplexity file is refused (core.data.check_disjoint); when both are the embedded default text (no
-    ../shared/data), calibration reads its first half (perplexity reads the second, see ppl_token_ids)."""
-    ppl_embedded = options.ppl_data is None and wikitext_test_path() is None
-    if want_ppl and options.calib_data is None and ppl_embedded:
-        text, _ = load_text(None)
-        ids = tokenize(tokenizer, text)
-        return ids[:ids.numel() // 2], f"{EMBEDDED_TEXT_LABEL}, first half (perplexity reads the second half)"
-    if want_ppl:
-        check_disjoint(options.calib_data, options.ppl_data)
-    text, label = load_text(options.calib_data)
-    return tokenize(tokenizer, text), label
+def calibration_token_ids(tokenizer, options: QuantizeOptions) -> tuple[torch.Tensor, str]:
+    """The calibration text's token ids and its label, never the text perplexity is measured on, now or later
+    (also with --no_ppl): a source that is the perplexity text is refused (core.data.check_disjoint); the embedded
+    default text gives its first half (perplexity reads the second half)."""
+    check_disjoint(options.calib_data, options.ppl_data)
+    return token_ids(tokenizer, options.calib_data, "train")
+
+
+def _loaded_calibration(path: Path, meta: dict) -> dict:
+    """report.json's calibration section for a loaded matrix file: where from, and what it was calibrated on as far
+    as its meta records it (``calib_source`` lets a later perplexity refuse that text)."""
+    recorded = {k: meta[k] for k in ("data", "calib_source") if k in meta}
+    return {"loaded_from": str(path), "seconds": 0.0, **recorded}
 
 
 def rtn_model(original: nn.Module, cfg: FlatQuantConfig, max_layers: Optional[int]) -> nn.Module:
@@ -406,11 +403,12 @@ def run_quantize(options: QuantizeOptions, on_event: Optional[ProgressCallback] 
                    "memory_estimate": estimate}
     if options.load_matrix:
         reporter.emit("load", f"loading calibrated matrices from {options.flat_matrix_path}")
-        cfg = load_matrices(options.flat_matrix_path, quantized, copy_layers=keep_original)
         matrix_path = Path(options.flat_matrix_path)
-        calib = {"loaded_from": str(matrix_path), "seconds": 0.0}
+        payload = read_complete_matrices(matrix_path)
+        cfg = apply_matrices(quantized, payload, str(matrix_path), copy_layers=keep_original)
+        calib = _loaded_calibration(matrix_path, payload.get("meta") or {})
     else:
-        calib_ids, data_label = calibration_token_ids(original.tokenizer, options, want_ppl)
+        calib_ids, data_label = calibration_token_ids(original.tokenizer, options)
         reporter.emit("data", f"calibration data: {data_label}")
         samples = sample_windows(calib_ids, options.nsamples, options.seqlen, options.seed)
         algo = get_algorithm(options.algorithm, cfg)
@@ -468,11 +466,13 @@ def run_quantize(options: QuantizeOptions, on_event: Optional[ProgressCallback] 
             finish(dist_info)
         else:
             records = [_layer_record(r) for r in layer_results]
-        meta = dict(run_key, seconds=seconds)
+        # calib_source: a later perplexity (evaluate, the GUI's Compare) refuses the text calibrated on
+        meta = dict(run_key, seconds=seconds, calib_source=recorded_source(options.calib_data))
         save_matrices(matrix_path, build_payload(quantized, cfg, layer_states, complete=True, extra=meta))
         resume_path.unlink(missing_ok=True)
         reporter.emit("fold", f"saved {matrix_path}")
-        calib.update({"seconds": round(seconds, 2), "data": data_label, "max_layers": options.max_layers,
+        calib.update({"seconds": round(seconds, 2), "data": data_label, "calib_source": meta["calib_source"],
+                      "max_layers": options.max_layers,
                       "world_size": dist_info.world, "warnings": loss_warnings(layer_results),
                       "layers": sorted(records, key=lambda r: r["layer"])})
     calib["peak_rss_mb"] = round(peak_rss_mb(), 1)

@@ -18,10 +18,10 @@ from types import SimpleNamespace
 from typing import Callable, Iterable, Optional
 
 from .config import FlatQuantConfig, parse_config
-from .data import check_disjoint
+from .data import check_disjoint, check_recorded_disjoint
 from .device import resolve_device
 from .errors import CalibrationError, ConfigError, DataError, MatrixFileError, ModelLoadError, OutputError
-from .matrices import non_finite_tensors, read_matrices
+from .matrices import calibrated_on, non_finite_tensors, read_matrices
 from .models import architecture_of, identity_of, read_model_config, resolve_model_path
 
 # The linears of one decoder layer, as FlatQuant names them (model.layers.{i}.<part>); Llama and Qwen3 agree.
@@ -209,15 +209,16 @@ def validate_quantize_options(options) -> FlatQuantConfig:
     if options.load_matrix:
         payload = check_matrix_file(options.flat_matrix_path, model_cfg)
         cfg = _parse_payload_config(payload, options.flat_matrix_path)
+        if not options.skip_ppl:  # never measure perplexity on the text the matrices were calibrated on
+            check_recorded_disjoint(calibrated_on(payload), options.ppl_data)
     else:
         check_data_source(options.calib_data, "--calib_data")
+        # never calibrate on a perplexity text, this job's or (also with --no_ppl) a later evaluate's or Compare
+        # tab's; the embedded text's halves are disjoint (calibration reads the first, perplexity the second)
+        check_disjoint(options.calib_data, options.ppl_data)
     check_skip_layers(model_cfg, cfg, None if options.load_matrix else options.max_layers)
     if not options.skip_ppl:
         check_data_source(options.ppl_data, "--ppl_data")
-        if not options.load_matrix:
-            # never calibrate on the perplexity text; both default (embedded): the pipeline splits it in halves
-            check_disjoint(options.calib_data, options.ppl_data,
-                           split_explicitly=options.calib_data is None and options.ppl_data is None)
     # The resume file, the final file and a temp copy of each may coexist; report and log are small.
     check_output_dir(options.output_dir, 3 * estimated_matrix_bytes(model_cfg, options.max_layers,
                                                                      options.weight_rounding) + 4 * 2**20)

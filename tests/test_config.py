@@ -49,13 +49,20 @@ def test_skip_layers_substring_and_exact_match():
     assert not cfg.is_skipped("model.layers.2.self_attn.q_proj")
 
 
-@pytest.mark.parametrize("bad", ["--", " , ", ".", "a,--"])
+@pytest.mark.parametrize("bad", ["--", ".", "a,--"])
 def test_skip_layers_without_letters_or_digits_is_an_error(bad):
-    if bad.strip(" ,") == "":
-        assert normalize_skip_layers(bad) == []  # empty after splitting: nothing skipped
-        return
     with pytest.raises(ConfigError, match="no letter or digit"):
         normalize_skip_layers(bad)
+
+
+@pytest.mark.parametrize("bad", [",", " ", " , ", "lm_head,", ["lm_head", ""]])
+def test_skip_layers_with_an_empty_entry_is_an_error(bad):
+    with pytest.raises(ConfigError, match="empty entry"):  # never silently an empty list (lm_head quantized)
+        normalize_skip_layers(bad)
+
+
+def test_empty_skip_layers_skip_nothing():
+    assert normalize_skip_layers("") == normalize_skip_layers([]) == []
 
 
 def test_config_file_json_and_yaml(tmp_path):

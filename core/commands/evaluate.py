@@ -41,9 +41,12 @@ def run(args: argparse.Namespace) -> int:
 
 
 def validate_evaluate_args(args: argparse.Namespace, output_dir: str) -> None:
-    """What can be checked before a model loads: device, model folder, matrix file (finite, for this model),
-    perplexity text and the output folder."""
+    """What can be checked before a model loads: device, model folder, matrix file (finite, for this model, and
+    not calibrated on the perplexity text), perplexity text and the output folder."""
+    from ..data import check_recorded_disjoint
     from ..device import resolve_device
+    from ..evaluate import eval_options_from_args
+    from ..matrices import calibrated_on
     from ..validate import check_data_source, check_matrix_file, check_model_weights, check_output_dir, \
         read_model_folder
 
@@ -51,7 +54,9 @@ def validate_evaluate_args(args: argparse.Namespace, output_dir: str) -> None:
     model_dir, model_cfg = read_model_folder(args.model_path)
     check_model_weights(model_dir, model_cfg)
     if args.flat_matrix_path:
-        check_matrix_file(args.flat_matrix_path, model_cfg)
+        payload = check_matrix_file(args.flat_matrix_path, model_cfg)
+        if "ppl" in eval_options_from_args(args).sections:
+            check_recorded_disjoint(calibrated_on(payload), args.ppl_data)
     check_data_source(args.ppl_data, "--ppl_data")
     check_output_dir(output_dir, 4 * 2**20)
 
