@@ -255,8 +255,8 @@ def _report_requests(lm, model: nn.Module, reporter: Reporter, label: str):
         state.update(total=len(requests), done=0, pct=-1)
         out = loglikelihood(requests, *args, **kwargs)
         # requests sharing a context share a forward row, so the rows counted may stop short of the total
-        reporter.emit("eval", f"lm-eval {label}: {state['total']}/{state['total']} requests", step=state["total"],
-                      steps=state["total"])
+        reporter.emit("acc_requests", {"model": label, "done": state["total"], "total": state["total"]},
+                      step=state["total"], steps=state["total"])
         return out
 
     def hook(_module, args, kwargs):
@@ -267,7 +267,7 @@ def _report_requests(lm, model: nn.Module, reporter: Reporter, label: str):
             pct = 100 * state["done"] // state["total"]
             if pct != state["pct"]:
                 state["pct"] = pct
-                reporter.emit("eval", f"lm-eval {label}: {state['done']}/{state['total']} requests",
+                reporter.emit("acc_requests", {"model": label, "done": state["done"], "total": state["total"]},
                               step=state["done"], steps=state["total"])
 
     lm.loglikelihood = counted
@@ -294,8 +294,10 @@ def evaluate_accuracy(model: nn.Module, tokenizer, options: AccuracyOptions | No
         from lm_eval.tasks import TaskManager
 
         reporter.check()
-        reporter.emit("eval", f"lm-eval on {label}: {', '.join(order)}"
-                      + (f" (limit {options.limit})" if options.limit else ""))
+        if options.limit:
+            reporter.emit("acc_start_limit", {"model": label, "tasks": order, "limit": options.limit})
+        else:
+            reporter.emit("acc_start", {"model": label, "tasks": order})
         # Stock tasks need lm-eval's own index; local-only runs skip it (it takes seconds to build).
         manager = TaskManager(include_path=plan.config_dir, include_defaults=bool(plan.stock))
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=options.batch_size)
@@ -326,5 +328,5 @@ def evaluate_accuracy(model: nn.Module, tokenizer, options: AccuracyOptions | No
         "task_config_dir": options.task_config_dir,
         "lm_eval_version": results.get("lm_eval_version"),
     })
-    reporter.emit("eval", f"{label} {format_acc_line(section['acc'])}")
+    reporter.emit("acc_value", {"model": label, "acc": dict(section["acc"])})
     return section

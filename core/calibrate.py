@@ -223,8 +223,10 @@ def _calibrate_layers(model: nn.Module, samples: torch.Tensor, cfg: FlatQuantCon
                 on_layer_done(i, state, results[-1])
         return results
     try:
-        reporter.emit("capture", f"capturing layer-0 inputs for {samples.shape[0]} samples"
-                                 + (f" (activations on disk in {store.folder})" if store.on_disk else ""))
+        if store.on_disk:
+            reporter.emit("capture_on_disk", {"n": samples.shape[0], "path": str(store.folder)})
+        else:
+            reporter.emit("capture", {"n": samples.shape[0]})
         inps, layer_kwargs = capture_layer_inputs(model, samples, device, store)
         n_steps_layer = algo.steps_per_layer(samples.shape[0])
         step_times: list[float] = []
@@ -242,7 +244,7 @@ def _calibrate_layers(model: nn.Module, samples: torch.Tensor, cfg: FlatQuantCon
             current[0] = i
             reporter.check()
             if i < start:  # a distributed rank: full-precision forward only, to reach its range's inputs
-                reporter.emit("capture", f"layer {i + 1}/{num}: full-precision forward to reach layer {start + 1}")
+                reporter.emit("forward_to_range", {"i": i + 1, "n": num, "start": start + 1})
                 layer = copy.deepcopy(layers[i]) if copy_layers else layers[i]
                 keep = storage_dtype(layer)
                 home = to_device(layer, device, train_dtype)
@@ -264,16 +266,15 @@ def _calibrate_layers(model: nn.Module, samples: torch.Tensor, cfg: FlatQuantCon
                 own, saved_rounding = split_rounding_state(done_states[i])
                 algo.restore_layer(layer, i, own)
                 result = LayerResult.untrained(i)
-                reporter.emit("layer_done", f"layer {i + 1}/{num} restored from the resume checkpoint",
-                              layer=i, num_layers=num)
+                reporter.emit("layer_restored", {"i": i + 1, "n": num}, layer=i, num_layers=num)
             else:
                 t0 = time.monotonic()
                 ctx = LayerContext(train_inps, fp_outs, layer_kwargs, device, dtype, reporter, num, eta, large)
                 result = algo.calibrate_layer(layer, i, ctx)
                 if n_steps_layer:
                     step_times.append((time.monotonic() - t0) / n_steps_layer)
-                reporter.emit("layer_done", f"layer {i + 1}/{num} done, loss {result.first_loss:.4g} -> "
-                              f"{result.last_loss:.4g} ({loss_change(result.first_loss, result.last_loss)})",
+                reporter.emit("layer_done", {"i": i + 1, "n": num, "first": result.first_loss, "last": result.last_loss,
+                                             "change": loss_change(result.first_loss, result.last_loss)},
                               layer=i, num_layers=num, loss=result.last_loss)
             algo.freeze_layer(layer)
             state = algo.layer_state(layer)
@@ -283,7 +284,7 @@ def _calibrate_layers(model: nn.Module, samples: torch.Tensor, cfg: FlatQuantCon
                 if saved_rounding:
                     apply_rounding_state(layer, saved_rounding)
                 else:
-                    reporter.emit("calibrate", f"layer {i + 1}/{num}: GPTQ weight rounding", layer=i, num_layers=num)
+                    reporter.emit("gptq_layer", {"i": i + 1, "n": num}, layer=i, num_layers=num)
                     reporter.check()
                     saved_rounding = _gptq_round(layer, train_inps, layer_kwargs, device, bsz, dtype, gptq)
                     reporter.check()

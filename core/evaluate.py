@@ -35,6 +35,7 @@ from .report import load_report, update_report
 SECTIONS = ("ppl", "acc", "latency", "gen")
 LATENCY_MODELS = ("original", "quantized", "quantized_real")
 _SECTION_KEYS = {"ppl": "ppl", "acc": "accuracy", "latency": "latency", "gen": "generation"}
+TASK_CONFIG_DIR = "lm_eval_tasks"  # the generated lm-eval task YAMLs, in the output folder
 
 
 @dataclass
@@ -145,19 +146,19 @@ def evaluate_ppl(models: dict[str, nn.Module], tokenizer, options: EvalOptions, 
             if max_pos is not None and seqlen > max_pos:
                 by_seqlen[str(seqlen)][name] = None  # longer than the model's context: not defined
                 continue
-            reporter.emit("ppl", f"perplexity of the {name} model at seqlen {seqlen}")
+            reporter.emit("ppl_start", {"model": name, "seqlen": seqlen})
             value = perplexity_from_ids(model, ids, seqlen=seqlen, batch_size=options.ppl_batch_size,
                                         max_windows=options.ppl_max_windows, reporter=reporter, dtype=dtype,
                                         label=name)
             by_seqlen[str(seqlen)][name] = value
-            reporter.emit("ppl", f"PPL {name} @ {seqlen}: {value:.3f}")
+            reporter.emit("ppl_value_seqlen", {"model": name, "seqlen": seqlen, "value": value})
             _save(options, "ppl", section())  # a cancel later in the section keeps the numbers measured so far
     return section()
 
 
 def evaluate_acc(models: dict[str, nn.Module], tokenizer, options: EvalOptions, reporter: Reporter) -> dict:
     # Keep the generated task YAMLs next to the report: `lm_eval --include_path <them>` reproduces the numbers.
-    config_dir = os.path.join(options.output_dir, "lm_eval_tasks") if options.output_dir else None
+    config_dir = os.path.join(options.output_dir, TASK_CONFIG_DIR) if options.output_dir else None
     acc_opts = AccuracyOptions(tasks=tuple(options.tasks), tasks_data_dir=options.tasks_data_dir, limit=options.limit,
                                batch_size=options.eval_batch_size, task_config_dir=config_dir)
     section: dict = {"unit": "percent", "limit": options.limit, "tasks": list(acc_opts.tasks),
@@ -191,7 +192,7 @@ def evaluate_latency(models: dict[str, nn.Module], tokenizer, options: EvalOptio
         real = _real_quant_copy(models["quantized"])
         if real is not None:
             timed["quantized_real"] = real if dtype is None else real.to(dtype)
-    reporter.emit("latency", f"timing {', '.join(timed)} interleaved ({options.latency_repeats} repeats)")
+    reporter.emit("latency_timing", {"models": list(timed), "repeats": options.latency_repeats})
     ids = latency_input_ids(tokenizer, options.latency_seqlen, text=LATENCY_TEXT)
     results = measure_interleaved(timed, ids, decode_tokens=options.decode_tokens, repeats=options.latency_repeats)
     section = {"units": {"prefill_ms": "ms for one forward of 1 x prompt_tokens", "decode_ms_per_token": "ms",
@@ -267,7 +268,7 @@ def evaluate_pair(original: nn.Module, quantized: Optional[nn.Module], tokenizer
             out[key] = compare_generation(original, quantized, tokenizer, GenerationOptions(
                 prompt=options.prompt, max_new_tokens=options.max_new_tokens), reporter)
         _save(options, key, out[key])
-    reporter.emit("eval", "evaluation done")
+    reporter.emit("eval_done")
     return out
 
 

@@ -104,8 +104,11 @@ def compare_generation(original: nn.Module, quantized: Optional[nn.Module], toke
         if model is None:
             continue
         reporter.check()
-        reporter.emit("eval", f"generating with the {label} model ({options.max_new_tokens} new tokens max)"
-                              + (f", streaming its layers to {device}" if needs_streaming(model, device) else ""))
+        if needs_streaming(model, device):
+            reporter.emit("generate_streaming", {"model": label, "max_new_tokens": options.max_new_tokens,
+                                                 "device": str(device)})
+        else:
+            reporter.emit("generate", {"model": label, "max_new_tokens": options.max_new_tokens})
         section[label] = generate_text(model, tokenizer, chat_text, options,
                                        streamer_for(label) if streamer_for else None, device)
     return section

@@ -23,6 +23,7 @@ from typing import Optional
 import torch
 
 from .errors import FlatQuantError
+from .outputs import reserve_file
 
 GIB = 2 ** 30
 MIB = 2 ** 20
@@ -192,19 +193,30 @@ class MemoryEstimate:
         return sum(self.device.values())
 
     def summary(self) -> str:
-        parts = dict(self.host, **({} if not self.device_is_host else self.device))
-        body = ", ".join(f"{k} {v / GIB:.2f}" for k, v in parts.items() if v)
-        text = f"host {self.host_total / GIB:.2f} GiB ({body})"
+        host, device = (", ".join(f"{k} {v:.2f}" for k, v in parts.items()) for parts in self.parts_gib())
+        text = f"host {self.host_total / GIB:.2f} GiB ({host})"
         if not self.device_is_host:
-            dev = ", ".join(f"{k} {v / GIB:.2f}" for k, v in self.device.items() if v)
-            text += f"; device {self.device_total / GIB:.2f} GiB ({dev})"
+            text += f"; device {self.device_total / GIB:.2f} GiB ({device})"
         return text
+
+    def parts_gib(self) -> tuple[dict, dict]:
+        """({part: GiB} on the host (the device's parts too when the device is the host), {part: GiB} on the device),
+        as summary() lists them."""
+        host = dict(self.host, **({} if not self.device_is_host else self.device))
+        return ({k: round(v / GIB, 2) for k, v in host.items() if v},
+                {k: round(v / GIB, 2) for k, v in self.device.items() if v})
 
     def to_dict(self) -> dict:
         return {"host_gib": round(self.host_total / GIB, 3), "device_gib": round(self.device_total / GIB, 3),
                 "host_parts_mib": {k: round(v / MIB, 1) for k, v in self.host.items()},
                 "device_parts_mib": {k: round(v / MIB, 1) for k, v in self.device.items()},
                 "device_is_host": self.device_is_host}
+
+
+def activation_bytes(shape: ModelShape, nsamples: int, seqlen: int) -> int:
+    """The calibration set's captured activations: one layer's fp32 inputs and outputs, nsamples x seqlen x hidden
+    each (in RAM, or in files under --activation_dir)."""
+    return 2 * nsamples * seqlen * shape.hidden * 4
 
 
 def estimate_quantize_memory(shape: ModelShape, weight_dtype: torch.dtype, nsamples: int, seqlen: int,
@@ -219,7 +231,7 @@ def estimate_quantize_memory(shape: ModelShape, weight_dtype: torch.dtype, nsamp
     if keep_original:
         trained = shape.num_layers if layers_trained is None else min(layers_trained, shape.num_layers)
         est.host["original_copy"] = trained * layer * wbytes
-    act = 2 * nsamples * seqlen * shape.hidden * 4 if calibrate else 0
+    act = activation_bytes(shape, nsamples, seqlen) if calibrate else 0
     if activations_on_disk:
         est.host["activations"] = 0
     else:
@@ -287,7 +299,8 @@ class ActivationStore:
             return torch.empty(shape, dtype=dtype)
         self._count += 1
         path = self.folder / f"activations.{os.getpid()}.{self._count}.bin"
-        path.unlink(missing_ok=True)
+        # its blocks reserved first: a mapped page on a full disk would be SIGBUS, this is one error line
+        reserve_file(path, math.prod(shape) * dtype.itemsize, "--activation_dir", str(self.folder))
         t = torch.from_file(str(path), shared=True, size=math.prod(shape), dtype=dtype).view(shape)
         try:
             path.unlink()

@@ -58,7 +58,7 @@ def perplexity_from_ids(model: torch.nn.Module, ids: torch.Tensor, seqlen: int =
         raise DataError(f"Perplexity text has {ids.numel()} tokens, fewer than one window of {seqlen}.")
     stream = needs_streaming(model, device)
     if stream and reporter is not None:
-        reporter.emit("ppl", f"perplexity {label}: streaming decoder layers to {device} one at a time")
+        reporter.emit("ppl_streaming", {"model": label, "device": str(device)})
     target = torch.device(device) if stream else model_device(model)
     windows = ids[: n * seqlen].view(n, seqlen)
     nll_sum, count = 0.0, 0
@@ -66,7 +66,7 @@ def perplexity_from_ids(model: torch.nn.Module, ids: torch.Tensor, seqlen: int =
         for start in range(0, n, batch_size):
             if reporter is not None:
                 reporter.check()
-                reporter.emit("ppl", f"perplexity {label} window {start}/{n}", step=start, steps=n)
+                reporter.emit("ppl_window", {"model": label, "start": start, "n": n}, step=start, steps=n)
             batch = windows[start:start + batch_size].to(target)
             with autocast_for(model, dtype):  # inside the streamer the embeddings are on the target
                 nll_sum += _window_nll(model, batch)

@@ -31,11 +31,12 @@ from .errors import ConfigError, FlatQuantError, JobCancelled, MatrixFileError, 
 from .flat import fold_model
 from .matrices import (MATRIX_FILE, RESUME_FILE, apply_matrices, build_payload, read_complete_matrices,
                        read_matrices, save_matrices)
-from .memory import (DTYPE_CHOICES, GIB, ActivationStore, ModelShape, check_fits, current_rss_bytes,
-                     device_peak_bytes, estimate_quantize_memory, host_available_bytes, parse_dtype)
+from .memory import (DTYPE_CHOICES, GIB, ActivationStore, ModelShape, activation_bytes, check_fits,
+                     current_rss_bytes, device_peak_bytes, estimate_quantize_memory, host_available_bytes, parse_dtype)
 from .models import (DEFAULT_MODEL, LoadedModel, checkpoint_dtype, decoder_layers, load_model, model_identity,
                      read_model_config, read_architecture, resolve_model_path, shared_copy)
 from .options import GuiControl, described_fields, option
+from .outputs import check_free_space
 from .perplexity import perplexity_from_ids
 from .progress import CancelToken, ProgressCallback, Reporter
 from .report import update_report
@@ -310,8 +311,15 @@ def _memory_plan(options: QuantizeOptions, cfg: FlatQuantConfig, device: torch.d
         with_copy = estimate_quantize_memory(shape, keep_original=True, **common)
         keep = available is None or with_copy.host_total <= 0.85 * (available + resident)
     est = estimate_quantize_memory(shape, keep_original=keep, **common)
-    reporter.emit("load", f"memory estimate: {est.summary()}; float original "
-                          f"{'kept for comparisons' if keep else 'not kept (evaluated first, then quantized in place)'}")
+    host, on_device = est.parts_gib()
+    params = {"host_gib": est.host_total / GIB, "host_parts": host}
+    if keep:
+        reporter.emit("memory_estimate", params)
+    else:
+        reporter.emit("memory_estimate_in_place", params)
+    if not est.device_is_host:
+        reporter.emit("memory_estimate_device", {"device": str(device), "device_gib": est.device_total / GIB,
+                                                 "device_parts": on_device})
     if options.check_memory:
         knobs = []
         if dtype == torch.float32:
@@ -323,6 +331,10 @@ def _memory_plan(options: QuantizeOptions, cfg: FlatQuantConfig, device: torch.d
         if keep:
             knobs.append("--no_rtn/--no_keep_original")
         check_fits(est, device, knobs or ["--max_layers"], available, already_resident=resident)
+        if calibrate and options.activation_dir:
+            check_free_space(options.activation_dir, activation_bytes(shape, options.nsamples, options.seqlen),
+                             "--activation_dir", "the calibration activations (2 x nsamples x seqlen x hidden fp32)",
+                             "free space there, point --activation_dir at a bigger disk, or lower --nsamples")
     return dtype, keep, est.to_dict()
 
 
@@ -334,7 +346,7 @@ def _evaluate_ppl(models: dict, ids: torch.Tensor, options: QuantizeOptions, dev
         ppl[name] = perplexity_from_ids(model, ids, options.ppl_seqlen, max_windows=options.ppl_max_windows,
                                         reporter=reporter, label=name, device=device,
                                         dtype=options.compute_dtype or "auto")
-        reporter.emit("ppl", f"PPL {name}: {ppl[name]:.3f}")
+        reporter.emit("ppl_value", {"model": name, "value": ppl[name]})
         update_report(out_dir, dict(report, ppl=dict(ppl)))  # a cancel during the next model keeps this number
 
 
@@ -358,7 +370,7 @@ def run_quantize(options: QuantizeOptions, on_event: Optional[ProgressCallback] 
     dist_info = DistInfo()
     if options.distributed:
         dist_info, device = init_distributed(device)
-        reporter.emit("load", f"distributed: rank {dist_info.rank} of {dist_info.world} ({dist_info.backend})")
+        reporter.emit("distributed", {"rank": dist_info.rank, "world": dist_info.world, "backend": dist_info.backend})
     reporter.device = device
     matrix_path = out_dir / MATRIX_FILE
     resume_path = out_dir / RESUME_FILE
@@ -369,8 +381,8 @@ def run_quantize(options: QuantizeOptions, on_event: Optional[ProgressCallback] 
     if dist_info.world > 1:  # ranks quantize in place; rank 0 reports quantized PPL only
         options = replace(options, keep_original=False)
     dtype, keep_original, estimate = _memory_plan(options, cfg, device, path, reporter)
-    reporter.emit("load", f"loading model {options.model_path or 'smollm2 (embedded default)'} on the host "
-                          f"({str(dtype).replace('torch.', '')}); layers go to {device} one at a time")
+    reporter.emit("load_model", {"model_path": options.model_path or "smollm2", "dtype": dtype_name(dtype),
+                                 "device": str(device)})
     original = load_model(options.model_path, device="cpu", dtype=dtype)
     reporter.check()
     model = original.model
@@ -402,14 +414,14 @@ def run_quantize(options: QuantizeOptions, on_event: Optional[ProgressCallback] 
                    "keep_original": keep_original, "activation_dir": options.activation_dir,
                    "memory_estimate": estimate}
     if options.load_matrix:
-        reporter.emit("load", f"loading calibrated matrices from {options.flat_matrix_path}")
+        reporter.emit("load_matrices", {"path": str(options.flat_matrix_path)})
         matrix_path = Path(options.flat_matrix_path)
         payload = read_complete_matrices(matrix_path)
         cfg = apply_matrices(quantized, payload, str(matrix_path), copy_layers=keep_original)
         calib = _loaded_calibration(matrix_path, payload.get("meta") or {})
     else:
         calib_ids, data_label = calibration_token_ids(original.tokenizer, options)
-        reporter.emit("data", f"calibration data: {data_label}")
+        reporter.emit("calib_data", {"source": data_label})
         samples = sample_windows(calib_ids, options.nsamples, options.seqlen, options.seed)
         algo = get_algorithm(options.algorithm, cfg)
         run_key = {"nsamples": options.nsamples, "seqlen": options.seqlen, "data": data_label, "seed": options.seed,
@@ -470,7 +482,7 @@ def run_quantize(options: QuantizeOptions, on_event: Optional[ProgressCallback] 
         meta = dict(run_key, seconds=seconds, calib_source=recorded_source(options.calib_data))
         save_matrices(matrix_path, build_payload(quantized, cfg, layer_states, complete=True, extra=meta))
         resume_path.unlink(missing_ok=True)
-        reporter.emit("fold", f"saved {matrix_path}")
+        reporter.emit("saved", {"path": str(matrix_path)})
         calib.update({"seconds": round(seconds, 2), "data": data_label, "calib_source": meta["calib_source"],
                       "max_layers": options.max_layers,
                       "world_size": dist_info.world, "warnings": loss_warnings(layer_results),
@@ -498,7 +510,7 @@ def run_quantize(options: QuantizeOptions, on_event: Optional[ProgressCallback] 
         _place_on_device([model, quantized, *baselines.values()] if keep_original else [quantized], device, reporter)
     if not keep_original:
         original = LoadedModel(None, original.tokenizer, original.name, original.path, original.architecture)
-    reporter.emit("done", f"report written to {out_dir / 'report.json'}")
+    reporter.emit("report_written", {"path": str(out_dir / "report.json")})
     return QuantizeResult(report, original, quantized, rtn, original.tokenizer, out_dir, matrix_path, cfg,
                           {"keep_original": keep_original, "baselines": baselines})
 
@@ -526,10 +538,9 @@ def _place_on_device(models: list, device: torch.device, reporter: Reporter) -> 
     if free is not None and need < 0.8 * free:
         for m in models:
             m.to(device)
-        reporter.emit("done", f"models moved to {device} ({need / GIB:.2f} GiB)")
+        reporter.emit("models_on_device", {"device": str(device), "gib": need / GIB})
     else:
-        reporter.emit("done", f"models stay on the host ({need / GIB:.2f} GiB does not fit {device}); evaluation "
-                              "streams their decoder layers to the device one at a time")
+        reporter.emit("models_on_host", {"device": str(device), "gib": need / GIB})
 
 
 def _resume_states(path: Path, model: nn.Module, cfg: FlatQuantConfig, run_key: dict, reporter: Reporter) -> dict:
@@ -546,5 +557,5 @@ def _resume_states(path: Path, model: nn.Module, cfg: FlatQuantConfig, run_key: 
         return {}
     states = {int(i): s for i, s in payload["layers"].items()}
     if states:
-        reporter.emit("load", f"resuming: {len(states)} layer(s) restored from {path}")
+        reporter.emit("resuming", {"n": len(states), "path": str(path)})
     return states

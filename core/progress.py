@@ -3,17 +3,20 @@ from __future__ import annotations
 
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Callable, Optional
 
 from .errors import JobCancelled
+from .events import EVENTS, render
 from .memory import resident_mb
 
 
 @dataclass
 class ProgressEvent:
     stage: str  # load | data | capture | calibrate | layer_done | fold | ppl | eval | convert | latency | done
-    message: str = ""
+    message: str = ""  # English, rendered from the catalogue's template (core.events)
+    key: str = ""  # the event's key in core.events.EVENTS; front ends render their language from key + params
+    params: dict = field(default_factory=dict)
     layer: Optional[int] = None  # 0-based index of the decoder layer being calibrated
     num_layers: Optional[int] = None
     epoch: Optional[int] = None  # 0-based
@@ -52,7 +55,9 @@ class CancelToken:
 
 
 class Reporter:
-    """Stamps elapsed time on events and forwards them to an optional callback."""
+    """Stamps elapsed time on events and forwards them to an optional callback. Every event is one of the
+    catalogue's (core.events.EVENTS): ``emit(key, params, **fields)``, its stage and English message come from
+    there."""
 
     def __init__(self, callback: Optional[ProgressCallback] = None, cancel: Optional[CancelToken] = None):
         self.callback = callback
@@ -63,12 +68,15 @@ class Reporter:
     def elapsed(self) -> float:
         return time.monotonic() - self.start
 
-    def emit(self, stage: str, message: str = "", **fields) -> None:
+    def emit(self, key: str, params: Optional[dict] = None, **fields) -> None:
+        kind = EVENTS[key]  # an unknown key is a bug wherever it is emitted, with or without a listener
         if self.callback is not None:
+            params = dict(params or {})
             mem = resident_mb(self.device)
             fields.setdefault("rss_mb", mem["rss_mb"])
             fields.setdefault("device_mb", mem["device_mb"])
-            self.callback(ProgressEvent(stage=stage, message=message, elapsed_s=self.elapsed(), **fields))
+            self.callback(ProgressEvent(stage=kind.stage, message=render(key, params), key=key, params=params,
+                                        elapsed_s=self.elapsed(), **fields))
 
     def check(self) -> None:
         self.cancel.check()

@@ -20,7 +20,8 @@ from typing import Callable, Iterable, Optional
 from .config import FlatQuantConfig, parse_config
 from .data import check_disjoint, check_recorded_disjoint
 from .device import resolve_device
-from .errors import CalibrationError, ConfigError, DataError, MatrixFileError, ModelLoadError, OutputError
+from .errors import CalibrationError, ConfigError, DataError, MatrixFileError, ModelLoadError, OutputError, shown
+from .events import render as render_event
 from .matrices import calibrated_on, non_finite_tensors, read_matrices
 from .models import architecture_of, identity_of, read_model_config, resolve_model_path
 
@@ -34,6 +35,9 @@ _FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG}
 _WRITE_ERRNOS = _FULL_ERRNOS | {errno.EACCES, errno.EPERM, errno.EIO, errno.ENOTDIR, errno.EISDIR, errno.EEXIST}
 # Files a job writes into its output folder that may be removed when the job fails before writing anything else.
 _DISPOSABLE = ("quantize.log",)
+# The config.json sizes a job reads (memory estimate, matrix shapes, seqlen limit): required, then optional ones.
+MODEL_SIZE_FIELDS = ("hidden_size", "num_hidden_layers", "intermediate_size", "num_attention_heads", "vocab_size")
+OPTIONAL_SIZE_FIELDS = ("num_key_value_heads", "head_dim", "max_position_embeddings")
 
 
 # --- the model folder, read without loading the model ---------------------------------------------------------
@@ -45,7 +49,30 @@ def read_model_folder(model_path: Optional[str]) -> tuple[Path, dict]:
     path = resolve_model_path(model_path)
     cfg = read_model_config(path)
     architecture_of(cfg)
+    check_model_sizes(cfg, path.name)
     return path, cfg
+
+
+def check_model_sizes(model_cfg: dict, folder: str) -> None:
+    """The size fields of config.json are positive integers that fit together (heads divide the hidden size or a
+    head_dim is given; key/value heads divide the heads), so no size turns into a traceback later."""
+    for key in MODEL_SIZE_FIELDS + OPTIONAL_SIZE_FIELDS:
+        value = model_cfg.get(key)
+        if value is None and key in OPTIONAL_SIZE_FIELDS:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            got = "is missing" if value is None else f"is {shown(value)}"
+            raise ModelLoadError(f"{folder}/config.json: {key} {got}; it must be a positive integer (restore the "
+                                 "file saved by transformers).")
+    heads = model_cfg["num_attention_heads"]
+    kv_heads = model_cfg.get("num_key_value_heads") or heads
+    if heads % kv_heads:
+        raise ModelLoadError(f"{folder}/config.json: num_attention_heads {heads} is not a multiple of "
+                             f"num_key_value_heads {kv_heads}; restore the file saved by transformers.")
+    if model_cfg.get("head_dim") is None and model_cfg["hidden_size"] % heads:
+        raise ModelLoadError(f"{folder}/config.json: hidden_size {model_cfg['hidden_size']} is not a multiple of "
+                             f"num_attention_heads {heads} and no head_dim is given; restore the file saved by "
+                             "transformers.")
 
 
 def check_model_weights(path: Path, model_cfg: dict) -> None:
@@ -60,8 +87,10 @@ def check_model_weights(path: Path, model_cfg: dict) -> None:
                                  "saved by transformers.") from exc
     else:
         files = sorted(path.glob("*.safetensors"))
-        if not files:
-            return  # other formats (pytorch_model.bin) are checked by transformers when it loads them
+        if not files:  # a pickled checkpoint (pytorch_model.bin) can run code when loaded: never read one
+            raise ModelLoadError(f"Model folder {path.name!r} has no *.safetensors weights; only safetensors "
+                                 "checkpoints are loaded. Re-save the model with save_pretrained(folder, "
+                                 "safe_serialization=True).")
         from safetensors import safe_open
 
         keys = set()
@@ -245,7 +274,7 @@ def check_trained_layer(index: int, state: dict, first_loss: float, last_loss: f
                                "model's weights. Nothing was marked complete.")
     warning = loss_rise_warning(index, first_loss, last_loss)
     if warning and reporter is not None:
-        reporter.emit("warning", f"warning: {warning}", layer=index)
+        reporter.emit("loss_rose", loss_rise_params(index, first_loss, last_loss), layer=index)
     return warning
 
 
@@ -256,11 +285,16 @@ def loss_change(first_loss: float, last_loss: float) -> str:
     return f"{100 * (last_loss / first_loss - 1):+.1f}%"
 
 
-def loss_rise_warning(index: int, first_loss: float, last_loss: float) -> Optional[str]:
+def loss_rise_params(index: int, first_loss: float, last_loss: float) -> Optional[dict]:
+    """The 'loss_rose' event's parameters (core.events) when a layer's loss ended higher than it started."""
     if math.isfinite(first_loss) and math.isfinite(last_loss) and last_loss > first_loss * LOSS_RISE_TOLERANCE:
-        return (f"layer {index + 1}: loss rose from {first_loss:.4g} to {last_loss:.4g} "
-                f"({loss_change(first_loss, last_loss)}); the learning rate may be too high (--flat_lr)")
+        return {"i": index + 1, "first": first_loss, "last": last_loss, "change": loss_change(first_loss, last_loss)}
     return None
+
+
+def loss_rise_warning(index: int, first_loss: float, last_loss: float) -> Optional[str]:
+    params = loss_rise_params(index, first_loss, last_loss)
+    return None if params is None else render_event("loss_rose", params)
 
 
 def loss_warnings(layer_results: Iterable) -> list[str]:

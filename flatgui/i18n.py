@@ -1,5 +1,10 @@
-"""English and Chinese UI strings. ``t(key, lang)`` falls back to English, then to the key itself."""
+"""English and Chinese UI strings. ``t(key, lang)`` falls back to English, then to the key itself.
+
+Core's progress events (core.events) are here as ``event_<key>``: English from core's catalogue, Chinese from
+EVENTS_ZH below, with the same parameter names (tests/test_event_catalogue.py checks both)."""
 from __future__ import annotations
+
+from core.events import EVENTS
 
 LANGS = {"en": "English", "zh": "中文"}
 DEFAULT_LANG = "en"
@@ -116,30 +121,6 @@ STRINGS: dict[str, dict[str, str]] = {
     "stage_done": {"en": "done", "zh": "完成"},
     "step_of": {"en": "step {i} of {n}", "zh": "第 {i} / {n} 步"},
     "embedded_text": {"en": "Python's bundled documentation text", "zh": "Python 自带的文档文本"},
-    "log_step": {"en": "layer {i}/{n} epoch {e}/{E} loss {loss}", "zh": "第 {i}/{n} 层 第 {e}/{E} 轮 损失 {loss}"},
-    "log_capture": {"en": "capturing layer-0 inputs for {n} samples", "zh": "采集第 0 层的输入（{n} 个样本）"},
-    "log_restored": {"en": "layer {i}/{n} restored from the resume checkpoint", "zh": "第 {i}/{n} 层从断点文件恢复"},
-    "log_layer_done": {"en": "layer {i}/{n} done, loss {a} -> {b} ({pct})",
-                       "zh": "第 {i}/{n} 层完成，损失 {a} → {b}（{pct}）"},
-    "log_ppl_start": {"en": "perplexity of {m} at seqlen {s}", "zh": "计算{m}的困惑度（窗口 {s}）"},
-    "log_ppl_value": {"en": "PPL {m}: {v}", "zh": "困惑度 {m}：{v}"},
-    "log_ppl_window": {"en": "perplexity {m} window {a}/{b}", "zh": "困惑度 {m} 窗口 {a}/{b}"},
-    "log_latency": {"en": "timing {ms} ({r} repeats)", "zh": "交替计时 {ms}（重复 {r} 次）"},
-    "log_eval_done": {"en": "evaluation done", "zh": "评估完成"},
-    "log_generate": {"en": "generating with {m} ({n} new tokens max)", "zh": "用{m}生成（最多 {n} 个新 token）"},
-    "log_acc_start": {"en": "lm-eval on {m}: {tasks}", "zh": "lm-eval 评估{m}：{tasks}"},
-    "log_acc_progress": {"en": "lm-eval {m}: {a}/{b} requests", "zh": "lm-eval 评估{m}：{a}/{b} 个请求"},
-    "log_acc_value": {"en": "{m} accuracy: {acc}", "zh": "{m} 准确率：{acc}"},
-    "log_load_model": {"en": "loading model {p} on {d}", "zh": "加载模型 {p}（设备 {d}）"},
-    "log_load_matrices": {"en": "loading calibrated matrices from {p}", "zh": "加载已校准的矩阵 {p}"},
-    "log_data": {"en": "calibration data: {p}", "zh": "校准数据：{p}"},
-    "log_saved": {"en": "saved {p}", "zh": "已保存 {p}"},
-    "log_report": {"en": "report written to {p}", "zh": "报告已写入 {p}"},
-    "log_resuming": {"en": "resuming: {n} layer(s) restored", "zh": "断点续跑：已恢复 {n} 层"},
-    "log_loss_rose": {"en": "warning: layer {i}: loss rose from {a} to {b} ({pct})",
-                      "zh": "警告：第 {i} 层的损失从 {a} 升到 {b}（{pct}），学习率 (flat_lr) 可能过高"},
-    "log_export": {"en": "exporting the packed int4 checkpoint to {p}", "zh": "导出打包的 int4 检查点到 {p}"},
-    "log_exported": {"en": "checkpoint written to {p} and zipped to {z}", "zh": "检查点已写入 {p}，并打包为 {z}"},
     "log_cancel": {"en": "cancel requested; stopping after the current step", "zh": "已请求取消，当前步骤后停止"},
     "log_job_end": {"en": "{kind}: {status}", "zh": "{kind}：{status}"},
     "log_job_end_error": {"en": "{kind}: {status}: {error}", "zh": "{kind}：{status}：{error}"},
@@ -154,8 +135,10 @@ STRINGS: dict[str, dict[str, str]] = {
     "loaded_cell": {"en": "loaded", "zh": "已加载"},
     "gen_stats": {"en": "**{tps} tokens/s** · {n} new tokens in {s} s",
                   "zh": "**{tps} token/秒** · {s} 秒生成 {n} 个新 token"},
-    "fake_fallback": {"en": "no int4 kernel on this device: the fake-quant model answered",
-                      "zh": "此设备没有 int4 内核：由伪量化模型生成"},
+    "fake_fallback": {"en": "the fake-quant model answered: real int4 failed ({cause})",
+                      "zh": "由伪量化模型生成：真实 int4 失败（{cause}）"},
+    "quantized_fallback": {"en": "FlatQuant (fake-quant, real int4 failed: {cause})",
+                           "zh": "FlatQuant（伪量化，真实 int4 失败：{cause}）"},
     "loss_rose_layers": {"en": "The loss ended higher than it started in {n} layer(s) ({layers}); the learning rate "
                                 "may be too high.",
                          "zh": "{n} 层的损失结束时高于开始时（第 {layers} 层）；学习率可能过高。"},
@@ -234,7 +217,62 @@ STRINGS: dict[str, dict[str, str]] = {
     "run_files": {"en": "All files of this run", "zh": "本次运行的全部文件"},
     "report": {"en": "report.json", "zh": "report.json"},
     "no_runs": {"en": "No runs yet.", "zh": "还没有运行记录。"},
+    # values inside log lines: export formats and the memory estimate's parts (core.memory)
+    "export_format_native": {"en": "native", "zh": "原生 int4"},
+    "export_format_ascend": {"en": "vllm-ascend", "zh": "vllm-ascend"},
+    "mem_runtime": {"en": "runtime", "zh": "运行时"},
+    "mem_weights": {"en": "weights", "zh": "权重"},
+    "mem_original_copy": {"en": "original_copy", "zh": "原始层副本"},
+    "mem_activations": {"en": "activations", "zh": "激活"},
+    "mem_layer_fp32": {"en": "layer_fp32", "zh": "fp32 层"},
+    "mem_train_batch": {"en": "train_batch", "zh": "训练批"},
+    "mem_eval_batch": {"en": "eval_batch", "zh": "评估批"},
 }
+
+# Core's progress events in Chinese; the parameters are those of core.events.EVENTS[key].template.
+EVENTS_ZH: dict[str, str] = {
+    "distributed": "分布式：第 {rank} 个进程，共 {world} 个（{backend}）",
+    "memory_estimate": "内存估计：主机 {host_gib:.2f} GiB（{host_parts}）；保留浮点原始模型用于对比",
+    "memory_estimate_in_place": "内存估计：主机 {host_gib:.2f} GiB（{host_parts}）；不保留浮点原始模型（先评估，再原地量化）",
+    "memory_estimate_device": "内存估计：{device} {device_gib:.2f} GiB（{device_parts}）",
+    "load_model": "加载模型 {model_path}（主机内存，{dtype}），各层依次移到 {device}",
+    "load_original": "加载 {model_path}",
+    "load_matrices": "加载已校准的矩阵 {path}",
+    "rebuild_quantized": "从 {path} 重建量化模型",
+    "resuming": "断点续跑：从 {path} 恢复了 {n} 层",
+    "calib_data": "校准数据：{source}",
+    "capture": "采集第 0 层的输入（{n} 个样本）",
+    "capture_on_disk": "采集第 0 层的输入（{n} 个样本，激活存放在磁盘 {path}）",
+    "forward_to_range": "第 {i}/{n} 层：全精度前向，直到第 {start} 层",
+    "layer_step": "第 {i}/{n} 层 第 {epoch}/{epochs} 轮 损失 {loss:.6g}",
+    "gptq_layer": "第 {i}/{n} 层：GPTQ 权重舍入",
+    "layer_done": "第 {i}/{n} 层完成，损失 {first:.4g} → {last:.4g}（{change}）",
+    "layer_restored": "第 {i}/{n} 层从断点文件恢复",
+    "loss_rose": "第 {i} 层的损失从 {first:.4g} 升到 {last:.4g}（{change}），学习率 (flat_lr) 可能过高",
+    "saved": "已保存 {path}",
+    "ppl_start": "计算{model}的困惑度（窗口 {seqlen}）",
+    "ppl_streaming": "困惑度 {model}：逐层把解码层送到 {device}",
+    "ppl_window": "困惑度 {model} 窗口 {start}/{n}",
+    "ppl_value": "困惑度 {model}：{value:.3f}",
+    "ppl_value_seqlen": "困惑度 {model}（窗口 {seqlen}）：{value:.3f}",
+    "acc_start": "lm-eval 评估{model}：{tasks}",
+    "acc_start_limit": "lm-eval 评估{model}：{tasks}（每项 {limit} 个样本）",
+    "acc_requests": "lm-eval 评估{model}：{done}/{total} 个请求",
+    "acc_value": "{model} 准确率：{acc}",
+    "latency_timing": "交替计时 {models}（重复 {repeats} 次）",
+    "generate": "用{model}生成（最多 {max_new_tokens} 个新 token）",
+    "generate_streaming": "用{model}生成（最多 {max_new_tokens} 个新 token），逐层送到 {device}",
+    "eval_done": "评估完成",
+    "real_int4_failed": "真实 int4 转换失败（{cause}）；改由伪量化模型生成",
+    "models_on_device": "模型已移到 {device}（{gib:.2f} GiB）",
+    "models_on_host": "模型留在主机内存（{gib:.2f} GiB 放不进 {device}）；评估时逐层把解码层送到设备",
+    "report_written": "报告已写入 {path}",
+    "export_start": "导出{format}格式的 W4A4 目录到 {path}",
+    "export_not_float": "注意：本次运行对 {parts} 的量化不在导出的模型中（vllm-ascend 的 W4A4 FlatQuant 方法不支持）："
+                        "以浮点 (FLOAT) 在原始基下导出。",
+    "export_done": "{format}导出已写入 {path}，并打包为 {zip_path}",
+}
+STRINGS.update({f"event_{key}": {"en": kind.template, "zh": EVENTS_ZH.get(key, "")} for key, kind in EVENTS.items()})
 
 
 def t(key: str, lang: str = DEFAULT_LANG, **fmt) -> str:

@@ -1,73 +1,72 @@
-"""The job log in the page's language. Core's progress messages are English one-liners from a small fixed set;
-for Chinese each known message shape is rewritten from its numbers and names, and an unknown one shows the
-stage's name with the event's numeric fields only (never a half-English line)."""
+"""The job log in the page's language. Every core event carries its key and parameters (core.events); a line is
+rendered from them with flatgui.i18n's template for the page's language, so no English is parsed. Parameters are
+shown by name: a path as its last part (never the server's folders), a model key as its label, a list in the
+language's own separator. An event without a key (none of core's) shows its stage and numeric fields only."""
 from __future__ import annotations
 
-import re
 from pathlib import PurePath
 
+from core.data import EMBEDDED_TEXT_LABEL
+from core.events import EVENTS, format_template, is_path_param
 from core.validate import safe_message
 
-from .i18n import t
+from .i18n import STRINGS, t
 
-# (pattern over core's English message, i18n key of the Chinese template); the groups fill the template.
-_MESSAGES = [
-    (r"layer (?P<i>\d+)/(?P<n>\d+) epoch (?P<e>\d+)/(?P<E>\d+) loss (?P<loss>\S+)", "log_step"),
-    (r"capturing layer-0 inputs for (?P<n>\d+) samples", "log_capture"),
-    (r"layer (?P<i>\d+)/(?P<n>\d+) restored from the resume checkpoint", "log_restored"),
-    (r"layer (?P<i>\d+)/(?P<n>\d+) done, loss (?P<a>\S+) -> (?P<b>\S+) \((?P<pct>[^)]+)\)", "log_layer_done"),
-    (r"perplexity of the (?P<m>\w+) model at seqlen (?P<s>\d+)", "log_ppl_start"),
-    (r"PPL (?P<m>\w+)(?: @ \d+)?: (?P<v>\S+)", "log_ppl_value"),
-    (r"perplexity (?P<m>\w+) window (?P<a>\d+)/(?P<b>\d+)", "log_ppl_window"),
-    (r"timing (?P<ms>.+) interleaved \((?P<r>\d+) repeats\)", "log_latency"),
-    (r"evaluation done", "log_eval_done"),
-    (r"generating with the (?P<m>\w+) model \((?P<n>\d+) new tokens max\)", "log_generate"),
-    (r"lm-eval on (?P<m>\w+): (?P<tasks>.+)", "log_acc_start"),
-    (r"(?P<m>\w+) ACC: (?P<acc>.+)", "log_acc_value"),
-    (r"lm-eval (?P<m>\w+): (?P<a>\d+)/(?P<b>\d+) requests", "log_acc_progress"),
-    (r"loading model (?P<p>.+) on (?P<d>\S+)", "log_load_model"),
-    (r"loading calibrated matrices from (?P<p>.+)", "log_load_matrices"),
-    (r"rebuilding the quantized model from (?P<p>.+)", "log_load_matrices"),
-    (r"calibration data: (?P<p>.+)", "log_data"),
-    (r"saved (?P<p>\S+)", "log_saved"),
-    (r"report written to (?P<p>.+)", "log_report"),
-    (r"resuming: (?P<n>\d+) layer\(s\) restored from (?P<p>.+)", "log_resuming"),
-    (r"warning: layer (?P<i>\d+): loss rose from (?P<a>\S+) to (?P<b>\S+) \((?P<pct>[^)]+)\).*", "log_loss_rose"),
-    (r"exporting the packed int4 checkpoint to (?P<p>.+)", "log_export"),
-    (r"checkpoint written to (?P<p>\S+) and zipped to (?P<z>.+)", "log_exported"),
-    (r"cancel requested; stopping after the current step", "log_cancel"),
-]
-_COMPILED = [(re.compile(p + "$"), key) for p, key in _MESSAGES]
-_MODEL_KEYS = {"original": "original", "quantized": "quantized", "rtn": "rtn", "quantized_real": "quantized_real"}
+MODEL_KEYS = ("original", "quantized", "rtn", "quarot", "quantized_real")
+_SEPARATOR = {"en": ", ", "zh": "、"}
 
 
-def _name(value: str, lang: str) -> str:
-    """A model key as its label, a path as its file name, the embedded text as its label."""
-    value = value.strip()
-    if value in _MODEL_KEYS:
-        return t(_MODEL_KEYS[value], lang)
-    if value.startswith("Python's bundled documentation text"):
-        return t("embedded_text", lang)
-    if value.startswith("smollm2"):
-        return "SmolLM2-135M-Instruct"
-    return PurePath(value).name if "/" in value else value
+def _path_name(value) -> str:
+    return PurePath(str(value)).name or str(value)
 
 
-def translate_message(message: str, lang: str) -> str:
-    """Core's message in the page's language, without the server's absolute paths ("" when unknown in zh)."""
-    if lang == "en" or not message:
-        return safe_message(message)
-    for pattern, key in _COMPILED:
-        m = pattern.match(message)
-        if m:
-            groups = {k: (v or "") for k, v in m.groupdict().items()}
-            for k in ("m", "p", "z"):
-                if groups.get(k):
-                    groups[k] = _name(groups[k], lang)
-            if groups.get("ms"):
-                groups["ms"] = "、".join(_name(x, lang) for x in groups["ms"].split(","))
-            return t(key, lang, **groups)
-    return ""
+def _label(value, lang: str) -> str:
+    """A model key (or an accuracy column, a memory part) as the page's label; en keeps core's own words."""
+    if lang == "en":
+        return str(value)
+    if value in MODEL_KEYS or value == "acc_avg":
+        return t(value, lang)
+    return t("mem_" + value, lang) if "mem_" + str(value) in STRINGS else str(value)
+
+
+def _param(name: str, value, lang: str):
+    """One parameter as the page shows it."""
+    sep = _SEPARATOR.get(lang, ", ")
+    if value is None:
+        return ""
+    if is_path_param(name):
+        return _path_name(value)
+    if name == "model_path":
+        return "SmolLM2-135M-Instruct" if value in ("", "smollm2") else _path_name(value)
+    if name == "source":
+        if str(value).startswith(EMBEDDED_TEXT_LABEL):
+            return t("embedded_text", lang)
+        return _path_name(value) if "/" in str(value) else safe_message(str(value))
+    if name == "format":
+        return t("export_format_" + str(value), lang)
+    if isinstance(value, dict):
+        if lang == "en":
+            return value  # core's own rendering (e.g. the accuracy line as the sample prints it)
+        return sep.join(f"{_label(k, lang)} {v}" for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return sep.join(_label(v, lang) if name == "models" else safe_message(str(v)) for v in value)
+    if name == "model":
+        return _label(value, lang)
+    if isinstance(value, str):
+        return safe_message(value)
+    return value
+
+
+def event_text(ev: dict, lang: str = "en") -> str:
+    """An event's message in the page's language ("" for an event without a known key)."""
+    key = ev.get("key")
+    if key not in EVENTS:
+        return ""
+    params = {name: _param(name, value, lang) for name, value in (ev.get("params") or {}).items()}
+    try:
+        return format_template(t("event_" + key, lang), params)
+    except (KeyError, IndexError, ValueError):  # an event from an older core with other parameters
+        return ""
 
 
 def format_entry(entry: dict, lang: str = "en") -> str:
@@ -82,7 +81,7 @@ def format_entry(entry: dict, lang: str = "en") -> str:
         return f"{head} {entry.get('text', '')}"
     stage = ev.get("stage", "")
     stage_text = stage if lang == "en" else t("stage_" + stage, lang)
-    message = translate_message(str(ev.get("message") or ""), lang)
+    message = event_text(ev, lang)
     if message:
         return f"{head} {stage_text:<10} {message}"
     parts = [f"{head} {stage_text:<10}"]

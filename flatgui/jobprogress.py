@@ -57,15 +57,14 @@ def _within(stage: str, events: list[dict], last: dict, parts: int) -> float:
             inside = 1.0 if last.get("stage") == "layer_done" else 0.0
         return min(1.0, (last["layer"] + inside) / last["num_layers"])
     if stage == "ppl":
-        # one run per model: step events restart at 0 for each; a "PPL name: value" event ends one
-        finished = sum(1 for e in events if e.get("stage") == "ppl" and e.get("step") is None
-                       and str(e.get("message", "")).startswith("PPL "))
+        # one run per model: step events restart at 0 for each; its value's event ends one
+        finished = sum(1 for e in events if e.get("key") in ("ppl_value", "ppl_value_seqlen"))
         inside = 0.0
         if last.get("stage") == "ppl" and last.get("step") is not None and last.get("steps"):
             inside = last["step"] / last["steps"]
         return min(1.0, (finished + inside) / max(1, parts))
     if stage == "acc":
-        finished = sum(1 for e in events if e.get("stage") in ("eval", "acc") and "acc_avg" in str(e.get("message")))
+        finished = sum(1 for e in events if e.get("key") == "acc_value")
         inside = 0.0
         if last.get("stage") in ("eval", "acc") and last.get("step") is not None and last.get("steps"):
             inside = last["step"] / last["steps"]

@@ -10,7 +10,7 @@ from typing import Optional
 
 from core.errors import FlatQuantError
 from core.progress import Reporter
-from core.validate import remove_if_only_logs
+from core.validate import remove_if_only_logs, safe_message
 
 from .context import AppContext
 from .jobprogress import plan_for
@@ -103,9 +103,18 @@ def _workspace(ctx: AppContext) -> dict:
     return ws
 
 
-def real_int4_model(ws: dict):
+def failure_cause(exc: BaseException) -> str:
+    """An exception as one short line for the page: core's message, else its type and first line (no paths)."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    if not isinstance(exc, FlatQuantError):
+        text = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    return safe_message(text)
+
+
+def real_int4_model(ws: dict, reporter: Reporter):
     """The quantized model as real int4 (packed weights, integer GEMMs), converted once per run and kept in the
-    workspace; (model, "real") or, when no int4 backend runs here, the fake-quant model and "fake"."""
+    workspace: (model, None); or, when the conversion fails (e.g. no int4 kernel on this device), the fake-quant
+    model and the failure's cause, reported as a 'real_int4_failed' event on every use (the log says what ran)."""
     if ws.get("quantized_real") is None:
         import copy
 
@@ -113,10 +122,13 @@ def real_int4_model(ws: dict):
 
         try:
             ws["quantized_real"] = convert_model(copy.deepcopy(ws["quantized"]))
-        except Exception:  # noqa: BLE001 - no int4 kernel for this device: say so and use the fake-quant model
+        except Exception as exc:  # noqa: BLE001 - whatever failed, the fake-quant model answers and the page says why
             log.exception("real int4 conversion failed; generating with the fake-quant model")
-            ws["quantized_real"] = False
-    return (ws["quantized_real"], "real") if ws["quantized_real"] is not False else (ws["quantized"], "fake")
+            ws["quantized_real"], ws["quantized_real_error"] = False, failure_cause(exc)
+    if ws["quantized_real"] is False:
+        reporter.emit("real_int4_failed", {"cause": ws["quantized_real_error"]})
+        return ws["quantized"], ws["quantized_real_error"]
+    return ws["quantized_real"], None
 
 
 class _LiveText:
@@ -134,10 +146,10 @@ class _LiveText:
 
 def start_generate(ctx: AppContext, prompt: str, max_new_tokens: int) -> tuple[Job, dict]:
     """Both models on one prompt, streamed: the original, then the real int4 model (labelled). Returns the job and
-    the live dict ({original, quantized, quantized_kind, section}) the page reads while it runs; the section also
-    goes into the run's report."""
+    the live dict ({original, quantized, quantized_kind, fallback_cause, section}) the page reads while it runs
+    (quantized_kind "fake" with the cause when real int4 failed); the section also goes into the run's report."""
     ws = _workspace(ctx)
-    live: dict = {"original": "", "quantized": "", "quantized_kind": None, "section": None}
+    live: dict = {"original": "", "quantized": "", "quantized_kind": None, "fallback_cause": None, "section": None}
 
     def target(job: Job) -> dict:
         from core.generation import GenerationOptions, compare_generation
@@ -145,13 +157,15 @@ def start_generate(ctx: AppContext, prompt: str, max_new_tokens: int) -> tuple[J
 
         job.output_dir = ws["output_dir"]
         reporter = Reporter(ctx.runner.callback(job), job.cancel)
-        quantized, kind = real_int4_model(ws)
-        live["quantized_kind"] = kind
+        quantized, cause = real_int4_model(ws, reporter)
+        kind = "fake" if cause else "real"
+        live["quantized_kind"], live["fallback_cause"] = kind, cause
         with cancel_inside_forward(job.cancel):
             section = compare_generation(ws["original"].model, quantized, ws["tokenizer"],
                                          GenerationOptions(prompt=prompt or None, max_new_tokens=int(max_new_tokens)),
                                          reporter, streamer_for=lambda label: _LiveText(ws["tokenizer"], live, label))
-        section["quantized_model"] = "real int4 (core.realquant)" if kind == "real" else "fake quant"
+        section["quantized_model"] = ("real int4 (core.realquant)" if kind == "real"
+                                      else f"fake quant (real int4 failed: {cause})")
         update_report(ws["output_dir"], {"generation": section})
         live["section"] = section
         return {"run_id": ws["run_id"], "output_dir": ws["output_dir"], "quantized_model": kind}
@@ -206,7 +220,9 @@ def start_evaluate(ctx: AppContext, sections: list[str], ppl_seqlen: int, ppl_wi
 
 def start_export(ctx: AppContext, fmt: str = "native") -> Job:
     """Write the quantized model into <run>/checkpoint/ (native packed int4) or <run>/ascend/ (vllm-ascend's
-    W4A4_FLATQUANT_DYNAMIC layout) and zip it."""
+    W4A4_FLATQUANT_DYNAMIC layout) and zip it. Cancel is checked once per layer while the folder is written (a
+    cancelled export removes its staged folder; an earlier export and its zip stay as they were); once the folder
+    is in place, the zip is written too."""
     ws = _workspace(ctx)
 
     def target(job: Job) -> dict:
@@ -216,13 +232,12 @@ def start_export(ctx: AppContext, fmt: str = "native") -> Job:
         reporter = Reporter(ctx.runner.callback(job), job.cancel)
         subdir, name = (ASCEND_DIR, ASCEND_ZIP) if fmt == "ascend" else (CHECKPOINT_DIR, CHECKPOINT_ZIP)
         out = Path(ws["output_dir"]) / subdir
-        reporter.emit("convert", f"exporting the {fmt} W4A4 folder to {out}")
+        reporter.emit("export_start", {"format": fmt, "path": str(out)})
         # the fake-quant model stays as it is for the Compare tab (the exporters copy or only read it)
         export_quantized(ws["quantized"], ws["config"], ws["tokenizer"], ws["original"].path, out, fmt,
-                         say=lambda line: reporter.emit("convert", line))
-        job.cancel.check()
+                         reporter=reporter)
         zipped = ctx.store.zip_checkpoint(ws["run_id"], subdir, name)
-        reporter.emit("done", f"{fmt} export written to {out} and zipped to {zipped}")
+        reporter.emit("export_done", {"format": fmt, "path": str(out), "zip_path": str(zipped)})
         return {"run_id": ws["run_id"], "output_dir": ws["output_dir"], "checkpoint": zipped}
 
     return ctx.runner.start("export", target, f"export {fmt}")

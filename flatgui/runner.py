@@ -169,7 +169,7 @@ class JobRunner:
 
     # -- events ---------------------------------------------------------------------------------------------
 
-    def emit(self, job: Job, event: ProgressEvent | dict) -> None:
+    def record(self, job: Job, event: ProgressEvent | dict) -> None:
         """The on_event callback handed to core; safe from any thread."""
         ev = event.to_dict() if isinstance(event, ProgressEvent) else dict(event)
         with self._lock:
@@ -183,7 +183,7 @@ class JobRunner:
             job.seq += 1
 
     def callback(self, job: Job) -> Callable[[ProgressEvent], None]:
-        return lambda event: self.emit(job, event)
+        return lambda event: self.record(job, event)
 
     def _append_log(self, job: Job, key: str, **fields) -> None:
         """A runner line as an i18n key and its fields, so each page shows it in its own language."""

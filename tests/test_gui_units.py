@@ -27,10 +27,11 @@ def _stepping_job(runner: JobRunner, steps: int, gate: threading.Event | None = 
             if gate is not None:
                 gate.wait(5)
             rep.check()
-            rep.emit("calibrate", f"step {i}", layer=0, num_layers=1, epoch=0, epochs=1, step=i, steps=steps,
-                     loss=1.0 / (i + 1))
+            rep.emit("layer_step", {"i": 1, "n": 1, "epoch": 1, "epochs": 1, "loss": 1.0 / (i + 1)}, layer=0,
+                     num_layers=1, epoch=0, epochs=1, step=i, steps=steps, loss=1.0 / (i + 1))
             time.sleep(0.01)
-        rep.emit("layer_done", "done", layer=0, num_layers=1, loss=1.0 / steps)
+        rep.emit("layer_done", {"i": 1, "n": 1, "first": 1.0, "last": 1.0 / steps, "change": "n/a"}, layer=0,
+                 num_layers=1, loss=1.0 / steps)
         return {"steps": steps}
 
     return target
@@ -52,7 +53,7 @@ def test_runner_buffers_events_and_finishes(runner):
     assert [e["step"] for e in snap["step_events"]] == [0, 1, 2, 3, 4]
     assert [e["stage"] for e in snap["events"]] == ["layer_done"]
     assert snap["result"] == {"steps": 5}
-    assert any("step 4" in line for line in snap["log"])
+    assert any("loss 0.2" in line for line in snap["log"])  # the fifth step's
     # a reconnecting page reads the same buffer again
     assert runner.snapshot()["step_events"] == snap["step_events"]
 
@@ -100,10 +101,12 @@ def test_errors_become_readable_messages_and_runner_survives(runner):
     assert readable_error(ValueError("x\ny")) == "Unexpected error ValueError: x (details in the server log)."
 
 
-def test_format_event_prefers_core_message():
-    ev = {"stage": "calibrate", "elapsed_s": 1.5, "layer": 2, "num_layers": 30, "loss": 0.5, "message": "hello"}
-    assert format_event(ev).endswith("hello")
-    ev["message"] = ""
+def test_format_event_renders_the_key_and_falls_back_to_the_fields():
+    ev = {"stage": "calibrate", "elapsed_s": 1.5, "layer": 2, "num_layers": 30, "loss": 0.5, "key": "layer_step",
+          "params": {"i": 3, "n": 30, "epoch": 1, "epochs": 2, "loss": 0.5}, "message": "ignored by the page"}
+    assert format_event(ev).endswith("calibrate  layer 3/30 epoch 1/2 loss 0.5")
+    assert format_event(ev, "zh").endswith("第 3/30 层 第 1/2 轮 损失 0.5")
+    ev.update(key="", params={})  # not one of core's events: the stage and the numeric fields
     assert "layer 3 of 30" in format_event(ev) and "loss 5.0000e-01" in format_event(ev)
     assert "第 3 / 30 层" in format_event(ev, "zh") and "calibrate" not in format_event(ev, "zh")
 
@@ -111,23 +114,33 @@ def test_format_event_prefers_core_message():
 def test_log_lines_in_chinese_keep_numbers_and_drop_english():
     import re
 
-    from flatgui.joblog import translate_message
+    from flatgui.joblog import event_text
 
-    messages = ["layer 3/30 epoch 1/2 loss 0.0123", "layer 2/30 done, loss 0.1515 -> 0.1361 (-10.2%)",
-                "perplexity original window 8/32", "PPL quantized: 21.500", "PPL rtn @ 512: 80.100",
-                "loading model smollm2 (embedded default) on cpu", "saved /srv/runs/20260101-000000/flat_matrices.pth",
-                "calibration data: Python's bundled documentation text (pydoc_data.topics, ships with CPython)",
-                "timing original, quantized, quantized_real interleaved (3 repeats)",
-                "warning: layer 1: loss rose from 0.1515 to 3.831 (+2428.6%); the learning rate may be too high"]
-    for msg in messages:
-        zh = translate_message(msg, "zh")
-        assert zh, msg
+    events = [("layer_step", {"i": 3, "n": 30, "epoch": 1, "epochs": 2, "loss": 0.0123}),
+              ("layer_done", {"i": 2, "n": 30, "first": 0.1515, "last": 0.1361, "change": "-10.2%"}),
+              ("ppl_window", {"model": "original", "start": 8, "n": 32}),
+              ("ppl_value", {"model": "quantized", "value": 21.5}),
+              ("ppl_value_seqlen", {"model": "rtn", "seqlen": 512, "value": 80.1}),
+              ("load_model", {"model_path": "smollm2", "dtype": "float32", "device": "cpu"}),
+              ("saved", {"path": "/srv/runs/20260101-000000/flat_matrices.pth"}),
+              ("calib_data", {"source": "Python's bundled documentation text (pydoc_data.topics, ships with CPython), "
+                                        "first half"}),
+              ("latency_timing", {"models": ["original", "quantized", "quantized_real"], "repeats": 3}),
+              ("loss_rose", {"i": 1, "first": 0.1515, "last": 3.831, "change": "+2428.6%"}),
+              ("memory_estimate", {"host_gib": 1.5, "host_parts": {"weights": 0.5, "activations": 0.25}}),
+              ("acc_value", {"model": "original", "acc": {"piqa": 60.0, "acc_avg": 60.0}}),
+              ("export_done", {"format": "native", "path": "/srv/runs/1/checkpoint",
+                               "zip_path": "/srv/runs/1/quantized_checkpoint.zip"})]
+    for key, params in events:
+        zh = event_text({"key": key, "params": params}, "zh")
+        assert zh and "/srv" not in zh, key
         words = [w for w in re.findall(r"[A-Za-z][A-Za-z_]+", zh)
                  if w not in ("PPL", "FlatQuant", "RTN", "int", "token", "flat_lr", "SmolLM", "Instruct", "Python",
-                              "flat_matrices", "pth", "cpu")]
-        assert not words, (msg, zh)
-    assert "0.1515 → 0.1361（-10.2%）" in translate_message(messages[1], "zh")
-    assert translate_message("something new", "zh") == ""
+                              "flat_matrices", "pth", "cpu", "float", "GiB", "piqa", "quantized_checkpoint", "zip",
+                              "checkpoint")]
+        assert not words, (key, zh)
+    assert "0.1515 → 0.1361（-10.2%）" in event_text({"key": events[1][0], "params": events[1][1]}, "zh")
+    assert event_text({"key": "something_new", "message": "something new"}, "zh") == ""
 
 
 # --- settings ------------------------------------------------------------------------------------------------------
@@ -346,7 +359,8 @@ def test_job_wide_progress_moves_through_stages_and_during_perplexity():
     plan = plan_for("calibrate", ppl_parts=3)
     snap = {"status": "running", "plan": plan, "elapsed_s": 100.0, "events": [], "last_event": None}
     assert job_fraction(snap) == 0.0
-    load = {"stage": "load", "message": "loading model smollm2 on cpu"}
+    load = {"stage": "load", "key": "load_model", "params": {"model_path": "smollm2", "dtype": "float32",
+                                                             "device": "cpu"}}
     snap.update(events=[load], last_event=load)
     steps = {"stage": "calibrate", "layer": 1, "num_layers": 2, "epoch": 0, "epochs": 1, "step": 0, "steps": 2}
     snap.update(last_event=steps)
@@ -356,10 +370,11 @@ def test_job_wide_progress_moves_through_stages_and_during_perplexity():
     events = [load, {"stage": "layer_done", "layer": 1, "num_layers": 2}]
     for model in ("original", "quantized", "rtn"):
         for step in (0, 4):
-            ev = {"stage": "ppl", "message": f"perplexity {model} window {step}/8", "step": step, "steps": 8}
+            ev = {"stage": "ppl", "key": "ppl_window", "params": {"model": model, "start": step, "n": 8},
+                  "step": step, "steps": 8}
             snap.update(events=events + [ev], last_event=ev)
             fracs.append(job_fraction(snap))
-        events.append({"stage": "ppl", "message": f"PPL {model}: 20.0"})
+        events.append({"stage": "ppl", "key": "ppl_value", "params": {"model": model, "value": 20.0}})
     assert fracs == sorted(fracs) and fracs[0] > mid_calib and fracs[-1] < 1.0 and len(set(fracs)) == len(fracs)
     assert job_eta(snap, fracs[-1]) == pytest.approx(100.0 * (1 - fracs[-1]) / fracs[-1])
     assert job_fraction(dict(snap, status="done")) == 1.0
@@ -406,8 +421,10 @@ def test_status_line_shows_loss_warnings_and_cancel_text():
     from flatgui.tabs.calibrate import progress_html
 
     snap = {"id": "j1", "kind": "calibrate", "status": "cancelled", "seq": 3, "elapsed_s": 12.0, "error": "x",
-            "events": [{"stage": "warning", "layer": 1, "message": "warning: layer 2: loss rose"}],
-            "last_event": {"stage": "ppl", "message": "perplexity quantized window 4/8", "step": 4, "steps": 8},
+            "events": [{"stage": "warning", "layer": 1, "key": "loss_rose",
+                        "params": {"i": 2, "first": 0.1, "last": 0.2, "change": "+100.0%"}}],
+            "last_event": {"stage": "ppl", "key": "ppl_window", "params": {"model": "quantized", "start": 4, "n": 8},
+                           "step": 4, "steps": 8},
             "plan": []}
     out = progress_html(snap, "zh")
     assert "第 2 层" in out and t("cancelled_kept", "zh") in out and "perplexity" not in out
@@ -428,7 +445,8 @@ def test_log_and_status_hide_server_paths():
     from flatgui.joblog import format_entry
     from flatgui.tabs.calibrate import progress_html
 
-    ev = {"stage": "fold", "elapsed_s": 3.0, "message": "saved /srv/flatquant/runs/20260101-000000/flat_matrices.pth"}
+    ev = {"stage": "fold", "elapsed_s": 3.0, "key": "saved",
+          "params": {"path": "/srv/flatquant/runs/20260101-000000/flat_matrices.pth"}}
     for lang in ("en", "zh"):
         line = format_entry({"t": 3.0, "event": ev}, lang)
         assert "flat_matrices.pth" in line and "/srv" not in line

@@ -194,7 +194,7 @@ def test_loss_rise_is_warned_in_log_and_report(tmp_path, capsys):
     layer = report["calibration"]["layers"][0]
     assert layer["last_loss"] > layer["first_loss"]
     assert len(report["calibration"]["warnings"]) == 1 and "loss rose" in report["calibration"]["warnings"][0]
-    assert "warning: layer 1: loss rose" in (out / "quantize.log").read_text()
+    assert "[warning] layer 1: loss rose" in (out / "quantize.log").read_text()
 
 
 def test_sane_run_has_no_loss_warning(matrix_file):

@@ -122,7 +122,8 @@ def train_layer(layer: nn.Module, index: int, ctx: LayerContext, cfg) -> LayerRe
             if done == 0:
                 first_loss = value  # the first batch's loss before the first step
             done += 1
-            reporter.emit("calibrate", f"layer {index + 1}/{num_layers} epoch {epoch + 1}/{cfg.epochs} loss {value:.6g}",
+            reporter.emit("layer_step", {"i": index + 1, "n": num_layers, "epoch": epoch + 1, "epochs": cfg.epochs,
+                                         "loss": value},
                           layer=index, num_layers=num_layers, epoch=epoch, epochs=cfg.epochs, step=step, steps=steps,
                           loss=value, eta_s=ctx.eta(total - done))
         losses.append(epoch_loss / steps)

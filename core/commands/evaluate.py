@@ -35,9 +35,16 @@ def _printer(event: ProgressEvent) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..models import resolve_model_path
+    from ..outputs import check_apart, folder_lock, job_writes
+
     output_dir = args.output_dir or str(Path("outputs") / time.strftime("eval_%Y%m%d-%H%M%S"))
     validate_evaluate_args(args, output_dir)
-    return _evaluate(args, output_dir)
+    inputs = [("--model_path", resolve_model_path(args.model_path)), ("--flat_matrix_path", args.flat_matrix_path),
+              ("--ppl_data", args.ppl_data), ("--tasks_data_dir", args.tasks_data_dir)]
+    check_apart(output_dir, inputs, written=job_writes(calibrates=False))
+    with folder_lock(output_dir):  # one job per output folder
+        return _evaluate(args, output_dir)
 
 
 def validate_evaluate_args(args: argparse.Namespace, output_dir: str) -> None:
@@ -67,7 +74,7 @@ def _evaluate(args: argparse.Namespace, output_dir: str) -> int:
     if args.flat_matrix_path:
         from ..pipeline import QuantizeOptions, run_quantize
 
-        reporter.emit("load", f"rebuilding the quantized model from {args.flat_matrix_path}")
+        reporter.emit("rebuild_quantized", {"path": str(args.flat_matrix_path)})
         # skip_ppl: this command measures perplexity itself, at every --ppl_seqlens value.
         result = run_quantize(QuantizeOptions(model_path=args.model_path, load_matrix=True,
                                               flat_matrix_path=args.flat_matrix_path, device=args.device,
@@ -80,7 +87,7 @@ def _evaluate(args: argparse.Namespace, output_dir: str) -> int:
         from ..models import load_model, model_identity
         from ..report import update_report
 
-        reporter.emit("load", f"loading {args.model_path or 'the embedded default model'}")
+        reporter.emit("load_original", {"model_path": args.model_path or "smollm2"})
         lm = load_model(args.model_path, device=resolve_device(args.device))
         original, quantized, tokenizer = lm.model, None, lm.tokenizer
         update_report(output_dir, {"model": {"name": lm.name, "path": lm.path, **model_identity(lm.model)}})

@@ -30,9 +30,11 @@ from torch import nn
 
 from ..algorithms import get_algorithm
 from ..errors import ExportError
+from ..events import render as render_event
 from ..flat import FlatNormTransform, FlatQuantLinear, KVCacheQuantizer, is_wrapped
 from ..matrices import apply_layer_matrices, check_layer_indices
 from ..models import decoder_layers, resolve_model_path
+from ..progress import Reporter
 from ..transforms import kronecker_matmul
 from .ascend_reference import (CONFIG_QUANTIZE, DESCRIPTION_FILE, FLOAT_TYPE, FUSED_GROUPS, KRONECKER_MAX_FACTOR,
                                QUANT_TYPE, WEIGHTS_STEM, layout_problems, server_factors)
@@ -43,9 +45,6 @@ from .packing import quantize_weight
 LAYER_PREFIX = "model.layers"
 GROUP_PARENTS = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "gate_proj": "mlp",
                  "up_proj": "mlp"}
-NOT_EXPORTED_NOTE = ("note: the run's quantization of {what} is not part of the exported model (vllm-ascend's W4A4 "
-                     "FlatQuant method has none for them): exported FLOAT, in the original basis.")
-
 
 # --- skip_layers vs vLLM's fused layers -------------------------------------------------------------------------
 
@@ -100,8 +99,13 @@ class ExportStats:
     not_exported: set = field(default_factory=set)
 
     @property
+    def note_params(self) -> dict:
+        """The 'export_not_float' event's parameters (core.events)."""
+        return {"parts": sorted(self.not_exported)}
+
+    @property
     def notes(self) -> list[str]:
-        return [NOT_EXPORTED_NOTE.format(what=" and ".join(sorted(self.not_exported)))] if self.not_exported else []
+        return [render_event("export_not_float", self.note_params)] if self.not_exported else []
 
 
 def _group_transform(layer: nn.Module, member: str):
@@ -226,13 +230,17 @@ def _write_config(model: nn.Module, tokenizer, folder: Path, dtype: torch.dtype)
 def export_ascend(model: nn.Module, cfg, tokenizer, output_dir: str | os.PathLike, *,
                   layer_states: Optional[dict] = None, consume: bool = False, overwrite: bool = False,
                   source_dir: Optional[str | os.PathLike] = None, shard_bytes: int = DEFAULT_SHARD_BYTES,
-                  dtype: Optional[torch.dtype] = None, say: Callable[[str], None] = print) -> dict:
+                  dtype: Optional[torch.dtype] = None, say: Callable[[str], None] = print,
+                  reporter: Optional[Reporter] = None) -> dict:
     """Write ``model`` in the vllm-ascend layout to ``output_dir``.
 
     ``model``: a float model plus ``layer_states`` (a matrix file's ``payload["layers"]``, applied here one layer
     at a time; with ``consume`` each layer's storage is released once written), or a model already wrapped and
     folded in memory (``layer_states=None``; not modified). ``cfg``: its FlatQuantConfig. Float parts are written
-    in ``dtype`` (default: the model's). Returns sizes and paths; notes (o_proj / kv-cache) go to ``say``."""
+    in ``dtype`` (default: the model's). Returns sizes and paths; notes (o_proj / kv-cache) go to ``reporter`` as
+    events (default: their English text to ``say``), whose cancel token is checked once per layer (a cancelled
+    export leaves no folder behind)."""
+    reporter = reporter or Reporter(lambda event: say(event.message))
 
     check_config(cfg)
     layers = decoder_layers(model)
@@ -243,7 +251,7 @@ def export_ascend(model: nn.Module, cfg, tokenizer, output_dir: str | os.PathLik
     else:
         calibrated = [i for i, layer in enumerate(layers) if is_wrapped(layer)]
     check_fused_skips(cfg, calibrated)
-    target = check_target(output_dir, source_dir, overwrite)
+    target = check_target(output_dir, [("--model_path", source_dir)], overwrite)
     dtype = dtype or _model_dtype(model)
     stats = ExportStats()
     with StagedFolder(target) as staged:
@@ -261,6 +269,7 @@ def export_ascend(model: nn.Module, cfg, tokenizer, output_dir: str | os.PathLik
         for key, t in rest.items():
             writer.add(key, t.detach().to(dtype).cpu().contiguous(), FLOAT_TYPE)
         for i, layer in enumerate(layers):
+            reporter.check()
             if consume:
                 layer.float()  # fold and quantize this layer in fp32 (one layer at a time)
             if layer_states is not None and i in layer_states:
@@ -279,8 +288,8 @@ def export_ascend(model: nn.Module, cfg, tokenizer, output_dir: str | os.PathLik
             raise ExportError("the written folder does not follow the layout (a bug; nothing was kept): "
                               + "; ".join(problems[:3]))
         staged.commit()
-    for line in stats.notes:
-        say(line)
+    if stats.not_exported:
+        reporter.emit("export_not_float", stats.note_params)
     ratio = stats.quantized_bytes / stats.quantized_bf16_bytes if stats.quantized_bf16_bytes else None
     return {"output_dir": str(target), "files": files, "quantized_linears": stats.quantized_linears,
             "quantized_linear_bytes": stats.quantized_bytes, "quantized_linear_bf16_bytes": stats.quantized_bf16_bytes,
@@ -309,18 +318,21 @@ def prepare_quantize(options, say: Callable[[str], None] = print) -> None:
 
 
 def export_quantized(quantized: nn.Module, cfg, tokenizer, source: str, output_dir: str | os.PathLike, fmt: str,
-                     say: Callable[[str], None] = print) -> dict:
+                     say: Callable[[str], None] = print, reporter: Optional[Reporter] = None) -> dict:
     """Write a folded fake-quant model held in memory (a quantize run's result; not modified) to ``output_dir``
     in ``fmt`` (ascend | native), replacing an earlier export there. ``source``: the model's path (or 'smollm2'),
-    refused as a target; its config.json dtype decides the float parts' dtype (see serving_dtype)."""
+    refused as a target; its config.json dtype decides the float parts' dtype (see serving_dtype). ``reporter``:
+    notes as events, and its cancel token, checked once per layer (a cancel leaves no folder and the earlier
+    export as it was)."""
 
     source_dir = resolve_model_path(source)
     dtype = serving_dtype(source_dtype(source_dir))
     if fmt == "ascend":
         return export_ascend(quantized, cfg, tokenizer, output_dir, overwrite=True, source_dir=source_dir,
-                             dtype=dtype, say=say)
-    target = check_target(output_dir, source_dir, overwrite=True)
+                             dtype=dtype, say=say, reporter=reporter)
+    target = check_target(output_dir, [("--model_path", source_dir)], overwrite=True)
     with StagedFolder(target) as staged:  # each layer copied and converted in turn: the model stays as it is
-        info = export_checkpoint(quantized, tokenizer, staged.path, cfg, dtype=dtype, keep_model=True)
+        info = export_checkpoint(quantized, tokenizer, staged.path, cfg, dtype=dtype, keep_model=True,
+                                 cancel=reporter.cancel if reporter is not None else None)
         staged.commit()
     return dict(info, output_dir=str(target))

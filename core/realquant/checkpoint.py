@@ -29,6 +29,7 @@ from ..flat import FlatQuantLinear, KVCacheQuantizer
 from ..matrices import apply_layer_matrices, check_layer_indices
 from ..memory import trim_host_heap
 from ..models import LoadedModel, decoder_layers, model_identity, read_architecture
+from ..progress import CancelToken
 from ..quantizer import SharedInputQuant
 from ..report import atomic_write_bytes
 from .backends import select_backend
@@ -153,7 +154,8 @@ def _convert_outside_layers(model: nn.Module, layers_prefix: str, backend: str, 
 def export_checkpoint(model: nn.Module, tokenizer, output_dir: str | os.PathLike, config=None,
                       backend: str = "auto", dtype: Optional[torch.dtype] = None, *,
                       layer_states: Optional[dict] = None, algorithm=None, consume: bool = False,
-                      keep_model: bool = False, shard_bytes: int = DEFAULT_SHARD_BYTES) -> dict:
+                      keep_model: bool = False, shard_bytes: int = DEFAULT_SHARD_BYTES,
+                      cancel: Optional[CancelToken] = None) -> dict:
     """Write the checkpoint folder, streaming one decoder layer at a time into safetensors shards of at most
     ``shard_bytes`` (one ``model.safetensors`` when it fits, else ``model-0000i-of-0000n.safetensors`` + an index).
 
@@ -163,6 +165,7 @@ def export_checkpoint(model: nn.Module, tokenizer, output_dir: str | os.PathLike
     here layer by layer; with ``consume`` each layer is released (to the meta device) once written, so the extra
     memory is one converted layer plus one shard. ``config``: the FlatQuantConfig (or its dict) recorded in
     quant_config.json. ``dtype``: the float parts' dtype on disk (default: as they are; per-channel scales stay fp32).
+    ``cancel``: checked once per layer (JobCancelled; write into a StagedFolder so that nothing half-written stays).
     Returns the summary also stored under "sizes", the in-memory sizes of the converted linears and the paths."""
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -180,6 +183,8 @@ def export_checkpoint(model: nn.Module, tokenizer, output_dir: str | os.PathLike
     for name, m in kept.items():  # keep_model: the model gets its own modules back
         model.set_submodule(name, m)
     for i in range(len(layers)):
+        if cancel is not None:
+            cancel.check()
         if layer_states is not None and i in layer_states:
             apply_layer_matrices(layers, i, algorithm, layer_states[i])
         part = copy.deepcopy(layers[i]) if keep_model else layers[i]
@@ -210,8 +215,8 @@ def export_checkpoint(model: nn.Module, tokenizer, output_dir: str | os.PathLike
     if gen is not None:
         try:
             gen.save_pretrained(out)
-        except (ValueError, OSError):
-            pass  # an invalid generation config is not worth failing the export
+        except ValueError:
+            pass  # an invalid generation config is not worth failing the export (a failed write is)
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
     atomic_write_bytes(out / MANIFEST_FILE, json.dumps(manifest, indent=2).encode())

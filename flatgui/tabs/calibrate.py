@@ -18,7 +18,7 @@ from ..charts import loss_figure
 from ..context import AppContext
 from ..form import render_section
 from ..i18n import lang_code, t
-from ..joblog import format_entry, translate_message
+from ..joblog import event_text, format_entry
 from ..jobprogress import job_eta, job_fraction
 from ..settings import GuiSettings
 from .common import OK, fail
@@ -56,7 +56,7 @@ def progress_html(snap: dict, lang: str) -> str:
     line = " · ".join(parts)
     stage = html.escape(str(ev.get("stage") or ""))
     stage_text = html.escape(t("stage_" + str(ev.get("stage") or ""), lang)) if ev.get("stage") else ""
-    detail = html.escape(translate_message(str(ev.get("message") or ""), lang))
+    detail = html.escape(event_text(ev, lang))
     rose = [str((e.get("layer") or 0) + 1) for e in snap.get("events") or [] if e.get("stage") == "warning"]
     warn = ""
     if rose:  # layers whose loss ended higher than it started (core.validate.check_trained_layer)
@@ -76,7 +76,7 @@ def progress_html(snap: dict, lang: str) -> str:
             f"{line}{bar}<div class='fq-stage'>{stage_text}{': ' + detail if detail else ''}</div>{warn}{err}</div>")
 
 
-BUTTONS = ("start", "load_matrices", "generate", "evaluate", "export")
+BUTTONS = ("start", "load_matrices", "generate", "evaluate", "export", "export_ascend")  # disabled while a job runs
 
 
 def poll(ctx: AppContext, seen: str, lang_value: str):

@@ -80,6 +80,17 @@ def _side(stats: dict, lang: str = "en") -> str:
             if tps is not None else "")
 
 
+def _quantized_side(live: dict, lang: str) -> tuple:
+    """The FlatQuant box (its label says which model ran: real int4, or the fake-quant model and why) and its
+    speed line (which repeats the cause when real int4 failed)."""
+    stats = _side((live.get("section") or {}).get("quantized"), lang)
+    cause = live.get("fallback_cause")
+    if live.get("quantized_kind") != "fake":
+        return gr.update(value=live["quantized"], label=t("quantized_real", lang)), stats
+    stats = " · ".join(s for s in (stats, t("fake_fallback", lang, cause=cause)) if s)
+    return gr.update(value=live["quantized"], label=t("quantized_fallback", lang, cause=cause)), stats
+
+
 def generate(ctx: AppContext, prompt, max_new_tokens, lang_value):
     """Stream both models' answers into the page as they are generated (the FlatQuant side runs the real int4
     model, and its label says which model ran)."""
@@ -92,15 +103,12 @@ def generate(ctx: AppContext, prompt, max_new_tokens, lang_value):
     while True:
         running = job.running
         section = live.get("section") or {}
-        quant_stats = _side(section.get("quantized"), lang)
-        if live.get("quantized_kind") == "fake":  # no int4 kernel here: the box's label would be wrong, say so
-            quant_stats = f"{quant_stats} · {t('fake_fallback', lang)}"
-        yield live["original"], _side(section.get("original"), lang), live["quantized"], quant_stats
+        yield live["original"], _side(section.get("original"), lang), *_quantized_side(live, lang)
         if not running:
             break
         time.sleep(0.25)
     if job.status != "done":
-        yield fail(FlatQuantError(job.error or job.status)), "", live["quantized"], ""
+        yield fail(FlatQuantError(job.error or job.status)), "", _quantized_side(live, lang)[0], ""
 
 
 # Seconds per (example, task) for both models on SmolLM2-135M on a 2-vCPU CPU (issue 13: 2 examples x 6 tasks took
