@@ -39,10 +39,10 @@ def run(args: argparse.Namespace) -> int:
     from ..outputs import check_apart, folder_lock, job_writes
 
     output_dir = args.output_dir or str(Path("outputs") / time.strftime("eval_%Y%m%d-%H%M%S"))
-    validate_evaluate_args(args, output_dir)
     inputs = [("--model_path", resolve_model_path(args.model_path)), ("--flat_matrix_path", args.flat_matrix_path),
               ("--ppl_data", args.ppl_data), ("--tasks_data_dir", args.tasks_data_dir)]
     check_apart(output_dir, inputs, written=job_writes(calibrates=False))
+    validate_evaluate_args(args, output_dir)
     with folder_lock(output_dir):  # one job per output folder
         return _evaluate(args, output_dir)
 

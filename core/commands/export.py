@@ -57,16 +57,22 @@ def _dtypes(args, model_path: str):
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..matrices import check_identity, check_layer_indices, read_complete_matrices
-    from ..models import decoder_layers, resolve_model_path
-    from ..config import parse_config
-    from ..errors import MatrixFileError
-    from ..realquant.ascend import check_config, check_fused_skips
-    from ..realquant.folder import check_target, parse_size
+    from ..models import resolve_model_path
+    from ..realquant.folder import claim_target, parse_size
 
     source = resolve_model_path(args.model_path)
-    check_target(args.output_dir, source, args.overwrite)  # before anything slow
-    shard_bytes = parse_size(args.shard_size)
+    inputs = [("--model_path", source), ("--flat_matrix_path", args.flat_matrix_path)]
+    with claim_target(args.output_dir, inputs, args.overwrite) as target:  # before anything slow; one export at a time
+        return _export(args, source, target, parse_size(args.shard_size))
+
+
+def _export(args: argparse.Namespace, source, target, shard_bytes: int) -> int:
+    from ..config import parse_config
+    from ..errors import MatrixFileError
+    from ..matrices import check_identity, check_layer_indices, read_complete_matrices
+    from ..models import decoder_layers, load_model
+    from ..realquant.ascend import check_config, check_fused_skips
+
     payload = read_complete_matrices(args.flat_matrix_path)
     meta = payload.get("meta") or {}
     made_with = [f"--{k} {meta[k]}" for k, plain in (("algorithm", "flatquant"), ("weight_rounding", "rtn"))
@@ -80,8 +86,6 @@ def run(args: argparse.Namespace) -> int:
         check_config(cfg)
         check_fused_skips(cfg, sorted(int(i) for i in payload["layers"]))
     load_dtype, out_dtype = _dtypes(args, str(source))
-    from ..models import load_model
-
     device = "cpu" if args.format == "ascend" else args.device
     if device != "cpu":
         from ..device import resolve_device
@@ -94,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
     check_layer_indices(decoder_layers(loaded.model), payload["layers"], args.flat_matrix_path)
     if args.format == "ascend":
         return _run_ascend(args, loaded, payload, cfg, source, out_dtype, shard_bytes)
-    return _run_native(args, loaded, payload, source, out_dtype, shard_bytes)
+    return _run_native(args, loaded, payload, target, out_dtype, shard_bytes)
 
 
 def _run_ascend(args, loaded, payload, cfg, source, dtype, shard_bytes: int) -> int:
@@ -114,18 +118,17 @@ def _run_ascend(args, loaded, payload, cfg, source, dtype, shard_bytes: int) -> 
     return 0
 
 
-def _run_native(args, loaded, payload, source, dtype, shard_bytes: int) -> int:
+def _run_native(args, loaded, payload, target, dtype, shard_bytes: int) -> int:
     import torch
 
     from ..algorithms import prepare_model
     from ..matrices import matrix_algorithm
     from ..realquant.checkpoint import export_checkpoint, load_checkpoint
-    from ..realquant.folder import StagedFolder, check_target
+    from ..realquant.folder import StagedFolder
 
     algo = matrix_algorithm(payload, args.flat_matrix_path)
     prepare_model(algo, loaded.model)
     layers = {int(i): s for i, s in payload["layers"].items()}
-    target = check_target(args.output_dir, source, args.overwrite)
     with StagedFolder(target) as staged:  # one layer at a time; --verify keeps the converted model to compare
         info = export_checkpoint(loaded.model, loaded.tokenizer, staged.path, algo.cfg, backend=args.backend,
                                  dtype=dtype, layer_states=layers, algorithm=algo, consume=not args.verify,

@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import argparse
 import sys
+from contextlib import nullcontext
 from dataclasses import replace
+from pathlib import Path
 
 from tqdm import tqdm
 
@@ -80,10 +82,34 @@ def quantize_options_from_args(args: argparse.Namespace):
     return from_args(QuantizeOptions, args, output_dir=args.output_dir or default_output_dir(args.model_path))
 
 
+EXPORT_FOLDERS = {"native": "checkpoint", "ascend": "ascend"}  # --export's folder inside OUTPUT_DIR
+
+
+def check_outputs(args: argparse.Namespace, opts) -> None:
+    """Before anything is written: no file the job writes in OUTPUT_DIR, nor the --export folder it replaces, is
+    (or holds) one of its inputs."""
+    from ..outputs import check_apart, job_writes, quantize_inputs
+
+    inputs = quantize_inputs(opts, getattr(args, "tasks_data_dir", None))
+    check_apart(opts.output_dir, inputs, written=job_writes(calibrates=not opts.load_matrix))
+    if args.export:
+        folder = Path(opts.output_dir) / EXPORT_FOLDERS[args.export]
+        check_apart(folder, inputs, option=f"--export {args.export}'s folder")
+
+
 def run(args: argparse.Namespace) -> int:
-    from ..pipeline import run_quantize
+    from ..outputs import folder_lock, is_other_rank
 
     opts = quantize_options_from_args(args)
+    check_outputs(args, opts)
+    # one job per output folder; rank 0 of a distributed job holds the lock for every rank
+    with nullcontext() if opts.distributed and is_other_rank() else folder_lock(opts.output_dir):
+        return _run(args, opts)
+
+
+def _run(args: argparse.Namespace, opts) -> int:
+    from ..pipeline import run_quantize
+
     output_dir = opts.output_dir
     if args.export == "ascend":
         from ..realquant.ascend import prepare_quantize
@@ -132,7 +158,7 @@ def run(args: argparse.Namespace) -> int:
     if args.export:
         from ..realquant.ascend import export_quantized
 
-        folder = result.output_dir / ("ascend" if args.export == "ascend" else "checkpoint")
+        folder = result.output_dir / EXPORT_FOLDERS[args.export]
         info = export_quantized(result.quantized, result.config, result.tokenizer, result.original.path, folder,
                                 args.export)
         print(f"Exported ({args.export}): {info['output_dir']}")

@@ -4,18 +4,19 @@ the shard writer that streams tensors into ``<stem>.safetensors`` or ``<stem>-00
 ``<stem>.safetensors.index.json`` (the layout transformers and vLLM read)."""
 from __future__ import annotations
 
-import errno
 import json
 import os
 import re
 import shutil
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 
 from ..errors import ExportError
+from ..outputs import Inputs, check_apart, free_space_hint, target_lock, write_failure
 
 DEFAULT_SHARD_BYTES = 2 * 2 ** 30
 
@@ -54,18 +55,12 @@ def serving_dtype(dtype: torch.dtype) -> torch.dtype:
 # --- the target folder --------------------------------------------------------------------------------------------
 
 
-def check_target(output_dir: str | os.PathLike, source_dir: Optional[str | os.PathLike] = None,
-                 overwrite: bool = False) -> Path:
-    """Refuse a target that is (inside) the source model's folder, holds the source model, is a file, or exists
-    and is not empty without ``overwrite``. Returns the resolved target."""
+def check_target(output_dir: str | os.PathLike, inputs: Inputs = (), overwrite: bool = False) -> Path:
+    """Refuse a target that is, holds or lies inside an input of the export (``inputs``: (option, path) pairs, the
+    source model's folder among them), is a file, or exists and is not empty without ``overwrite``. Returns the
+    resolved target."""
+    check_apart(output_dir, inputs)
     target = Path(output_dir).expanduser().resolve()
-    if source_dir is not None:
-        src = Path(source_dir).expanduser().resolve()
-        if target == src or src in target.parents:
-            raise ExportError(f"--output_dir {str(output_dir)!r} is the source model's folder or inside it; "
-                              "choose a new folder (the source weights would be overwritten).")
-        if target in src.parents:
-            raise ExportError(f"--output_dir {str(output_dir)!r} contains the source model; choose a new folder.")
     if target.exists() and not target.is_dir():
         raise ExportError(f"--output_dir {str(output_dir)!r} is a file; name a folder.")
     if target.is_dir() and any(target.iterdir()) and not overwrite:
@@ -74,18 +69,74 @@ def check_target(output_dir: str | os.PathLike, source_dir: Optional[str | os.Pa
     return target
 
 
+@contextmanager
+def claim_target(output_dir: str | os.PathLike, inputs: Inputs = (), overwrite: bool = False) -> Iterator[Path]:
+    """For a whole export job: the target's lock (a second export into it is refused), the leftovers of killed
+    exports into it removed, then check_target. Yields the resolved target."""
+    with target_lock(output_dir):
+        remove_stale_leftovers(Path(output_dir).expanduser().resolve())
+        yield check_target(output_dir, inputs, overwrite)
+
+
+_LEFTOVER = re.compile(r"(partial|old)-(?:(\d+)-)?[0-9a-f]{8}")
+
+
+def _writer_alive(pid: Optional[str]) -> bool:
+    """Whether the process that named a staged folder still runs (a zombie does not); no pid: an older writer."""
+    if pid is None:
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def remove_stale_leftovers(target: Path) -> list[str]:
+    """Remove ``.NAME.partial-*`` (a killed export's staged folder) and ``.NAME.old-*`` (a killed commit's previous
+    target, renamed back into place when the target is missing) beside ``target`` whose writer is dead. Call it
+    holding the target's lock. Returns the names removed or restored."""
+    prefix = f".{target.name}."
+    try:
+        entries = sorted(target.parent.iterdir())
+    except OSError:
+        return []
+    done = []
+    for path in entries:
+        m = _LEFTOVER.fullmatch(path.name[len(prefix):]) if path.name.startswith(prefix) else None
+        if m is None or not path.is_dir() or _writer_alive(m.group(2)):
+            continue
+        if m.group(1) == "old" and not target.exists():
+            os.replace(path, target)
+        else:
+            shutil.rmtree(path, ignore_errors=True)
+        done.append(path.name)
+    return done
+
+
 class StagedFolder:
-    """A temp folder beside ``target``; ``commit()`` renames it into place (replacing an old target). Leaving the
-    ``with`` block without commit, or any OSError, removes it."""
+    """A temp folder beside ``target`` (named with this process's pid), written under the target's lock;
+    ``commit()`` renames it into place (replacing an old target). Leaving the ``with`` block without commit, or any
+    failed write (OSError, safetensors' or the tokenizers' wrapped ones), removes it; a failed write becomes one
+    ExportError line."""
 
     def __init__(self, target: Path):
         self.target = target
-        self.path = target.parent / f".{target.name}.partial-{uuid.uuid4().hex[:8]}"
+        self.path = target.parent / f".{target.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self.lock = target_lock(target)
 
     def __enter__(self) -> "StagedFolder":
+        self.lock.__enter__()
         try:
+            remove_stale_leftovers(self.target)
             self.path.mkdir(parents=True)
         except OSError as exc:
+            self.lock.__exit__(type(exc), exc, None)
             raise ExportError(f"cannot create the output folder next to {self.target.name!r}: "
                               f"{exc.strerror or exc}.") from exc
         return self
@@ -93,20 +144,28 @@ class StagedFolder:
     def commit(self) -> None:
         old = None
         if self.target.exists():
-            old = self.target.parent / f".{self.target.name}.old-{uuid.uuid4().hex[:8]}"
+            old = self.target.parent / f".{self.target.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
             os.replace(self.target, old)
-        os.replace(self.path, self.target)
+        try:
+            os.replace(self.path, self.target)
+        except OSError:
+            if old is not None:
+                os.replace(old, self.target)  # the previous export stays where it was
+            raise
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
 
     def __exit__(self, exc_type, exc, tb):
-        if self.path.exists():
-            shutil.rmtree(self.path, ignore_errors=True)
-        if isinstance(exc, OSError):
-            why = os.strerror(exc.errno) if exc.errno else str(exc)
-            hint = " Free some space and export again." if exc.errno in (errno.ENOSPC, errno.EDQUOT) else ""
-            raise ExportError(f"writing the export failed ({why}); nothing was written to "
-                              f"{self.target.name!r}.{hint}") from exc
+        try:
+            if self.path.exists():
+                shutil.rmtree(self.path, ignore_errors=True)
+        finally:
+            self.lock.__exit__(exc_type, exc, tb)
+        failed = write_failure(exc) if exc is not None else None
+        if failed is not None:
+            code, why = failed
+            raise ExportError(f"writing the export failed ({why}); nothing was written to {self.target.name!r}: "
+                              f"{free_space_hint(code)} and export again.") from exc
         return False
 
 
@@ -169,5 +228,5 @@ class ShardWriter:
         return names
 
 
-__all__ = ["DEFAULT_SHARD_BYTES", "parse_size", "source_dtype", "serving_dtype", "check_target", "StagedFolder",
-           "ShardWriter"]
+__all__ = ["DEFAULT_SHARD_BYTES", "parse_size", "source_dtype", "serving_dtype", "check_target", "claim_target",
+           "remove_stale_leftovers", "StagedFolder", "ShardWriter"]
