@@ -267,10 +267,10 @@ EVENTS_ZH: dict[str, str] = {
     "models_on_device": "模型已移到 {device}（{gib:.2f} GiB）",
     "models_on_host": "模型留在主机内存（{gib:.2f} GiB 放不进 {device}）；评估时逐层把解码层送到设备",
     "report_written": "报告已写入 {path}",
-    "export_start": "导出{format}格式的 W4A4 目录到 {path}",
+    "export_start": "导出 {format} 格式的 W4A4 目录到 {path}",
     "export_not_float": "注意：本次运行对 {parts} 的量化不在导出的模型中（vllm-ascend 的 W4A4 FlatQuant 方法不支持）："
                         "以浮点 (FLOAT) 在原始基下导出。",
-    "export_done": "{format}导出已写入 {path}，并打包为 {zip_path}",
+    "export_done": "{format} 导出已写入 {path}，并打包为 {zip_path}",
 }
 STRINGS.update({f"event_{key}": {"en": kind.template, "zh": EVENTS_ZH.get(key, "")} for key, kind in EVENTS.items()})
 
