@@ -11,6 +11,7 @@ from core.cli import main
 from core.config import parse_config
 from core.matrices import build_payload, load_matrices, save_matrices, uncalibrated_states
 from core.models import load_model
+from core.progress import CancelToken
 from core.realquant.checkpoint import load_checkpoint, read_manifest
 from core.realquant.convert import convert_model
 
@@ -204,3 +205,44 @@ def test_export_refuses_states_for_layers_the_model_lacks(tiny_qwen3_dir, tiny_q
     errors = [line for line in err.splitlines() if line.startswith("error:")]
     assert rc == 2 and len(errors) == 1 and f"state for layer {len(states) + 4}," in errors[0]
     assert not (tmp_path / "out").exists() and "Traceback" not in err
+
+
+class _CancelAfter(CancelToken):
+    """Pressed after ``checks`` checks: the export is cancelled with a layer written and the next one due."""
+
+    def __init__(self, checks: int):
+        super().__init__()
+        self.checks = checks
+
+    def check(self) -> None:
+        self.checks -= 1
+        if self.checks < 0:
+            self.cancel()
+        super().check()
+
+
+@pytest.mark.parametrize("fmt", ["native", "ascend"])
+def test_cancelled_export_of_a_model_in_memory_leaves_no_folder(tiny_qwen3, tmp_path, fmt):
+    """Issue 21: the GUI's export (export_quantized) checks its cancel token once per layer; a cancel removes the
+    staged folder, so nothing that looks complete is left, and an earlier export there stays as it was."""
+    from core.errors import JobCancelled
+    from core.flat import fold_model
+    from core.progress import Reporter
+    from core.realquant.ascend import export_quantized
+
+    cfg = parse_config(None)
+    quantized, _ = uncalibrated_states(tiny_qwen3, cfg)
+    fold_model(quantized)
+    target = tmp_path / "out" / fmt
+    target.parent.mkdir()
+    token = _CancelAfter(1)
+    with pytest.raises(JobCancelled):
+        export_quantized(quantized, cfg, None, "smollm2", target, fmt, reporter=Reporter(cancel=token))
+    assert token.checks < 0  # the first layer was written, the cancel landed at the second
+    assert not target.exists() and list(target.parent.iterdir()) == []  # no staged (.partial) folder either
+    export_quantized(quantized, cfg, None, "smollm2", target, fmt, say=lambda s: None)
+    before = sorted((p.relative_to(target), p.stat().st_size) for p in target.rglob("*"))
+    with pytest.raises(JobCancelled):
+        export_quantized(quantized, cfg, None, "smollm2", target, fmt, reporter=Reporter(cancel=_CancelAfter(1)))
+    assert sorted((p.relative_to(target), p.stat().st_size) for p in target.rglob("*")) == before
+    assert [p.name for p in target.parent.iterdir()] == [fmt]

@@ -510,3 +510,89 @@ def test_gui_run_with_baselines_evaluates_them_in_both_charts(tmp_path, tiny_qwe
     assert set(report["accuracy"]["acc"]) == {"original", "quantized", "rtn", "quarot"}
     for figure in (charts.ppl_figure(report), charts.accuracy_figure(report)):
         assert {t("original"), t("quantized"), t("rtn"), t("quarot")} <= set(_bars(figure))
+
+
+# --- issue 21: what ran, export cancel, buttons while a job runs --------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_ctx(tmp_path_factory, tiny_qwen3_dir):
+    """An app whose runner holds a calibrated tiny Qwen3 (one epoch, no perplexity)."""
+    from flatgui import jobs
+    from flatgui.app import build_app
+
+    _, ctx = build_app(str(tmp_path_factory.mktemp("tiny_ctx") / "runs"))
+    jobs.start_quantize(ctx, GuiSettings(model_path=str(tiny_qwen3_dir), nsamples=2, seqlen=32, epochs=1,
+                                         ppl_windows=0, skip_layers="lm_head"))
+    job = ctx.runner.wait(300)
+    assert job.status == "done", job.error
+    return ctx
+
+
+def test_failed_real_int4_is_labelled_with_its_cause(tiny_ctx, monkeypatch):
+    """A failing real int4 conversion: the fake-quant model answers, and the box's label, the speed line, the log
+    and the report say so, with the cause (without the server's paths), in both languages."""
+    import core.realquant.convert
+    from flatgui.joblog import event_text, format_entry
+    from flatgui.tabs.compare import generate
+
+    def broken(model, backend="auto"):
+        raise RuntimeError("no int4 kernel in /srv/secret/kernels.so\nmore detail")
+
+    monkeypatch.setattr(core.realquant.convert, "convert_model", broken)
+    monkeypatch.setitem(tiny_ctx.runner.workspace, "quantized_real", None)
+    cause = "RuntimeError: no int4 kernel in kernels.so"
+    for lang, name in (("en", "English"), ("zh", "中文")):
+        *_, (original, _, box, stats) = list(generate(tiny_ctx, "Hello", 3, name))
+        assert original and box["value"]
+        assert box["label"] == t("quantized_fallback", lang, cause=cause)
+        assert t("fake_fallback", lang, cause=cause) in stats and t("lat_tps", lang) in stats  # and the speed
+        log = [format_entry(e, lang) for e in tiny_ctx.runner.snapshot()["log_entries"]]
+        line = event_text({"key": "real_int4_failed", "params": {"cause": cause}}, lang)
+        assert any(entry.endswith(line) for entry in log), log  # every generation says what ran
+    assert box["label"] == "FlatQuant（伪量化，真实 int4 失败：RuntimeError: no int4 kernel in kernels.so）"
+    report = tiny_ctx.store.report(tiny_ctx.runner.workspace["run_id"])
+    assert report["generation"]["quantized_model"] == f"fake quant (real int4 failed: {cause})"
+
+
+def test_export_job_is_cancelled_and_leaves_no_folder(tiny_ctx, monkeypatch):
+    """Cancel pressed while an export runs (here: as it starts): the job ends cancelled within a layer and the run
+    has no export folder, no staged folder and no zip."""
+    from pathlib import Path
+
+    from flatgui import jobs
+    from flatgui.runs import ASCEND_DIR, CHECKPOINT_DIR
+
+    record = tiny_ctx.runner.record
+
+    def cancel_as_export_starts(job, event):
+        record(job, event)
+        if event.key == "export_start":
+            assert tiny_ctx.runner.cancel()
+
+    monkeypatch.setattr(tiny_ctx.runner, "record", cancel_as_export_starts)
+    run = Path(tiny_ctx.runner.workspace["output_dir"])
+    for fmt, folder in (("native", CHECKPOINT_DIR), ("ascend", ASCEND_DIR)):
+        jobs.start_export(tiny_ctx, fmt)
+        job = tiny_ctx.runner.wait(120)
+        assert job.status == "cancelled", job.error
+        left = [p.name for p in run.iterdir() if folder in p.name or p.suffix == ".zip"]
+        assert left == [], left
+        assert not any("export_done" == e.get("key") for e in tiny_ctx.runner.snapshot()["events"])
+
+
+def test_export_buttons_are_disabled_while_a_job_runs(tmp_path):
+    from flatgui.app import build_app
+    from flatgui.tabs.calibrate import BUTTONS, poll
+
+    _, ctx = build_app(str(tmp_path / "runs"))
+    gate = threading.Event()
+    ctx.runner.start("calibrate", _stepping_job(ctx.runner, 2, gate), "gated")
+    status, _, _, seen, _, *buttons = poll(ctx, "", "English")
+    running = dict(zip(BUTTONS, buttons))
+    assert {"start", "export", "export_ascend"} <= set(running)
+    assert all(b["interactive"] is False for b in running.values()), running
+    gate.set()
+    ctx.runner.wait(10)
+    buttons = poll(ctx, seen, "English")[5:]
+    assert len(buttons) == len(BUTTONS) and all(b["interactive"] is True for b in buttons)
