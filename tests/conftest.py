@@ -38,13 +38,19 @@ def tiny_qwen3_dir(tmp_path_factory, tiny_qwen3):
     return path
 
 
+SHARED_DATA_MISSING = ("needs ../shared/data (WikiText-2, Brown, lm-eval task files) beside the checkout, or "
+                       "FLATQUANT_DATA_DIR set to such a folder")
+
+
 @pytest.fixture(scope="session")
 def shared_data():
+    """The shared data folder (core.data.shared_data_dir). Every test that reads it asks for this fixture, so a
+    clone without it skips them, saying how to get it, instead of failing."""
     from core.data import shared_data_dir
 
     path = shared_data_dir()
     if path is None:
-        pytest.skip("../shared/data is not present")
+        pytest.skip(SHARED_DATA_MISSING)
     return path
 
 

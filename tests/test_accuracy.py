@@ -29,7 +29,7 @@ def _offline(monkeypatch):
 def eval_dir(shared_data) -> Path:
     d = shared_data / "eval"
     if not d.is_dir():
-        pytest.skip("shared eval data not found")
+        pytest.skip(f"{d} is missing: the lm-eval task files come with ../shared/data (or FLATQUANT_DATA_DIR)")
     return d
 
 

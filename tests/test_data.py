@@ -194,7 +194,7 @@ def test_quantize_refuses_to_calibrate_on_the_perplexity_text_before_loading(tin
     assert not (tmp_path / "run").exists()
 
 
-def test_benchmark_data_reads_disjoint_wikitext_splits(smollm2, tmp_path, monkeypatch):
+def test_benchmark_data_reads_disjoint_wikitext_splits(smollm2, shared_data, tmp_path, monkeypatch):
     """bench/'s data: calibration windows from WikiText-2 validation, perplexity ids of the whole test split; a data
     folder without them is refused with a message naming the files."""
     from core.data import benchmark_data, shared_data_dir
