@@ -224,7 +224,7 @@ def _calibrate_layers(model: nn.Module, samples: torch.Tensor, cfg: FlatQuantCon
         return results
     try:
         if store.on_disk:
-            reporter.emit("capture_on_disk", {"n": samples.shape[0], "path": str(store.folder)})
+            reporter.emit("capture_on_disk", {"n": samples.shape[0], "folder_path": str(store.folder)})
         else:
             reporter.emit("capture", {"n": samples.shape[0]})
         inps, layer_kwargs = capture_layer_inputs(model, samples, device, store)

@@ -5,8 +5,9 @@ from them and never parses English (flatgui/i18n.py holds the Chinese templates,
 
 Parameters are JSON-able: numbers, strings, lists (shown comma-separated) and dicts (shown as "name value" pairs,
 or as Python's repr with ``!r``). By name: ``model`` holds a model key (original, quantized, rtn, ...), ``models`` a
-list of them, ``model_path`` a model folder or 'smollm2', ``source`` a data label, and ``path`` or a name ending in
-``_path`` a file system path (a front end shows only its last part)."""
+list of them, ``model_path`` a model folder or 'smollm2', ``source`` a data label, and any other name ending in
+``_path`` a file system path (a front end shows only its last part). No parameter is named ``path``: API clients
+(gradio_client) take a dict with a "path" key for a file to download."""
 from __future__ import annotations
 
 import string
@@ -31,14 +32,14 @@ EVENTS: dict[str, EventKind] = {
     "load_model": EventKind("load", "loading model {model_path} on the host ({dtype}); layers go to {device} one at "
                                     "a time"),
     "load_original": EventKind("load", "loading {model_path}"),
-    "load_matrices": EventKind("load", "loading calibrated matrices from {path}"),
-    "rebuild_quantized": EventKind("load", "rebuilding the quantized model from {path}"),
-    "resuming": EventKind("load", "resuming: {n} layer(s) restored from {path}"),
+    "load_matrices": EventKind("load", "loading calibrated matrices from {file_path}"),
+    "rebuild_quantized": EventKind("load", "rebuilding the quantized model from {file_path}"),
+    "resuming": EventKind("load", "resuming: {n} layer(s) restored from {file_path}"),
     # calibration
     "calib_data": EventKind("data", "calibration data: {source}"),
     "capture": EventKind("capture", "capturing layer-0 inputs for {n} samples"),
     "capture_on_disk": EventKind("capture", "capturing layer-0 inputs for {n} samples (activations on disk in "
-                                            "{path})"),
+                                            "{folder_path})"),
     "forward_to_range": EventKind("capture", "layer {i}/{n}: full-precision forward to reach layer {start}"),
     "layer_step": EventKind("calibrate", "layer {i}/{n} epoch {epoch}/{epochs} loss {loss:.6g}"),
     "gptq_layer": EventKind("calibrate", "layer {i}/{n}: GPTQ weight rounding"),
@@ -46,7 +47,7 @@ EVENTS: dict[str, EventKind] = {
     "layer_restored": EventKind("layer_done", "layer {i}/{n} restored from the resume checkpoint"),
     "loss_rose": EventKind("warning", "layer {i}: loss rose from {first:.4g} to {last:.4g} ({change}); the learning "
                                       "rate may be too high (--flat_lr)"),
-    "saved": EventKind("fold", "saved {path}"),
+    "saved": EventKind("fold", "saved {file_path}"),
     # evaluation
     "ppl_start": EventKind("ppl", "perplexity of the {model} model at seqlen {seqlen}"),
     "ppl_streaming": EventKind("ppl", "perplexity {model}: streaming decoder layers to {device} one at a time"),
@@ -68,13 +69,13 @@ EVENTS: dict[str, EventKind] = {
     "models_on_device": EventKind("done", "models moved to {device} ({gib:.2f} GiB)"),
     "models_on_host": EventKind("done", "models stay on the host ({gib:.2f} GiB does not fit {device}); evaluation "
                                         "streams their decoder layers to the device one at a time"),
-    "report_written": EventKind("done", "report written to {path}"),
+    "report_written": EventKind("done", "report written to {file_path}"),
     # export
-    "export_start": EventKind("convert", "exporting the {format} W4A4 folder to {path}"),
+    "export_start": EventKind("convert", "exporting the {format} W4A4 folder to {folder_path}"),
     "export_not_float": EventKind("convert", "note: the run's quantization of {parts} is not part of the exported "
                                              "model (vllm-ascend's W4A4 FlatQuant method has none for them): exported "
                                              "FLOAT, in the original basis."),
-    "export_done": EventKind("done", "{format} export written to {path} and zipped to {zip_path}"),
+    "export_done": EventKind("done", "{format} export written to {folder_path} and zipped to {zip_path}"),
 }
 
 
@@ -107,7 +108,7 @@ def template_fields(template: str) -> set[str]:
 
 
 def is_path_param(name: str) -> bool:
-    return name == "path" or name.endswith("_path") and name != "model_path"
+    return name.endswith("_path") and name != "model_path"
 
 
 __all__ = ["EventKind", "EVENTS", "format_template", "render", "template_fields", "is_path_param"]

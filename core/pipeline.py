@@ -40,7 +40,7 @@ from .outputs import check_free_space
 from .perplexity import perplexity_from_ids
 from .progress import CancelToken, ProgressCallback, Reporter
 from .report import update_report
-from .validate import guarded_job, loss_warnings, validate_quantize_options
+from .validate import check_count, guarded_job, loss_warnings, validate_quantize_options
 
 LOG_FILE = "quantize.log"
 
@@ -184,14 +184,13 @@ class QuantizeOptions:
         return _validated(cfg)
 
     def check(self) -> None:
-        for key, low in (("nsamples", 1), ("seqlen", 8), ("ppl_seqlen", 8)):
-            if getattr(self, key) < low:
-                raise FlatQuantError(f"--{key} must be >= {low}, got {getattr(self, key)}.")
+        for key, low in _COUNTS:
+            check_count(f"--{key}", getattr(self, key), low)
+        check_count("--ppl_max_windows", self.ppl_max_windows, 1, fix="; to skip perplexity pass --no_ppl")
+        check_count("--seed", self.seed, 0, 2**64 - 1)
         if self.load_matrix and not self.flat_matrix_path:
             raise FlatQuantError("--load_matrix needs --flat_matrix_path FILE.")
         compute_dtype("cpu", self.compute_dtype)  # an unknown name is an error before anything runs
-        if self.max_layers is not None and self.max_layers < 1:
-            raise FlatQuantError(f"--max_layers must be >= 1, got {self.max_layers}.")
         parse_dtype(self.dtype)
         if self.algorithm not in ALGORITHMS:
             raise FlatQuantError(f"--algorithm must be one of {', '.join(sorted(ALGORITHMS))}, "
@@ -202,6 +201,10 @@ class QuantizeOptions:
         unknown = [n for n in self.baseline_names() if n not in BASELINES]
         if unknown:
             raise FlatQuantError(f"--baselines must name some of {', '.join(BASELINES)}, got {', '.join(unknown)}.")
+
+
+# the integer options and their least value (None: not given, the config's value)
+_COUNTS = (("nsamples", 1), ("seqlen", 8), ("ppl_seqlen", 8), ("max_layers", 1), ("epochs", 0), ("cali_bsz", 1))
 
 
 def _validated(cfg: FlatQuantConfig) -> FlatQuantConfig:
@@ -414,7 +417,7 @@ def run_quantize(options: QuantizeOptions, on_event: Optional[ProgressCallback] 
                    "keep_original": keep_original, "activation_dir": options.activation_dir,
                    "memory_estimate": estimate}
     if options.load_matrix:
-        reporter.emit("load_matrices", {"path": str(options.flat_matrix_path)})
+        reporter.emit("load_matrices", {"file_path": str(options.flat_matrix_path)})
         matrix_path = Path(options.flat_matrix_path)
         payload = read_complete_matrices(matrix_path)
         cfg = apply_matrices(quantized, payload, str(matrix_path), copy_layers=keep_original)
@@ -482,7 +485,7 @@ def run_quantize(options: QuantizeOptions, on_event: Optional[ProgressCallback] 
         meta = dict(run_key, seconds=seconds, calib_source=recorded_source(options.calib_data))
         save_matrices(matrix_path, build_payload(quantized, cfg, layer_states, complete=True, extra=meta))
         resume_path.unlink(missing_ok=True)
-        reporter.emit("saved", {"path": str(matrix_path)})
+        reporter.emit("saved", {"file_path": str(matrix_path)})
         calib.update({"seconds": round(seconds, 2), "data": data_label, "calib_source": meta["calib_source"],
                       "max_layers": options.max_layers,
                       "world_size": dist_info.world, "warnings": loss_warnings(layer_results),
@@ -510,7 +513,7 @@ def run_quantize(options: QuantizeOptions, on_event: Optional[ProgressCallback] 
         _place_on_device([model, quantized, *baselines.values()] if keep_original else [quantized], device, reporter)
     if not keep_original:
         original = LoadedModel(None, original.tokenizer, original.name, original.path, original.architecture)
-    reporter.emit("report_written", {"path": str(out_dir / "report.json")})
+    reporter.emit("report_written", {"file_path": str(out_dir / "report.json")})
     return QuantizeResult(report, original, quantized, rtn, original.tokenizer, out_dir, matrix_path, cfg,
                           {"keep_original": keep_original, "baselines": baselines})
 
@@ -557,5 +560,5 @@ def _resume_states(path: Path, model: nn.Module, cfg: FlatQuantConfig, run_key: 
         return {}
     states = {int(i): s for i, s in payload["layers"].items()}
     if states:
-        reporter.emit("resuming", {"n": len(states), "path": str(path)})
+        reporter.emit("resuming", {"n": len(states), "file_path": str(path)})
     return states

@@ -232,12 +232,12 @@ def start_export(ctx: AppContext, fmt: str = "native") -> Job:
         reporter = Reporter(ctx.runner.callback(job), job.cancel)
         subdir, name = (ASCEND_DIR, ASCEND_ZIP) if fmt == "ascend" else (CHECKPOINT_DIR, CHECKPOINT_ZIP)
         out = Path(ws["output_dir"]) / subdir
-        reporter.emit("export_start", {"format": fmt, "path": str(out)})
+        reporter.emit("export_start", {"format": fmt, "folder_path": str(out)})
         # the fake-quant model stays as it is for the Compare tab (the exporters copy or only read it)
         export_quantized(ws["quantized"], ws["config"], ws["tokenizer"], ws["original"].path, out, fmt,
                          reporter=reporter)
         zipped = ctx.store.zip_checkpoint(ws["run_id"], subdir, name)
-        reporter.emit("export_done", {"format": fmt, "path": str(out), "zip_path": str(zipped)})
+        reporter.emit("export_done", {"format": fmt, "folder_path": str(out), "zip_path": str(zipped)})
         return {"run_id": ws["run_id"], "output_dir": ws["output_dir"], "checkpoint": zipped}
 
     return ctx.runner.start("export", target, f"export {fmt}")

@@ -39,6 +39,7 @@ def test_every_event_has_english_and_chinese_templates_with_the_same_parameters(
         entry = STRINGS[f"event_{key}"]
         assert entry["en"] == kind.template and entry["zh"], key
         assert template_fields(entry["zh"]) == template_fields(kind.template), key
+        assert "path" not in template_fields(kind.template), key  # gradio_client would fetch {"path": ...} as a file
         assert not english_words(re.sub(r"\{[^}]*\}", "", entry["zh"])), (key, entry["zh"])
 
 
@@ -146,7 +147,7 @@ def test_a_real_job_gives_a_chinese_line_for_every_event(gui_jobs, tiny_qwen3_di
         assert not english_words(zh), (ev["key"], zh)
         assert not any(p in line for p in server_paths for line in (zh, en)), (zh, en)  # paths show their names
         # English is core's message, but for the names the page shows instead of paths and labels
-        assert en == ev["message"] or ev["params"].keys() & {"path", "zip_path", "model_path", "source"}, en
+        assert en == ev["message"] or ev["params"].keys() & {"file_path", "folder_path", "zip_path", "model_path", "source"}, en
     # the runner's log lines too: every line of every job has a translated message
     for snap in snaps:
         for entry in snap["log_entries"]:

@@ -17,6 +17,7 @@ from gradio_client import Client, handle_file  # noqa: E402
 from gradio_client.exceptions import AuthenticationError  # noqa: E402
 from gui_server import running_app  # noqa: E402
 
+from flatgui.i18n import t  # noqa: E402
 from flatgui.settings import GuiSettings  # noqa: E402
 
 LANG = "English"
@@ -71,6 +72,18 @@ def wait_for(client, predicate, timeout: float = 120.0) -> dict:
     raise AssertionError(f"condition not reached in {timeout} s: {st}")
 
 
+def figure(out) -> dict:
+    """A gr.Plot output as the page draws it: the plotly figure's {data, layout}."""
+    plot = value(out)
+    assert plot["type"] == "plotly", plot
+    return json.loads(plot["plot"])
+
+
+def title(fig: dict, axis: str = "") -> str:
+    layout = fig["layout"] if not axis else fig["layout"][axis]
+    return layout["title"]["text"]
+
+
 def http_status(url: str, path: Path) -> int:
     import urllib.error
     import urllib.request
@@ -119,18 +132,38 @@ def test_short_calibration_then_compare_and_download(app, client, smollm2):
     assert cfg.skip_layers == ["lm_head"] and cfg.epochs == 1
     assert [is_wrapped(layer) for layer in decoder_layers(model)[:3]] == [True, True, False]
 
-    # Compare: both models answer the same prompt, with tokens/s.
-    orig, orig_stats, quant, quant_stats = client.predict("Name three colors.", 8, LANG, api_name="/generate")
+    # Compare: both models answer the same prompt, with tokens/s; the FlatQuant box says the real int4 model ran.
+    orig, orig_stats, quant_box, quant_stats = client.predict("Name three colors.", 8, LANG, api_name="/generate")
+    quant = value(quant_box)
     assert orig and quant and not orig.startswith("✖")
+    assert quant_box["label"] == t("quantized_real") and "real int4 failed" not in quant_stats
     assert "tokens/s" in orig_stats and "tokens/s" in quant_stats
     generation = json.loads((Path(st["output_dir"]) / "report.json").read_text())["generation"]
     assert generation["quantized_model"].startswith("real int4") and generation["quantized"]["text"] == quant
 
-    # Compare: the run shows up in the table with its perplexities and the PPL chart has both models.
-    sel, table, ppl_plot, acc_plot, lat_plot = map(value, client.predict(run_id, LANG, api_name="/compare_refresh"))
-    row = dict(zip(table["headers"], table["data"][0]))
-    assert sel == run_id and row["run"] == run_id and row["PPL original"] > 1 and row["PPL FlatQuant"] > 1
-    assert ppl_plot is not None
+    # Compare: the run shows up in the table with its perplexities; the PPL chart plots the report's numbers, one
+    # bar per model, on a log axis; accuracy and latency, not measured yet, say so; in both languages.
+    ppl = json.loads((Path(st["output_dir"]) / "report.json").read_text())["ppl"]
+    models = [k for k in ("original", "quantized", "rtn", "quarot") if ppl.get(k) is not None]
+    assert models[:3] == ["original", "quantized", "rtn"]
+    for lang_name, lang in ((LANG, "en"), ("中文", "zh")):
+        sel, table, ppl_plot, acc_plot, lat_plot = client.predict(run_id, lang_name, api_name="/compare_refresh")
+        table = value(table)
+        row = dict(zip(table["headers"], table["data"][0]))
+        assert value(sel) == run_id and row[t("col_run", lang)] == run_id
+        assert row[t("col_ppl_orig", lang)] == round(ppl["original"], 2) and row[t("col_ppl_fq", lang)] == round(
+            ppl["quantized"], 2)
+        fig = figure(ppl_plot)
+        assert title(fig) == t("ppl_chart", lang) and title(fig, "yaxis") == t("ppl_axis", lang)
+        assert fig["layout"]["yaxis"]["type"] == "log"
+        assert [tr["name"] for tr in fig["data"]] == [t(m, lang) for m in models]
+        for trace, model in zip(fig["data"], models):
+            assert trace["type"] == "bar" and trace["x"] == [t("seqlen_n", lang, n=ppl["seqlen"])]
+            assert trace["y"] == [pytest.approx(ppl[model])] and trace["text"] == [f"{ppl[model]:.2f}"]
+        for plot, chart in ((acc_plot, "acc_chart"), (lat_plot, "latency_chart")):
+            fig = figure(plot)
+            assert fig["data"] == [] and title(fig) == t(chart, lang)
+            assert [a["text"] for a in fig["layout"]["annotations"]] == [t("chart_empty_eval", lang)]
 
     # Export the packed int4 checkpoint of the models in memory; it downloads as a zip that core loads back.
     msg = client.predict(LANG, api_name="/start_export")

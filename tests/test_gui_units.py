@@ -122,14 +122,14 @@ def test_log_lines_in_chinese_keep_numbers_and_drop_english():
               ("ppl_value", {"model": "quantized", "value": 21.5}),
               ("ppl_value_seqlen", {"model": "rtn", "seqlen": 512, "value": 80.1}),
               ("load_model", {"model_path": "smollm2", "dtype": "float32", "device": "cpu"}),
-              ("saved", {"path": "/srv/runs/20260101-000000/flat_matrices.pth"}),
+              ("saved", {"file_path": "/srv/runs/20260101-000000/flat_matrices.pth"}),
               ("calib_data", {"source": "Python's bundled documentation text (pydoc_data.topics, ships with CPython), "
                                         "first half"}),
               ("latency_timing", {"models": ["original", "quantized", "quantized_real"], "repeats": 3}),
               ("loss_rose", {"i": 1, "first": 0.1515, "last": 3.831, "change": "+2428.6%"}),
               ("memory_estimate", {"host_gib": 1.5, "host_parts": {"weights": 0.5, "activations": 0.25}}),
               ("acc_value", {"model": "original", "acc": {"piqa": 60.0, "acc_avg": 60.0}}),
-              ("export_done", {"format": "native", "path": "/srv/runs/1/checkpoint",
+              ("export_done", {"format": "native", "folder_path": "/srv/runs/1/checkpoint",
                                "zip_path": "/srv/runs/1/quantized_checkpoint.zip"})]
     for key, params in events:
         zh = event_text({"key": key, "params": params}, "zh")
@@ -446,7 +446,7 @@ def test_log_and_status_hide_server_paths():
     from flatgui.tabs.calibrate import progress_html
 
     ev = {"stage": "fold", "elapsed_s": 3.0, "key": "saved",
-          "params": {"path": "/srv/flatquant/runs/20260101-000000/flat_matrices.pth"}}
+          "params": {"file_path": "/srv/flatquant/runs/20260101-000000/flat_matrices.pth"}}
     for lang in ("en", "zh"):
         line = format_entry({"t": 3.0, "event": ev}, lang)
         assert "flat_matrices.pth" in line and "/srv" not in line

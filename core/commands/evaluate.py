@@ -7,8 +7,9 @@ import sys
 import time
 from pathlib import Path
 
-from ..evaluate import SECTIONS, add_eval_args, eval_options_from_args, evaluate_pair, summary_lines
+from ..evaluate import REPORT_KEYS, SECTIONS, add_eval_args, eval_options_from_args, evaluate_pair, summary_lines
 from ..progress import ProgressEvent, Reporter
+from ..validate import undone_unless_measured
 
 
 def register(subparsers) -> argparse.ArgumentParser:
@@ -43,28 +44,30 @@ def run(args: argparse.Namespace) -> int:
               ("--ppl_data", args.ppl_data), ("--tasks_data_dir", args.tasks_data_dir)]
     check_apart(output_dir, inputs, written=job_writes(calibrates=False))
     validate_evaluate_args(args, output_dir)
-    with folder_lock(output_dir):  # one job per output folder
+    # one job per output folder; a run that fails before it measured anything leaves no report
+    with folder_lock(output_dir), undone_unless_measured(output_dir, REPORT_KEYS):
         return _evaluate(args, output_dir)
 
 
 def validate_evaluate_args(args: argparse.Namespace, output_dir: str) -> None:
-    """What can be checked before a model loads: device, model folder, matrix file (finite, for this model, and
-    not calibrated on the perplexity text), perplexity text and the output folder."""
+    """What can be checked before a model loads: every evaluation option, device, model folder, matrix file
+    (finite, for this model, and not calibrated on the perplexity text), perplexity text, the accuracy tasks and
+    their local files, and the output folder."""
     from ..data import check_recorded_disjoint
     from ..device import resolve_device
-    from ..evaluate import eval_options_from_args
+    from ..evaluate import check_eval_options, eval_options_from_args
     from ..matrices import calibrated_on
-    from ..validate import check_data_source, check_matrix_file, check_model_weights, check_output_dir, \
-        read_model_folder
+    from ..validate import check_matrix_file, check_model_weights, check_output_dir, read_model_folder
 
+    options = eval_options_from_args(args, output_dir=output_dir)  # counts, sections, dtypes
     resolve_device(args.device)
     model_dir, model_cfg = read_model_folder(args.model_path)
     check_model_weights(model_dir, model_cfg)
     if args.flat_matrix_path:
         payload = check_matrix_file(args.flat_matrix_path, model_cfg)
-        if "ppl" in eval_options_from_args(args).sections:
+        if "ppl" in options.sections:
             check_recorded_disjoint(calibrated_on(payload), args.ppl_data)
-    check_data_source(args.ppl_data, "--ppl_data")
+    check_eval_options(options)
     check_output_dir(output_dir, 4 * 2**20)
 
 
@@ -74,7 +77,7 @@ def _evaluate(args: argparse.Namespace, output_dir: str) -> int:
     if args.flat_matrix_path:
         from ..pipeline import QuantizeOptions, run_quantize
 
-        reporter.emit("rebuild_quantized", {"path": str(args.flat_matrix_path)})
+        reporter.emit("rebuild_quantized", {"file_path": str(args.flat_matrix_path)})
         # skip_ppl: this command measures perplexity itself, at every --ppl_seqlens value.
         result = run_quantize(QuantizeOptions(model_path=args.model_path, load_matrix=True,
                                               flat_matrix_path=args.flat_matrix_path, device=args.device,
