@@ -22,7 +22,7 @@ from typing import Optional
 
 import torch
 
-from .errors import FlatQuantError
+from .errors import FlatQuantError, OutputError
 from .outputs import reserve_file
 
 GIB = 2 ** 30
@@ -288,7 +288,11 @@ class ActivationStore:
         self._kept: list[Path] = []
         self._count = 0
         if self.folder is not None:
-            self.folder.mkdir(parents=True, exist_ok=True)
+            try:
+                self.folder.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:  # a file in the way, no permission, a full disk
+                raise OutputError(f"--activation_dir {str(folder)!r} cannot be made a folder ({exc.strerror or exc}); "
+                                  "point it at a writable folder.") from exc
 
     @property
     def on_disk(self) -> bool:

@@ -160,53 +160,81 @@ def _describe(fd: int, command: str) -> None:
         pass  # a full disk: the lock holds all the same, only its description is missing
 
 
-class JobLock:
-    """An exclusive lock on an output for the life of a job (``with`` block): ``flock`` on ``lock_path``, holding
-    the job's pid, command and start time, released (and the file removed) when the block ends or the process
-    dies. A second process is refused with one OutputError line naming the holder; the same process may re-enter.
-    ``folder``: created when missing, and removed again when the block fails and it holds nothing but the job's
-    log (core.validate.remove_if_only_logs)."""
+def _acquire(path: Path, option: str, shown: str, command: str) -> str:
+    """flock ``path`` for this process (re-entered when it already holds it); returns its registry key."""
+    key = os.path.realpath(path)
+    with _HELD_GUARD:
+        held = _HELD.get(key)
+        if held is not None:
+            held[1] += 1
+            return key
+        fd = _open_locked(path, option, shown)
+        _describe(fd, command)
+        _HELD[key] = [fd, 1]
+    return key
 
-    def __init__(self, lock_path: Path, option: str, shown: str, command: str, folder: Optional[Path] = None):
-        self.path, self.option, self.shown, self.command, self.folder = lock_path, option, shown, command, folder
+
+def _release(key: str) -> None:
+    """Undo one _acquire; the last one removes the lock file (when it is still the one locked) and unlocks it."""
+    with _HELD_GUARD:
+        held = _HELD[key]
+        held[1] -= 1
+        if held[1]:
+            return
+        del _HELD[key]
+        fd = held[0]
+    try:
+        if os.path.samestat(os.fstat(fd), os.stat(key)):
+            os.unlink(key)
+    except OSError:
+        pass
+    os.close(fd)
+
+
+class JobLock:
+    """An exclusive lock on an output for the life of a job (``with`` block): ``flock`` on each of ``locks`` (a lock
+    file path, and whether it may be skipped when it cannot be created), holding the job's pid, command and start
+    time, released (and the files removed) when the block ends or the process dies. A second process is refused
+    with one OutputError line naming the holder; the same process may re-enter (the GUI's jobs, a command and the
+    export it calls). ``folder``: created when missing, and removed again when the block fails and it holds nothing
+    but the job's log (core.validate.remove_if_only_logs); without it, the parents made for the lock file are
+    removed again when they stay empty."""
+
+    def __init__(self, locks: list[tuple[Path, bool]], option: str, shown: str, command: str,
+                 folder: Optional[Path] = None):
+        self.locks, self.option, self.shown, self.command, self.folder = locks, option, shown, command, folder
         self.created = False
         self.made: list[Path] = []
-        self.key: Optional[str] = None
+        self.keys: list[str] = []
 
     def __enter__(self) -> "JobLock":
+        first = self.locks[0][0]
         if self.folder is not None:
             from .validate import check_output_dir
 
             check_output_dir(self.shown)  # a file, not writable: the usual message, before anything is made
             self.created = not self.folder.exists()
-        self.made = [d for d in [self.path.parent, *self.path.parent.parents] if not d.exists()]
+        self.made = [d for d in [first.parent, *first.parent.parents] if not d.exists()]
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            first.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise OutputError(f"{self.option} {self.shown!r} cannot be created ({exc.strerror or exc}); pick "
                               "another folder.") from exc
-        if fcntl is None:
-            return self
-        self.key = os.path.realpath(self.path)
-        with _HELD_GUARD:
-            held = _HELD.get(self.key)
-            if held is not None:
-                held[1] += 1
-                return self
-            fd = _open_locked(self.path, self.option, self.shown)
-            _describe(fd, self.command)
-            _HELD[self.key] = [fd, 1]
+        try:
+            for path, optional in self.locks if fcntl is not None else ():
+                try:
+                    self.keys.append(_acquire(path, self.option, self.shown, self.command))
+                except OutputError as exc:  # a held lock always refuses; a lock file that cannot be made may not
+                    if not (optional and isinstance(exc.__cause__, OSError)):
+                        raise
+        except BaseException as exc:
+            self.__exit__(type(exc), exc, None)
+            raise
         return self
 
     def __exit__(self, exc_type, exc, tb) -> bool:
-        if self.key is not None:
-            with _HELD_GUARD:
-                held = _HELD[self.key]
-                held[1] -= 1
-                if held[1] == 0:
-                    del _HELD[self.key]
-                    self._remove_file(held[0])
-                    os.close(held[0])
+        while self.keys:
+            _release(self.keys.pop())
         if exc_type is not None and self.created:
             from .validate import remove_if_only_logs
 
@@ -222,13 +250,6 @@ class JobLock:
                     break
         return False
 
-    def _remove_file(self, fd: int) -> None:
-        try:
-            if os.path.samestat(os.fstat(fd), os.stat(self.path)):
-                os.unlink(self.path)
-        except OSError:
-            pass
-
 
 def command_line() -> str:
     """This process's command, as the user would type it (no interpreter path)."""
@@ -236,16 +257,22 @@ def command_line() -> str:
         f"python {Path(sys.argv[0]).name if sys.argv else ''}".strip()
 
 
+def _beside(path: Path) -> Path:
+    return path.parent / f".{path.name}.lock"
+
+
 def folder_lock(folder: str | os.PathLike, option: str = "--output_dir", command: Optional[str] = None) -> JobLock:
-    """The lock of a job's output folder (a file inside it; the folder is created when missing)."""
+    """The lock of a job's output folder: a file inside it (the folder is created when missing), and the export
+    lock beside it when its parent is writable (an export that would replace the folder meanwhile is refused)."""
     path = Path(folder).expanduser()
-    return JobLock(path / LOCK_FILE, option, str(folder), command or command_line(), folder=path)
+    return JobLock([(path / LOCK_FILE, False), (_beside(path), True)], option, str(folder),
+                   command or command_line(), folder=path)
 
 
 def target_lock(target: str | os.PathLike, option: str = "--output_dir", command: Optional[str] = None) -> JobLock:
     """The lock of a folder that is written elsewhere and renamed into place (an export): a file beside it."""
     path = Path(target).expanduser()
-    return JobLock(path.parent / f".{path.name}.lock", option, str(target), command or command_line())
+    return JobLock([(_beside(path), False)], option, str(target), command or command_line())
 
 
 def is_other_rank() -> bool:

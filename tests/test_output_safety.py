@@ -262,6 +262,15 @@ def test_activation_reservation_failure_injected(tiny_qwen3_dir, tmp_path, capsy
     assert not out.exists() and os.listdir(act) == []
 
 
+def test_activation_dir_that_is_a_file_is_one_error_line(tiny_qwen3_dir, tmp_path, capsys):
+    blocker = tmp_path / "act"
+    blocker.write_text("not a folder")
+    out = tmp_path / "out"
+    refused(capsys, ["quantize", "--model_path", str(tiny_qwen3_dir), *TRAIN, "--output_dir", str(out),
+                     "--activation_dir", str(blocker)], "--activation_dir")
+    assert not out.exists() and blocker.read_text() == "not a folder"
+
+
 # --- 4. one job per output ----------------------------------------------------------------------------------------
 
 HOLDER = """
@@ -306,6 +315,10 @@ def test_a_second_job_into_a_locked_folder_is_refused_naming_the_first(holder, t
     second = holder("target", target)
     refused(capsys, export_args(tiny_qwen3_dir, matrix, target), f"pid {second.pid}")
     assert not target.exists()
+    # across commands: an export would replace a folder a job writes in, a job would write in a folder being replaced
+    refused(capsys, export_args(tiny_qwen3_dir, matrix, out, "native", "--overwrite"), f"pid {first.pid}")
+    refused(capsys, [*quantize[:-1], str(target)], f"pid {second.pid}")
+    assert os.listdir(out) == [LOCK_FILE] and not target.exists()
 
 
 def test_the_lock_goes_with_its_process_and_never_stays_in_the_folder(holder, tiny_qwen3_dir, tmp_path, capsys):
@@ -383,3 +396,4 @@ def test_a_killed_commit_gives_the_previous_export_back(matrix, tiny_qwen3_dir, 
     refused(capsys, export_args(tiny_qwen3_dir, matrix, tmp_path / "out"), "--overwrite")
     assert (tmp_path / "out" / "model.safetensors").read_text() == "the earlier export"
     assert sorted(os.listdir(tmp_path)) == ["out"]
+
