@@ -1,5 +1,6 @@
-"""GPTQ weight rounding: the folded model re-quantizes GPTQ's weights to GPTQ's own codes (so real == fake holds),
-and GPTQ lowers the layer-output error against round-to-nearest on the same transformed weights and activations."""
+"""GPTQ weight rounding: its codes are those of GPTQ's definition (column by column, the columns left re-fitted by
+least squares), the folded model re-quantizes GPTQ's weights to GPTQ's own codes (so real == fake holds), and GPTQ
+lowers the layer-output error against round-to-nearest by a stated margin on a real SmolLM2 layer and real text."""
 import copy
 
 import pytest
@@ -8,13 +9,13 @@ import torch
 from core.adapters import adapter_for
 from core.algorithms.quarot import apply_quarot
 from core.config import parse_config
-from core.data import load_text, sample_windows, tokenize
+from core.data import sample_windows, token_ids
 from core.algorithms import apply_flat_structure
 from core.flat import FlatQuantLinear, fold_model, set_quant_enabled
 from core.gptq import GPTQConfig, HessianCollector, dequantize, gptq_layer, gptq_linear, gptq_quantize, \
     quantized_linears
 from core.models import decoder_layers
-from core.quantizer import quantize_codes
+from core.quantizer import qmax, quantize_codes
 from core.realquant.convert import convert_model
 
 
@@ -39,6 +40,43 @@ def test_requantizing_gptq_weights_gives_back_its_codes(act_order, with_clip):
     assert torch.equal(requant, codes)
     assert torch.allclose(rescale, scale, rtol=1e-6)
     assert torch.equal(stored[5], torch.zeros(96))
+
+
+def _gptq_by_definition(w: torch.Tensor, hessian: torch.Tensor, damp: float, act_order: bool) -> torch.Tensor:
+    """GPTQ's codes from its definition, without its Cholesky factor or lazy batches: in GPTQ's column order, round
+    column j to the nearest code of the row's grid (scale = absmax/7; the row's absmax column pinned to ±7), then
+    move every column not yet rounded (R) to the least-squares optimum given the codes so far (F): minimizing
+    (w - v)·H·(w - v)ᵀ over v_R gives v_R = w_R + (w_F - s·q_F)·H_FR·H_RR⁻¹, H damped as GPTQ damps it."""
+    w64 = w.double()
+    scale = (w.abs().amax(1, keepdim=True) / qmax(4)).double()
+    pin = w.abs().argmax(1)
+    h = hessian.double() + damp * hessian.double().diagonal().mean() * torch.eye(w.shape[1], dtype=torch.float64)
+    order = torch.argsort(hessian.diagonal(), descending=True) if act_order else torch.arange(w.shape[1])
+    codes, v = torch.zeros_like(w64), w64.clone()
+    for j in range(len(order)):
+        col = order[j]
+        q = torch.clamp(torch.round(v[:, col] / scale[:, 0]), -qmax(4), qmax(4))
+        codes[:, col] = torch.where(pin == col, torch.sign(w64[:, col]) * qmax(4), q)
+        done, rest = order[:j + 1], order[j + 1:]
+        if len(rest):
+            delta = w64[:, done] - scale * codes[:, done]
+            v[:, rest] = w64[:, rest] + delta @ h[done][:, rest] @ torch.linalg.inv(h[rest][:, rest])
+    return codes
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+def test_gptq_codes_equal_its_least_squares_definition(act_order):
+    """Every code equals the closed form's, across 3 lazy-batch blocks: an error feedback that is missing, partial
+    (within a block only) or of the wrong size changes codes."""
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(16, 24, generator=g)
+    x = torch.randn(256, 24, generator=g) @ torch.randn(24, 24, generator=g)  # correlated inputs
+    h = _hessian(x)
+    codes, scale = gptq_quantize(w, h, GPTQConfig(act_order=act_order, block_size=8, damp=0.01))
+    want = _gptq_by_definition(w, h, 0.01, act_order)
+    assert torch.equal(scale, w.abs().amax(1, keepdim=True) / qmax(4))
+    assert torch.equal(codes.double(), want), (codes.double() != want).sum()
+    assert not torch.equal(codes, quantize_codes(w, 4, 1, None)[0])  # far from round-to-nearest: the test can tell
 
 
 def test_hessian_collector_matches_the_formula_and_sees_the_online_transform():
@@ -69,18 +107,18 @@ def test_gptq_refuses_an_unfolded_linear():
 
 
 @pytest.fixture(scope="module")
-def rotated_smollm2(smollm2, shared_data):
+def rotated_smollm2(smollm2):
     """The first 4 layers of SmolLM2, QuaRot-rotated and folded (the transformed weights), quantization off, and
-    WikiText-2 validation windows: calibration from its first half, held-out from its second."""
+    windows of the embedded text (real prose on every machine): calibration from its calibration half, held-out
+    from its perplexity half."""
     model = copy.deepcopy(smollm2.model)
     model.model.layers = model.model.layers[:4]  # layer 3 is the one under test
     apply_quarot(model, parse_config())
     fold_model(model)
     set_quant_enabled(model, False)
-    text, _ = load_text(shared_data / "wikitext-2" / "wiki.valid.tokens")
-    ids = tokenize(smollm2.tokenizer, text[:300_000])
-    half = ids.numel() // 2
-    return model, sample_windows(ids[:half], 16, 256, seed=0), sample_windows(ids[half:], 4, 128, seed=1)
+    calib, _ = token_ids(smollm2.tokenizer, None, "train")
+    held, _ = token_ids(smollm2.tokenizer, None, "test")
+    return model, sample_windows(calib, 16, 256, seed=0), sample_windows(held, 4, 128, seed=1)
 
 
 def _layer_inputs(model, targets, ids):
@@ -112,11 +150,18 @@ def _layer_inputs(model, targets, ids):
     return {n: torch.cat(v) for n, v in seen.items()}
 
 
+# Highest allowed ‖X·Wᵀ - X·Q_gptqᵀ‖ / ‖X·Wᵀ - X·Q_rtnᵀ‖ per linear of SmolLM2's layer 3 (QuaRot, embedded text, 16 x
+# 256 calibration tokens). Measured (act_order off / on): calibration q k v gate up 0.376-0.398 / 0.369-0.390,
+# down_proj 0.621 / 0.615; held-out q k v gate up 0.444-0.471 / 0.437-0.463, down_proj 0.969 / 0.970 (4096 tokens are
+# few for down_proj's 1536 inputs: its rounding fits them and generalizes least). The bounds are those values plus
+# about 15%; a GPTQ without error feedback is round-to-nearest (ratio 1.0) and fails every one of them.
+MAX_RATIO = {"calib": {"down_proj": 0.72, "other": 0.46}, "held": {"down_proj": 1.0, "other": 0.54}}
+
+
 @pytest.mark.parametrize("act_order", [False, True])
 def test_gptq_lowers_layer_output_error_against_rtn(rotated_smollm2, act_order):
     """Per linear of a QuaRot-rotated SmolLM2 layer: ‖X·Wᵀ - X·Qᵀ‖ for GPTQ's Q against the project's RTN of the same
-    weight, on the calibration activations (what GPTQ minimizes) and on held-out ones (4096 calibration tokens are
-    few for down_proj's 1536 inputs: there it generalizes least)."""
+    weight, on the calibration activations (what GPTQ minimizes) and on held-out ones, at most MAX_RATIO."""
     model, calib, held = rotated_smollm2
     layer = decoder_layers(model)[3]
     targets = quantized_linears(layer, adapter_for(model).linears())
@@ -135,9 +180,10 @@ def test_gptq_lowers_layer_output_error_against_rtn(rotated_smollm2, act_order):
             err_gptq = (x @ dequantize(codes, scale).t() - ref).norm()
             err_rtn = (x @ (rtn_codes * rtn_scale).t() - ref).norm()
             ratios[split][name] = float(err_gptq / err_rtn)
-    assert all(r < 0.7 for r in ratios["calib"].values()), ratios
-    assert all(r < 1.0 for r in ratios["held"].values()), ratios
-    assert sum(ratios["held"].values()) / len(targets) < 0.6, ratios
+    for split, by_name in ratios.items():
+        for name, ratio in by_name.items():
+            bound = MAX_RATIO[split]["down_proj" if name.endswith("down_proj") else "other"]
+            assert ratio <= bound, (split, name, ratio, ratios)
 
 
 @pytest.mark.parametrize("algorithm", ["quarot", "flatquant"])
