@@ -10,17 +10,23 @@ number papers quote), else acc (LAMBADA, WinoGrande). Values are percent with 2 
 """
 from __future__ import annotations
 
+import contextlib
+import io
+import json
+import logging
 import os
 import shutil
 import tempfile
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
 from torch import nn
 
-from .errors import ConfigError, DataError
+from .errors import ConfigError, DataError, one_line, shown
 from .progress import Reporter
+from .validate import safe_message
 
 DEFAULT_TASKS: tuple[str, ...] = ("arc_challenge", "arc_easy", "hellaswag", "lambada_openai", "piqa", "winogrande")
 LOCAL_SUFFIX = "_local"  # generated task name = stock name + suffix (a task name must be unique in lm-eval's index)
@@ -158,10 +164,12 @@ def plan_tasks(tasks: Sequence[str], tasks_data_dir: Optional[str] = None) -> Ta
         data_file = find_local_file(task, tasks_data_dir) if tasks_data_dir else None
         if data_file is None:
             if tasks_data_dir and offline:
+                yaml_note = (" (task YAMLs are not read from it: it holds the data files themselves)"
+                             if any(Path(tasks_data_dir).glob(f"{task}.y*ml")) else "")
                 raise DataError(
                     f"No local file for task {task!r} in {tasks_data_dir} (tried "
-                    f"{', '.join(p.format(t=task) for p in _FILE_PATTERNS)}); add one in the HF schema or drop "
-                    "the task."
+                    f"{', '.join(p.format(t=task) for p in _FILE_PATTERNS)}){yaml_note}; add one in the HF schema "
+                    "or drop the task."
                 )
             plan.stock.append(task)
             continue
@@ -197,6 +205,129 @@ def write_task_configs(plan: TaskPlan, out_dir: str | os.PathLike) -> TaskPlan:
         t.yaml_path = str(path)
     plan.config_dir = str(out)
     return plan
+
+
+# --- checking local task files before a model loads --------------------------------------------------------------
+
+CHECKED_DOCS = 20  # documents per local task that lm-eval renders before a model loads
+_DATA_PACKAGES = ("datasets", "pyarrow", "jinja2")  # an lm-eval failure in these read or templated a task's data
+
+
+def check_tasks(tasks: Sequence[str], tasks_data_dir: Optional[str] = None, limit: Optional[int] = None) -> None:
+    """Before a model loads: every task is an lm-eval task, and every local task file reads as that task's
+    documents (each JSON line parses, all have the same fields, and lm-eval builds the task and renders its first
+    documents with the task's own templates). One DataError naming the file otherwise."""
+    plan = plan_tasks(tasks, tasks_data_dir)
+    for t in plan.local:
+        _check_json_documents(Path(t.data_file))
+    if plan.local:
+        _render_local_tasks(plan, min(limit or CHECKED_DOCS, CHECKED_DOCS))
+
+
+def _task_file_error(path: Path, problem: str) -> DataError:
+    return DataError(f"Task file {path.name!r} in --tasks_data_dir: {problem}; fix the file or drop its task from "
+                     "--tasks.")
+
+
+def _json_documents(path: Path) -> list[tuple[str, object]]:
+    """(where, document) of a JSON Lines file, or of a .json file holding one array (as datasets reads them)."""
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".json":
+        try:
+            whole = json.loads(text)
+        except ValueError:
+            whole = None  # JSON Lines in a .json file
+        if isinstance(whole, list):
+            return [(f"item {i}", doc) for i, doc in enumerate(whole, 1)]
+        if whole is not None:
+            raise _task_file_error(path, f"it holds a JSON {type(whole).__name__}, not a list of documents")
+    docs = []
+    for number, line in enumerate(text.split("\n"), 1):  # not splitlines(): U+2028 may sit inside a JSON string
+        if line.strip():
+            try:
+                docs.append((f"line {number}", json.loads(line)))
+            except ValueError:
+                raise _task_file_error(path, f"line {number} is not valid JSON") from None
+    return docs
+
+
+def _check_json_documents(path: Path) -> None:
+    if path.suffix not in (".json", ".jsonl"):
+        return  # parquet/csv: datasets reads them when the task is rendered
+    try:
+        docs = _json_documents(path)
+    except UnicodeDecodeError:
+        raise _task_file_error(path, "it is not UTF-8 text") from None
+    except OSError as exc:
+        raise _task_file_error(path, f"it cannot be read ({exc.strerror})") from None
+    if not docs:
+        raise _task_file_error(path, "it holds no documents")
+    first_where, first = docs[0]
+    for where, doc in docs:
+        if not isinstance(doc, dict):
+            raise _task_file_error(path, f"{where} is a JSON {type(doc).__name__}, not an object with the task's "
+                                         "fields")
+        if set(doc) != set(first):
+            missing, extra = sorted(set(first) - set(doc)), sorted(set(doc) - set(first))
+            raise _task_file_error(path, f"{where} has other fields than {first_where} (missing {shown(missing)}, "
+                                         f"extra {shown(extra)}); every document needs the same fields")
+
+
+def _render_local_tasks(plan: TaskPlan, docs: int) -> None:
+    """lm-eval builds each local task from its file (datasets reads the whole file) and builds the requests of its
+    first ``docs`` documents, as the evaluation will: a file in another task's schema fails here."""
+    tmp = tempfile.mkdtemp(prefix="flatquant_lm_eval_check_")
+    try:
+        write_task_configs(plan, tmp)
+        with _quiet():
+            from lm_eval.tasks import TaskManager, get_task_dict
+
+            manager = TaskManager(include_path=tmp, include_defaults=False)
+            for t in plan.local:
+                try:
+                    get_task_dict([t.local_name], manager)[t.local_name].build_all_requests(limit=docs)
+                except Exception as exc:  # datasets' and pyarrow's read errors, jinja2's template errors, ...
+                    raise _task_file_error(Path(t.data_file), f"lm-eval cannot read it as {t.task} "
+                                                              f"({_root_cause(exc)})") from exc
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _quiet():
+    """Progress bars, warnings and log lines of datasets and lm-eval held back: a failed check prints one line."""
+    loggers = [logging.getLogger(name) for name in ("lm_eval", "datasets")]
+    levels = [logger.level for logger in loggers]
+    with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()), \
+            contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        for logger in loggers:
+            logger.setLevel(logging.CRITICAL)
+        try:
+            yield
+        finally:
+            for logger, level in zip(loggers, levels):
+                logger.setLevel(level)
+
+
+def _root_cause(exc: BaseException) -> str:
+    """'Type: message' of the innermost exception of a chain, one bounded line without server paths."""
+    while exc.__cause__ is not None or exc.__context__ is not None:
+        exc = exc.__cause__ or exc.__context__
+    return one_line(safe_message(f"{type(exc).__name__}: {exc}"), 200)
+
+
+def _from_task_data(exc: BaseException) -> bool:
+    """Whether an lm-eval failure came from reading or templating a task's documents (datasets, pyarrow, jinja2
+    frames in its traceback), not from the model."""
+    while exc is not None:
+        tb = exc.__traceback__
+        while tb is not None:
+            if any(p in Path(tb.tb_frame.f_code.co_filename).parts for p in _DATA_PACKAGES):
+                return True
+            tb = tb.tb_next
+        exc = exc.__cause__ or exc.__context__
+    return False
 
 
 # --- running and summarising ------------------------------------------------------------------------------------------
@@ -310,6 +441,12 @@ def evaluate_accuracy(model: nn.Module, tokenizer, options: AccuracyOptions | No
         except (FileNotFoundError, ConnectionError) as exc:
             raise DataError(f"lm-eval could not read a task's data: {str(exc).splitlines()[0]}. Pass "
                             "--tasks_data_dir with local files (e.g. ../shared/data/eval).") from exc
+        except Exception as exc:
+            if not _from_task_data(exc):
+                raise
+            raise DataError(f"lm-eval could not use the documents of {', '.join(order)} ({_root_cause(exc)}); fix "
+                            "the task file (its first documents were checked before the run) or drop the task."
+                            ) from exc
         finally:
             handle.remove()
     finally:

@@ -23,18 +23,20 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-from .accuracy import DEFAULT_TASKS, AccuracyOptions, evaluate_accuracy, format_acc_line
+from .accuracy import DEFAULT_TASKS, AccuracyOptions, check_tasks, evaluate_accuracy, format_acc_line
 from .data import check_recorded_disjoint
 from .device import COMPUTE_DTYPE_CHOICES, compute_dtype
-from .errors import ConfigError
+from .errors import ConfigError, shown
 from .generation import GenerationOptions, compare_generation
 from .latency import LATENCY_TEXT, latency_input_ids, measure_interleaved, model_device
 from .progress import Reporter
 from .report import load_report, update_report
+from .validate import check_count, check_data_source
 
 SECTIONS = ("ppl", "acc", "latency", "gen")
 LATENCY_MODELS = ("original", "quantized", "quantized_real")
 _SECTION_KEYS = {"ppl": "ppl", "acc": "accuracy", "latency": "latency", "gen": "generation"}
+REPORT_KEYS = tuple(_SECTION_KEYS.values())  # report.json's keys of the measured sections
 TASK_CONFIG_DIR = "lm_eval_tasks"  # the generated lm-eval task YAMLs, in the output folder
 
 
@@ -72,13 +74,29 @@ class EvalOptions:
     max_new_tokens: int = 64
 
     def __post_init__(self) -> None:
+        """Every value checked here, before a model loads (the tasks and their files: check_eval_options)."""
         unknown = [s for s in self.sections if s not in SECTIONS]
         if unknown:
-            raise ConfigError(f"Unknown --eval section(s) {unknown}; choose from {', '.join(SECTIONS)}.")
-        if any(int(s) < 2 for s in self.ppl_seqlens):
-            raise ConfigError("--ppl_seqlens values must be >= 2.")
-        if self.limit is not None and self.limit < 1:
-            raise ConfigError("--limit must be a positive number of documents per task.")
+            raise ConfigError(f"Unknown --eval section(s) {shown(unknown)}; choose from {', '.join(SECTIONS)}.")
+        for seqlen in self.ppl_seqlens:
+            check_count("--ppl_seqlens", seqlen, 2)
+        check_count("--ppl_max_windows", self.ppl_max_windows, 1, fix="; to skip perplexity leave ppl out of --eval")
+        for option, value in (("--limit", self.limit), ("--eval_batch_size", self.eval_batch_size),
+                              ("ppl_batch_size", self.ppl_batch_size), ("--latency_seqlen", self.latency_seqlen),
+                              ("--decode_tokens", self.decode_tokens), ("--latency_repeats", self.latency_repeats),
+                              ("--max_new_tokens", self.max_new_tokens)):
+            check_count(option, value, 1)
+        compute_dtype("cpu", self.compute_dtype)  # an unknown name is an error before anything runs
+        _latency_dtype(self.latency_dtype, torch.device("cpu"), self.compute_dtype)
+
+
+def check_eval_options(options: EvalOptions) -> None:
+    """What an EvalOptions cannot check on its own, before a model loads: the perplexity text and the accuracy
+    tasks with their local files."""
+    if "ppl" in options.sections:
+        check_data_source(options.ppl_data, "--ppl_data")
+    if "acc" in options.sections:
+        check_tasks(options.tasks, options.tasks_data_dir, options.limit)
 
 
 def build_baseline(name: str, original: nn.Module, quant_config: Optional[dict] = None,
@@ -180,7 +198,7 @@ def _latency_dtype(name: Optional[str], device: torch.device, compute: Optional[
     if name == "auto":
         return compute_dtype(device, compute)
     dtype = getattr(torch, str(name), None)
-    if not isinstance(dtype, torch.dtype):
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise ConfigError(f"--latency_dtype must be bfloat16, float16, float32 or none, got {name!r}.")
     return dtype
 

@@ -135,10 +135,12 @@ def load_model(model_path: Optional[str] = None, device: str | torch.device = "c
     costs 2 bytes per parameter and is never materialized in fp32 as a whole; or bf16/fp16/fp32 (name or
     torch.dtype). Weights are read straight into their final tensors (no random init first)."""
     from .memory import parse_dtype
+    from .validate import check_model_weights, read_model_folder
 
-    path = resolve_model_path(model_path)
-    arch = read_architecture(path)
-    dtype = parse_dtype(dtype) or checkpoint_dtype(read_model_config(path))
+    path, config = read_model_folder(model_path)  # every loader: sizes checked, safetensors weights only
+    check_model_weights(path, config)
+    arch = architecture_of(config)
+    dtype = parse_dtype(dtype) or checkpoint_dtype(config)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:

@@ -6,6 +6,7 @@ leaves no output folder behind.
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import json
@@ -13,6 +14,7 @@ import logging
 import math
 import os
 import shutil
+import tempfile
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Callable, Iterable, Optional
@@ -24,6 +26,7 @@ from .errors import CalibrationError, ConfigError, DataError, MatrixFileError, M
 from .events import render as render_event
 from .matrices import calibrated_on, non_finite_tensors, read_matrices
 from .models import architecture_of, identity_of, read_model_config, resolve_model_path
+from .report import REPORT_NAME, atomic_write_bytes, load_report
 
 # The linears of one decoder layer, as FlatQuant names them (model.layers.{i}.<part>); Llama and Qwen3 agree.
 LAYER_LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
@@ -38,6 +41,20 @@ _DISPOSABLE = ("quantize.log",)
 # The config.json sizes a job reads (memory estimate, matrix shapes, seqlen limit): required, then optional ones.
 MODEL_SIZE_FIELDS = ("hidden_size", "num_hidden_layers", "intermediate_size", "num_attention_heads", "vocab_size")
 OPTIONAL_SIZE_FIELDS = ("num_key_value_heads", "head_dim", "max_position_embeddings")
+
+
+# --- option values -------------------------------------------------------------------------------------------
+
+
+def check_count(option: str, value, minimum: int = 1, maximum: Optional[int] = None, fix: str = "") -> None:
+    """An integer option (a count, a length, a seed) is within [minimum, maximum]; None means not given. ``fix``
+    follows the message (e.g. the option to use instead)."""
+    if value is None:
+        return
+    is_int = isinstance(value, int) and not isinstance(value, bool)
+    if not (is_int and minimum <= value and (maximum is None or value <= maximum)):
+        bounds = f">= {minimum}" if maximum is None else f"from {minimum} to {maximum}"
+        raise ConfigError(f"{option} must be an integer {bounds}, got {shown(value)}{fix}.")
 
 
 # --- the model folder, read without loading the model ---------------------------------------------------------
@@ -203,23 +220,36 @@ def estimated_matrix_bytes(model_cfg: dict, max_layers: Optional[int] = None, we
 
 def check_output_dir(output_dir: str | os.PathLike, needed_bytes: int = 0) -> None:
     """The folder (or its nearest existing parent) is a writable folder with room for needed_bytes."""
-    path = Path(output_dir).expanduser()
+    check_writable_folder(output_dir, "--output_dir", needed_bytes)
+
+
+def check_writable_folder(folder: str | os.PathLike, option: str, needed_bytes: int = 0) -> None:
+    """``folder`` (or its nearest existing parent) is a writable folder with room for needed_bytes; ``option`` names
+    it in the message (--output_dir, --activation_dir)."""
+    path = Path(folder).expanduser()
     if path.exists() and not path.is_dir():
-        raise OutputError(f"--output_dir {str(output_dir)!r} is a file, not a folder; pass a folder path.")
+        raise OutputError(f"{option} {str(folder)!r} is a file, not a folder; pass a folder path.")
     parent = path
     while not parent.exists():
         parent = parent.parent
     if not parent.is_dir():
-        raise OutputError(f"--output_dir {str(output_dir)!r} is inside {str(parent)!r}, which is a file; pass a "
-                          "folder path.")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise OutputError(f"--output_dir {str(output_dir)!r} is not writable (no permission on {str(parent)!r}); "
-                          "pick another folder.")
+        raise OutputError(f"{option} {str(folder)!r} is inside {str(parent)!r}, which is a file; pass a folder path.")
+    if not os.access(parent, os.W_OK | os.X_OK) or not _can_create_in(parent):
+        raise OutputError(f"{option} {str(folder)!r} is not writable (no permission on {str(parent)!r}); pick another "
+                          "folder.")
     free = shutil.disk_usage(parent).free
     if needed_bytes and free < needed_bytes:
-        raise OutputError(f"Not enough free disk space for --output_dir {str(output_dir)!r}: "
-                          f"{free / 2**20:.1f} MiB free, the job writes about {needed_bytes / 2**20:.1f} MiB; "
-                          "free some space or pick another folder.")
+        raise OutputError(f"Not enough free disk space for {option} {str(folder)!r}: {free / 2**20:.1f} MiB free, the "
+                          f"job writes about {needed_bytes / 2**20:.1f} MiB; free some space or pick another folder.")
+
+
+def _can_create_in(folder: Path) -> bool:
+    """A folder can be made in ``folder`` (os.access says yes to root on a read-only or virtual file system)."""
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".flatquant-probe-", dir=folder))
+    except OSError:
+        return False
+    return True
 
 
 # --- the quantize job ---------------------------------------------------------------------------------------
@@ -242,6 +272,8 @@ def validate_quantize_options(options) -> FlatQuantConfig:
             check_recorded_disjoint(calibrated_on(payload), options.ppl_data)
     else:
         check_data_source(options.calib_data, "--calib_data")
+        if options.activation_dir:  # its free space is checked with the memory estimate (core.pipeline)
+            check_writable_folder(options.activation_dir, "--activation_dir")
         # never calibrate on a perplexity text, this job's or (also with --no_ppl) a later evaluate's or Compare
         # tab's; the embedded text's halves are disjoint (calibration reads the first, perplexity the second)
         check_disjoint(options.calib_data, options.ppl_data)
@@ -313,6 +345,47 @@ def _close_file_logs(folder: Path) -> None:
             if isinstance(handler, logging.FileHandler) and handler.baseFilename.startswith(folder + os.sep):
                 logger.removeHandler(handler)
                 handler.close()
+
+
+@contextlib.contextmanager
+def undone_unless_measured(output_dir: str | os.PathLike, sections: Iterable[str]):
+    """A job that fails (or is cancelled) before it measured anything leaves ``output_dir`` as it found it: the
+    entries it added go and report.json gets its old bytes back, so a run that did nothing writes no report. Once
+    one of ``sections`` is in the report, everything written stays (a failed later section keeps the others)."""
+    folder = Path(output_dir)
+    before = {p.name for p in folder.iterdir()} if folder.is_dir() else set()
+    report = folder / REPORT_NAME
+    old = report.read_bytes() if report.is_file() else None
+    try:
+        yield
+    except BaseException:
+        old_report = _parsed(old)
+        if all(load_report(folder).get(k) == old_report.get(k) for k in sections):
+            _restore(folder, before, report, old)
+        raise
+
+
+def _parsed(report: Optional[bytes]) -> dict:
+    try:
+        data = json.loads(report) if report else {}
+    except ValueError:
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _restore(folder: Path, before: set, report: Path, old: Optional[bytes]) -> None:
+    if not folder.is_dir():
+        return
+    _close_file_logs(folder)
+    for p in folder.iterdir():
+        if p.name in before:
+            continue
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+    if old is not None:
+        atomic_write_bytes(report, old)
 
 
 def remove_if_only_logs(folder: Path, also: Iterable[str] = ()) -> bool:

@@ -98,9 +98,12 @@ def check_outputs(args: argparse.Namespace, opts) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..evaluate import check_eval_options, eval_options_from_args
     from ..outputs import folder_lock, is_other_rank
 
     opts = quantize_options_from_args(args)
+    opts.check()  # the job's own options first: their messages name its flags (e.g. --no_ppl)
+    check_eval_options(eval_options_from_args(args, output_dir=opts.output_dir))  # --eval's options, before a load
     check_outputs(args, opts)
     # one job per output folder; rank 0 of a distributed job holds the lock for every rank
     with nullcontext() if opts.distributed and is_other_rank() else folder_lock(opts.output_dir):

@@ -305,11 +305,11 @@ def prepare_quantize(options, say: Callable[[str], None] = print) -> None:
     fused group (q/k/v, gate/up) to the whole group, with one note per group. ``options``: QuantizeOptions."""
     if options.load_matrix:
         return  # the matrix file's config decides; the exporter refuses a split group with a message
-    from transformers import AutoConfig
+    from ..validate import read_model_folder
 
     cfg = options.resolved_config()
     check_config(cfg)
-    n = int(AutoConfig.from_pretrained(resolve_model_path(options.model_path), local_files_only=True).num_hidden_layers)
+    n = read_model_folder(options.model_path)[1]["num_hidden_layers"]  # config.json's sizes checked
     skip, messages = widen_skip_layers(cfg, range(min(n, options.max_layers or n)))
     if messages:
         options.skip_layers = skip
