@@ -303,20 +303,21 @@ def test_bad_inputs_give_one_error_line_and_write_nothing(tiny_qwen3, tiny_qwen3
 
 def test_npu_backend_calls_follow_vllm_ascend(monkeypatch):
     from core.realquant.backends import ActQuant
-    from core.realquant.npu import KRON_MAX_TOKENS, NpuBackend, TorchReferenceOps
+    from core.realquant.npu import KRON_MAX_TOKENS, NpuBackend
+    from torch_npu_double import TorchNpuDouble
 
     calls = []
 
-    class Recording(TorchReferenceOps):
+    class Recording(TorchNpuDouble):  # torch_npu's documented ops, written apart
         @staticmethod
         def npu_convert_weight_to_int4pack(weight, inner_k_tiles=0):
             calls.append(("pack", inner_k_tiles))
-            return TorchReferenceOps.npu_convert_weight_to_int4pack(weight, inner_k_tiles)
+            return TorchNpuDouble.npu_convert_weight_to_int4pack(weight, inner_k_tiles)
 
         @staticmethod
         def npu_kronecker_quant(x, p1, p2, clip_ratio=None, dst_dtype=None):
             calls.append(("kron", x.shape[0], dst_dtype))
-            return TorchReferenceOps.npu_kronecker_quant(x, p1, p2, clip_ratio, dst_dtype)
+            return TorchNpuDouble.npu_kronecker_quant(x, p1, p2, clip_ratio, dst_dtype)
 
     be = NpuBackend(ops=Recording())
     codes = torch.randint(-8, 8, (16, 64), dtype=torch.int8)
@@ -330,7 +331,8 @@ def test_npu_backend_calls_follow_vllm_ascend(monkeypatch):
     single = be.quantize(x[-5:], act, tensors)  # the chunked call equals the unchunked one on the same rows
     assert torch.equal(qx.q[-5:], single.q) and torch.equal(qx.scale[-5:], single.scale)
     with pytest.raises(RuntimeError, match="limits"):
-        TorchReferenceOps.npu_kronecker_quant(torch.zeros(2, 4, 300), torch.eye(4), torch.eye(300))
+        TorchNpuDouble.npu_kronecker_quant(torch.zeros(2, 4, 300, dtype=torch.bfloat16),
+                                           torch.eye(4, dtype=torch.bfloat16), torch.eye(300, dtype=torch.bfloat16))
     # a right factor that is a multiple of 8 but not 16 still runs, with a warning for older CANN
     with pytest.warns(UserWarning, match="multiple of 16"):
         be.quantize(torch.randn(3, 8 * 24, dtype=torch.bfloat16),

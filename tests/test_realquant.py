@@ -21,10 +21,11 @@ from core.realquant.backends import ActQuant, CpuBackend, CudaBackend, TorchCpuB
 from core.realquant.checkpoint import export_checkpoint, load_checkpoint, read_manifest
 from core.realquant.convert import convert_model, report_time_diff
 from core.realquant.modules import FrozenQuantLinear, RealQuantLinear, TransformedNorm
-from core.realquant.npu import NpuBackend, TorchReferenceOps
+from core.realquant.npu import NpuBackend
 from core.realquant.packing import (dequantize_weight, pack_int4, pack_int4_as_int32, quantize_activation,
                                     quantize_weight, unpack_int4, unpack_int4_from_int32)
 from core.transforms import kronecker_matmul
+from torch_npu_double import TorchNpuDouble, module as torch_npu_module, pack_words, unpack_words
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -55,6 +56,10 @@ def test_int4_layout_is_low_nibble_first_and_matches_the_npu_int32_words():
     word = int(pack_int4_as_int32(codes)[0, 0]) & 0xFFFFFFFF
     assert [((word >> (4 * i)) & 0xF) for i in range(8)] == [c & 0xF for c in codes[0].tolist()]
     assert torch.equal(unpack_int4_from_int32(pack_int4_as_int32(codes)), codes)
+    # torch_npu's documented word, computed independently (tests/torch_npu_double.py): (a & 0xF) | (b & 0xF) << 4 ...
+    assert int(pack_words(codes)[0, 0]) & 0xFFFFFFFF == 0x87A5C3E1
+    many = torch.randint(-8, 8, (7, 64), dtype=torch.int8)
+    assert torch.equal(pack_int4_as_int32(many), pack_words(many))
     with pytest.raises(ValueError):
         pack_int4_as_int32(torch.zeros(2, 12, dtype=torch.int8))
 
@@ -81,7 +86,7 @@ def test_weight_codes_are_the_fake_quant_codes():
 
 def _backends():
     out = [("cpu-torch", TorchCpuBackend()), ("cuda-padding-on-cpu", CudaBackend()),
-           ("npu-reference", NpuBackend(ops=TorchReferenceOps()))]
+           ("npu-double", NpuBackend(ops=TorchNpuDouble()))]  # torch_npu's documented ops, written apart
     kernels = native.load()
     if kernels is not None:
         out.insert(0, ("cpu-native", CpuBackend()))
@@ -383,19 +388,41 @@ def test_backend_selection_without_torch_npu(monkeypatch):
         select_backend("cpu", "meta")
 
 
+def test_torch_npu_double_reproduces_the_documented_numbers():
+    """The double against torch_npu's own pages: npu_dynamic_quant's printed example, npu_quant_matmul's two x2
+    layouts of int4 weights, npu_kronecker_quant's scale (clip ratio narrows the range) and int4 saturation."""
+    x = torch.tensor([[0.7261, 0.3726, 0.9126], [0.9023, 0.9990, 0.1279], [0.8628, 0.6240, 0.9028]],
+                     dtype=torch.float16)
+    y, scale = TorchNpuDouble.npu_dynamic_quant(x)
+    assert y.tolist() == [[101, 52, 127], [115, 127, 16], [121, 88, 127]]
+    assert torch.allclose(scale, torch.tensor([0.0072, 0.0079, 0.0071]), atol=5e-5)
+    g = torch.Generator().manual_seed(0)
+    a, w = torch.randint(-8, 8, (3, 16), generator=g), torch.randint(-8, 8, (8, 16), generator=g)
+    s_w, s_t = torch.rand(8, generator=g), torch.rand(3, generator=g)
+    want = (a @ w.t()).float() * s_w * s_t[:, None]
+    for x2 in (pack_words(w).t(), pack_words(w.t().contiguous())):  # (k/8, n) transpose view, or (k, n/8)
+        out = TorchNpuDouble.npu_quant_matmul(pack_words(a), x2, s_w, pertoken_scale=s_t, output_dtype=torch.float16)
+        assert out.dtype == torch.float16 and torch.allclose(out.float(), want, rtol=1e-3)
+    x = torch.tensor([[[1.5] * 7 + [-3.5]]], dtype=torch.bfloat16)  # [K=1, M=1, N=8], identity factors
+    eye1, eye8 = torch.eye(1, dtype=torch.bfloat16), torch.eye(8, dtype=torch.bfloat16)
+    for ratio, codes, s in ((1.0, [3] * 7 + [-7], 0.5), (0.5, [6] * 7 + [-8], 0.25)):  # -14 saturates to -8
+        q, scale = TorchNpuDouble.npu_kronecker_quant(x, eye1, eye8, clip_ratio=ratio)
+        assert q.shape == (1, 1, 1) and unpack_words(q).flatten().tolist() == codes
+        assert scale.shape == (1,) and abs(float(scale) - s) < 1e-6
+
+
 def test_backend_selection_with_torch_npu_present(monkeypatch, tiny_qwen3):
-    """A stand-in torch_npu module exposing the documented ops (the pure-torch reference) and a visible device:
-    auto picks the npu backend, which then converts and runs a model through those entry points."""
-    fake_npu = types.ModuleType("torch_npu")
-    for name in ("npu_convert_weight_to_int4pack", "npu_kronecker_quant", "npu_dynamic_quant", "npu_quant_matmul"):
-        setattr(fake_npu, name, getattr(TorchReferenceOps, name))
+    """A stand-in torch_npu module exposing the documented ops (tests/torch_npu_double.py, written from torch_npu's
+    documentation, nothing shared with the backend) and a visible device: auto picks the npu backend, which then
+    converts and runs a model through those entry points."""
+    fake_npu = torch_npu_module()
     monkeypatch.setitem(sys.modules, "torch_npu", fake_npu)
     monkeypatch.setattr(torch, "npu", types.SimpleNamespace(is_available=lambda: True), raising=False)
     be = select_backend("auto")
     assert isinstance(be, NpuBackend) and be.ops is fake_npu
     assert select_backend("auto", "cpu").name == "cpu"  # a model on the cpu still gets the cpu backend
     fake = _fake_model(tiny_qwen3)
-    real = convert_model(copy.deepcopy(fake), be)  # the npu path, run on cpu tensors through the reference ops
+    real = convert_model(copy.deepcopy(fake), be)  # the npu path, run on cpu tensors through the double's ops
     lin = real.model.layers[0].mlp.down_proj
     assert lin.qweight_int4.dtype == torch.int32 and lin.qweight_int4.shape == (256, 768 // 8)
     ids = torch.randint(0, tiny_qwen3.config.vocab_size, (1, 6))

@@ -13,14 +13,13 @@
   variant takes none).
 - widths that are not multiples of 8 (or 8-bit codes) use the int8 variant of the same ops.
 
-``TorchReferenceOps`` implements those five functions in plain PyTorch from their documentation, so the packing,
-shape and scale logic of this backend runs and is tested on any machine: ``NpuBackend(ops=TorchReferenceOps())``.
+The tests run this backend on any machine through ``tests/torch_npu_double.py``, a double of those ops written from
+torch_npu's documentation alone (``NpuBackend(ops=TorchNpuDouble())``).
 """
 from __future__ import annotations
 
 import importlib
 import warnings
-from typing import Optional
 
 import torch
 
@@ -55,59 +54,6 @@ def kronecker_quant_chunked(ops, x: torch.Tensor, p1: torch.Tensor, p2: torch.Te
     if len(outs) == 1:
         return outs[0]
     return torch.cat([q for q, _ in outs]), torch.cat([s for _, s in outs])
-
-
-class TorchReferenceOps:
-    """The documented semantics of the torch_npu ops this backend calls, in plain PyTorch (any device)."""
-
-    @staticmethod
-    def npu_convert_weight_to_int4pack(weight: torch.Tensor, inner_k_tiles: int = 0) -> torch.Tensor:
-        if weight.dtype != torch.int32 or weight.dim() != 2 or weight.shape[-1] % 8:
-            raise RuntimeError("npu_convert_weight_to_int4pack: int32 2-D weight with last dim % 8 == 0 expected")
-        if int(weight.min()) < -8 or int(weight.max()) > 7:
-            raise RuntimeError("npu_convert_weight_to_int4pack: values must lie in [-8, 7]")
-        return pack_int4_as_int32(weight)
-
-    @staticmethod
-    def npu_kronecker_quant(x: torch.Tensor, kronecker_p1: torch.Tensor, kronecker_p2: torch.Tensor,
-                            clip_ratio: Optional[float] = None, dst_dtype=None):
-        """x [T, a, b] -> (int32 [T, a, b/8] int4 codes, fp32 [T] scales); scale = clip·absmax/7."""
-        t, a, b = x.shape
-        if t > KRON_MAX_TOKENS or max(a, b) > KRON_MAX_FACTOR or b % 8:
-            raise RuntimeError(f"npu_kronecker_quant: [{t}, {a}, {b}] is outside the kernel's limits")
-        if dst_dtype not in (None, torch.int32):
-            raise RuntimeError("npu_kronecker_quant: dst_dtype must be torch.int32 for int4 output")
-        y = torch.matmul(kronecker_p1, torch.matmul(x, kronecker_p2)).reshape(t, a * b)
-        q, s = quantize_per_token(y, 4, 1.0 if clip_ratio is None else float(clip_ratio))
-        return pack_int4_as_int32(q).reshape(t, a, b // 8), s.reshape(t)
-
-    @staticmethod
-    def npu_dynamic_quant(x: torch.Tensor, *, smooth_scales=None, group_index=None, dst_type=None):
-        if smooth_scales is not None or group_index is not None:
-            raise NotImplementedError("smooth_scales/group_index are not used by this backend")
-        bits = 4 if dst_type == torch.quint4x2 else 8
-        q, s = quantize_per_token(x, bits, None)
-        if bits == 4:
-            q = pack_int4_as_int32(q)
-        return q, s.reshape(x.shape[:-1])
-
-    @staticmethod
-    def npu_quant_matmul(x1: torch.Tensor, x2: torch.Tensor, scale: torch.Tensor, *, offset=None,
-                         pertoken_scale=None, bias=None, output_dtype=None) -> torch.Tensor:
-        if x1.dtype == torch.int32:  # int4 codes, 8 per word; x2 is the (k/8, n) transpose view of (n, k/8)
-            if bias is not None:
-                raise RuntimeError("npu_quant_matmul: the int4 (int32) variant takes no bias")
-            a = unpack_int4_from_int32(x1)
-            b = unpack_int4_from_int32(x2.t()).t()
-        else:
-            a, b = x1, x2
-        acc = a.to(torch.int64) @ b.to(torch.int64)
-        out = acc.float() * scale.float()
-        if pertoken_scale is not None:
-            out = out * pertoken_scale.float().reshape(-1, 1)
-        if bias is not None:
-            out = out + bias.float()
-        return out.to(output_dtype or torch.int8)
 
 
 def _torch_npu():
