@@ -358,7 +358,8 @@ def add_eval_args(parser: argparse.ArgumentParser, default_sections: Sequence[st
     _add(group, "--eval_batch_size", type=int, default=8, help="lm-eval batch size")
     _add(group, "--ppl_data", default=None, help="perplexity text: WikiText-2 raw file/folder or any text file")
     _add(group, "--ppl_seqlens", type=int, nargs="+", default=[512, 2048], help="perplexity window lengths")
-    _add(group, "--ppl_max_windows", type=int, default=None, help="perplexity: at most N windows per seqlen")
+    _add(group, "--ppl_max_windows", type=int, default=None,
+         help="perplexity: at most N windows per seqlen (N >= 1; leave ppl out of --eval to skip it)")
     _add(group, "--no_rtn", action="store_true", help="skip the round-to-nearest perplexity baseline")
     _add(group, "--latency_seqlen", type=int, default=128, help="prompt tokens for the prefill timing")
     _add(group, "--decode_tokens", type=int, default=64, help="decode steps for the decode timing")

@@ -112,7 +112,7 @@ class QuantizeOptions:
         "../shared/data when present, else the held-out half of the embedded text)"))
     ppl_seqlen: int = field(default=512, metadata=option("perplexity window length"))
     ppl_max_windows: Optional[int] = field(default=None, metadata=option(
-        "perplexity: at most N windows per seqlen"))
+        "perplexity: at most N windows per seqlen (N >= 1; --no_ppl skips perplexity)"))
     skip_ppl: bool = field(default=False, metadata=option("skip the perplexity comparison", flag="--no_ppl"))
     skip_rtn: bool = field(default=False, metadata=option(
         "skip the baselines (--baselines) in perplexity and evaluation", flag="--no_rtn"))

@@ -104,12 +104,10 @@ def _evaluate(args: argparse.Namespace, output_dir: str) -> int:
     return 0
 
 
-def main(argv=None) -> int:  # `python -m core.commands.evaluate ...` works before/without core/cli.py
-    parser = argparse.ArgumentParser(prog="python -m core")
-    sub = parser.add_subparsers(dest="command", required=True)
-    register(sub)
-    args = parser.parse_args(argv)
-    return args.func(args)
+def main(argv=None) -> int:  # `python -m core.commands.evaluate evaluate ...`: the CLI's own (one-line errors)
+    from ..cli import main as cli_main
+
+    return cli_main(argv)
 
 
 if __name__ == "__main__":
