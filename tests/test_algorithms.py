@@ -9,7 +9,7 @@ import torch
 from core.algorithms import ALGORITHMS, get_algorithm
 from core.calibrate import calibrate_model, capture_layer_inputs, run_layer
 from core.config import parse_config
-from core.data import load_text, sample_windows, tokenize
+from core.data import sample_windows, token_ids
 from core.errors import JobCancelled
 from core.flat import FlatQuantLinear, set_quant_enabled
 from core.matrices import MATRIX_FILE, RESUME_FILE, load_matrices
@@ -109,9 +109,9 @@ def test_gptq_run_resumes_after_an_interruption_and_cancels_cleanly(tiny_qwen3_d
 
 def test_gptq_lowers_layer_output_error_under_flatquant(smollm2):
     """Same FlatQuant transforms (the RTN run's states restored), rounding rtn vs gptq: layer 0's output error
-    against the float layer on held-out windows."""
-    ids = tokenize(smollm2.tokenizer, load_text(None)[0])
-    samples, held_out = sample_windows(ids, 8, 128, seed=0), sample_windows(ids, 4, 128, seed=1)
+    against the float layer on held-out windows (the embedded text's perplexity half: never the calibration text)."""
+    calib_ids, held_ids = (token_ids(smollm2.tokenizer, None, split)[0] for split in ("train", "test"))
+    samples, held_out = sample_windows(calib_ids, 8, 128, seed=0), sample_windows(held_ids, 4, 128, seed=1)
     cfg = parse_config()
     cfg.epochs = 2
     states = {}
@@ -127,7 +127,7 @@ def test_gptq_lowers_layer_output_error_under_flatquant(smollm2):
         ref = run_layer(decoder_layers(smollm2.model)[0], inps, kwargs)
         err = {r: float(((run_layer(decoder_layers(m)[0], inps, kwargs) - ref) ** 2).mean())
                for r, m in models.items()}
-    assert err["gptq"] < 0.95 * err["rtn"], err  # measured: 0.106 vs 0.116 (activation error stays)
+    assert err["gptq"] < 0.95 * err["rtn"], err  # measured: 0.127 vs 0.136, 0.936x (activation error stays)
 
 
 @pytest.mark.parametrize("calib_inputs", ["fp", "quant"])
