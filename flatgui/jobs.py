@@ -122,6 +122,7 @@ def real_int4_model(ws: dict, reporter: Reporter):
 
         try:
             ws["quantized_real"] = convert_model(copy.deepcopy(ws["quantized"]))
+            ws.pop("quantized_real_error", None)
         except Exception as exc:  # noqa: BLE001 - whatever failed, the fake-quant model answers and the page says why
             log.exception("real int4 conversion failed; generating with the fake-quant model")
             ws["quantized_real"], ws["quantized_real_error"] = False, failure_cause(exc)

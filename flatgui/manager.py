@@ -53,13 +53,17 @@ class ComponentManager:
     def translated_components(self) -> list:
         return [self[n] for n in self.translatable()]
 
-    def relabel(self, lang: str) -> list:
-        """gr.update()s for translated_components(), in the same order."""
+    def relabel(self, lang: str, labels: Optional[dict[str, tuple[str, dict]]] = None) -> list:
+        """gr.update()s for translated_components(), in the same order. ``labels``: a component's label for now, as
+        (i18n key, its parameters), in place of the registered one (e.g. the FlatQuant box after real int4 failed)."""
         updates = []
         for name in self.translatable():
             e = self._entries[name]
             kw = {}
-            if e.label:
+            if name in (labels or {}):
+                key, params = labels[name]
+                kw["label"] = t(key, lang, **params)
+            elif e.label:
                 kw["label"] = t(e.label, lang)
             if e.info:
                 kw["info"] = t(e.info, lang)

@@ -57,3 +57,16 @@ def shared_data():
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def no_model_load(monkeypatch):
+    """Refusals come before any model loads (through core or straight through transformers)."""
+    import transformers
+
+    def fail(*args, **kwargs):
+        raise AssertionError("the model was loaded before the refusal")
+
+    for where in ("core.models.load_model", "core.pipeline.load_model"):
+        monkeypatch.setattr(where, fail)
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", fail)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -12,6 +13,17 @@ import urllib.request
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def english_words(text: str, names: set[str]) -> list[str]:
+    """Words of two or more Latin letters in ``text`` that are not in ``names`` (a Chinese page or log line may still
+    show product, model, format and unit names); identifiers (with _ . / - or digits) count as names."""
+    out = []
+    for token in text.split():
+        if re.search(r"[_./0-9\\-]", token):
+            continue
+        out += [w for w in re.findall(r"[A-Za-z]{2,}", token) if w.lower() not in names]
+    return out
 
 
 def free_port() -> int:

@@ -11,6 +11,7 @@ import pytest
 
 from core.events import EVENTS, render, template_fields
 from flatgui.i18n import EVENTS_ZH, STRINGS
+from gui_server import english_words
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -18,16 +19,6 @@ ROOT = Path(__file__).resolve().parents[1]
 NAMES = {"flatquant", "smollm", "instruct", "rtn", "ppl", "token", "tokens", "gib", "cpu", "cuda", "npu", "int",
          "lm", "eval", "gptq", "quarot", "python", "float", "bfloat", "w4a4", "vllm", "ascend", "flat_lr", "fp",
          "checkpoint"}  # the export's folder name
-
-
-def english_words(text: str) -> list[str]:
-    """Latin words that are not names; identifiers (with _ . / - or digits) are names (file names, tasks)."""
-    out = []
-    for token in text.split():
-        if re.search(r"[_./0-9\\-]", token):
-            continue
-        out += [w for w in re.findall(r"[A-Za-z]{2,}", token) if w.lower() not in NAMES]
-    return out
 
 
 # --- (a) the catalogue and its translations ------------------------------------------------------------------------
@@ -40,7 +31,7 @@ def test_every_event_has_english_and_chinese_templates_with_the_same_parameters(
         assert entry["en"] == kind.template and entry["zh"], key
         assert template_fields(entry["zh"]) == template_fields(kind.template), key
         assert "path" not in template_fields(kind.template), key  # gradio_client would fetch {"path": ...} as a file
-        assert not english_words(re.sub(r"\{[^}]*\}", "", entry["zh"])), (key, entry["zh"])
+        assert not english_words(re.sub(r"\{[^}]*\}", "", entry["zh"]), NAMES), (key, entry["zh"])
 
 
 def test_reporter_refuses_a_key_outside_the_catalogue_and_renders_english():
@@ -144,7 +135,7 @@ def test_a_real_job_gives_a_chinese_line_for_every_event(gui_jobs, tiny_qwen3_di
         assert ev["key"] in EVENTS, ev
         zh, en = event_text(ev, "zh"), event_text(ev, "en")
         assert zh and en, ev
-        assert not english_words(zh), (ev["key"], zh)
+        assert not english_words(zh, NAMES), (ev["key"], zh)
         assert not any(p in line for p in server_paths for line in (zh, en)), (zh, en)  # paths show their names
         # English is core's message, but for the names the page shows instead of paths and labels
         assert en == ev["message"] or ev["params"].keys() & {"file_path", "folder_path", "zip_path", "model_path", "source"}, en
@@ -152,4 +143,4 @@ def test_a_real_job_gives_a_chinese_line_for_every_event(gui_jobs, tiny_qwen3_di
     for snap in snaps:
         for entry in snap["log_entries"]:
             line = format_entry(entry, "zh")
-            assert not english_words(line.split("]", 1)[1]), line
+            assert not english_words(line.split("]", 1)[1], NAMES), line

@@ -541,6 +541,7 @@ def test_failed_real_int4_is_labelled_with_its_cause(tiny_ctx, monkeypatch):
 
     monkeypatch.setattr(core.realquant.convert, "convert_model", broken)
     monkeypatch.setitem(tiny_ctx.runner.workspace, "quantized_real", None)
+    monkeypatch.setitem(tiny_ctx.runner.workspace, "quantized_real_error", None)  # both gone after the test
     cause = "RuntimeError: no int4 kernel in kernels.so"
     for lang, name in (("en", "English"), ("zh", "中文")):
         *_, (original, _, box, stats) = list(generate(tiny_ctx, "Hello", 3, name))
@@ -551,6 +552,12 @@ def test_failed_real_int4_is_labelled_with_its_cause(tiny_ctx, monkeypatch):
         line = event_text({"key": "real_int4_failed", "params": {"cause": cause}}, lang)
         assert any(entry.endswith(line) for entry in log), log  # every generation says what ran
     assert box["label"] == "FlatQuant（伪量化，真实 int4 失败：RuntimeError: no int4 kernel in kernels.so）"
+    from flatgui.app import relabel
+
+    for lang, name in (("en", "English"), ("zh", "中文")):  # the language switch keeps saying what answers
+        labels = dict(zip(tiny_ctx.mgr.translatable(), relabel(tiny_ctx, name)))
+        assert labels["gen_quantized"]["label"] == t("quantized_fallback", lang, cause=cause)
+        assert labels["tab_compare"]["label"] == t("tab_compare", lang)
     report = tiny_ctx.store.report(tiny_ctx.runner.workspace["run_id"])
     assert report["generation"]["quantized_model"] == f"fake quant (real int4 failed: {cause})"
 

@@ -35,19 +35,6 @@ def one_error(capsys, argv, *needles) -> str:
     return lines[0]
 
 
-@pytest.fixture
-def no_model_load(monkeypatch):
-    """Refusals come before any model loads (through core or straight through transformers)."""
-    import transformers
-
-    def fail(*args, **kwargs):
-        raise AssertionError("the model was loaded before the refusal")
-
-    for where in ("core.models.load_model", "core.pipeline.load_model"):
-        monkeypatch.setattr(where, fail)
-    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", fail)
-
-
 def model_folder(path: Path, **changes) -> Path:
     """A model folder whose config.json has ``changes`` and whose safetensors file names every layer weight
     (1-element tensors: read from its header only, the model never loads in these tests)."""

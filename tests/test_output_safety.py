@@ -50,16 +50,6 @@ def succeeded(capsys, argv) -> str:
     return out
 
 
-@pytest.fixture
-def no_model_load(monkeypatch):
-    """Refusals must come before the model loads."""
-    def fail(*args, **kwargs):
-        raise AssertionError("the model was loaded before the refusal")
-
-    for where in ("core.models.load_model", "core.pipeline.load_model"):
-        monkeypatch.setattr(where, fail)
-
-
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory, tiny_qwen3_dir):
     """A calibrated run of the tiny model: flat_matrices.pth, report.json, quantize.log."""

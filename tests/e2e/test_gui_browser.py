@@ -17,7 +17,7 @@ from urllib.parse import urlparse
 import pytest
 
 playwright_api = pytest.importorskip("playwright.sync_api")
-from gui_server import REPO, running_app  # noqa: E402
+from gui_server import REPO, english_words, running_app  # noqa: E402
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -173,18 +173,6 @@ NAMES = {"flatquant", "studio", "smollm", "instruct", "hugging", "face", "llamaf
          "core", "quantize"}  # the equivalent command line (`python -m core quantize ...`) is code
 
 
-def english_words(text: str) -> list[str]:
-    """Words of two or more Latin letters that are not names: identifiers (with _ . / - or digits) count as names."""
-    import re
-
-    out = []
-    for token in text.split():
-        if re.search(r"[_./0-9\\-]", token):
-            continue
-        out += [w for w in re.findall(r"[A-Za-z]{2,}", token) if w.lower() not in NAMES]
-    return out
-
-
 def _finished_run(runs_root: Path, matrix_file: Path) -> str:
     """A run folder as an earlier calibration leaves it (matrix file and report), so a fresh page has artifacts."""
     run = runs_root / "20260101-000000"
@@ -282,5 +270,5 @@ def test_progress_cancel_artifacts_and_chinese(tmp_path):
             for code in ("#report_json", "#run_files"):
                 if page.locator(code).is_visible():
                     text = text.replace(page.locator(code).inner_text(), "")
-            assert not english_words(text), (tab, sorted(set(english_words(text))))
+            assert not english_words(text, NAMES), (tab, sorted(set(english_words(text, NAMES))))
         context.close()
