@@ -251,6 +251,9 @@ def check_writable_folder(folder: str | os.PathLike, option: str, needed_bytes: 
         raise OutputError(f"{option} {str(folder)!r} is a file, not a folder; pass a folder path.")
     parent = path
     while not parent.exists():
+        if parent.is_symlink():  # a link to nowhere: mkdir would fail on it after the model loaded
+            raise OutputError(f"{option} {str(folder)!r} goes through {str(parent)!r}, a symbolic link to a missing "
+                              "target; point it at a folder that exists or remove the link.")
         parent = parent.parent
     if not parent.is_dir():
         raise OutputError(f"{option} {str(folder)!r} is inside {str(parent)!r}, which is a file; pass a folder path.")

@@ -248,11 +248,14 @@ def test_every_loader_refuses_a_pickle_only_folder(pickle_only_model):
     (lambda t: t / "a_file", "is a file"),
     (lambda t: t / "a_file" / "sub", "which is a file"),
     (lambda t: Path("/proc/flatquant_activations"), "not writable"),
+    (lambda t: t / "dangling" / "acts", "symbolic link to a missing target"),
+    (lambda t: t / "dangling", "symbolic link to a missing target"),
 ])
 def test_activation_dir_must_be_a_writable_folder(capsys, tmp_path, no_model_load, where, needle):
     if not Path("/proc").is_dir():
         pytest.skip("needs /proc")
     (tmp_path / "a_file").write_text("x")
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere" / "deeper")
     out = tmp_path / "out"
     one_error(capsys, ["quantize", "--activation_dir", str(where(tmp_path)), *FAST, "--output_dir", str(out)],
               "--activation_dir", needle)
