@@ -1,8 +1,8 @@
 """Hostile inputs, re-tested (issue 21): each case runs the CLI as a user would (`python -m core ...`, a subprocess)
 with one bad input and judges how it ended.
 
-A refusal passes when the process exits 2, stderr has exactly one line starting with ``error:`` (at most 1000
-characters) and no ``Traceback``, no ``usage:`` block, and it ended within the case's time limit. Every case also
+A refusal passes when the process exits 2, stderr has exactly one line starting with ``error:`` (its message at
+most 1000 characters) and no ``Traceback``, no ``usage:`` block, and it ended within the case's time limit. Every case also
 checks that nothing was lost (every file of the case's inputs has the bytes it had before) and that nothing was left
 that looks complete (no new report.json, matrix file, safetensors, or a hidden ``.partial-``/``.old-`` folder).
 Cases marked ``intact`` may also succeed (exit 0) as long as nothing was lost. The kinds are the issue's; the inputs
@@ -288,8 +288,7 @@ def long_export(out_key: str) -> Callable[[dict], subprocess.Popen]:
 def killed(start: Callable[[dict], subprocess.Popen]) -> Callable[[dict], None]:
     """Start a first job and SIGKILL it once it has begun writing."""
     def run(ctx):
-        proc = start(ctx)
-        time.sleep(0.5)
+        proc = start(ctx)  # returns as soon as the staged folder exists
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
     return run
@@ -480,7 +479,8 @@ def cases() -> list[Case]:
         before=long_quantize("out"))
     add(k, "a second export into a running export's target", [*EXP, "--output_dir", "{out}"],
         both(copy_run, copy_model), before=long_export("out"))
-    add(k, "export again after the first export was SIGKILLed mid-write", [*EXP, "--output_dir", "{out}"],
+    add(k, "export again after the first export was SIGKILLed mid-write", [*EXP, "--output_dir", "{out}",
+                                                                           "--overwrite"],
         both(copy_run, copy_model), before=killed(long_export("out")), succeed=True)
     return out
 
@@ -553,7 +553,7 @@ def judge(case: Case, ctx: dict, proc, seconds: float, inputs: dict, case_dir: P
         why.append(f"exit {proc.returncode}")
     elif len(errors) != 1:
         why.append(f"{len(errors)} error lines")
-    elif len(line) > 1000:
+    elif len(line) > len("error: ") + 1000:  # the product's bound on a message (core.errors.LINE_LIMIT)
         why.append(f"error line of {len(line)} characters")
     if proc.returncode == 2 and seconds > case.limit_s:
         why.append(f"refused after {seconds:.0f} s (limit {case.limit_s:.0f} s)")

@@ -123,9 +123,9 @@ def stock_task_yaml(task: str) -> tuple[Path, dict]:
                 return path, cfg
     entry = _full_index().get(task)
     if entry is None:
-        raise ConfigError(f"{task!r} is not an lm-eval task name; see `lm_eval ls tasks` for the list.")
+        raise ConfigError(f"{shown(task)} is not an lm-eval task name; see `lm_eval ls tasks` for the list.")
     if entry.yaml_path is None or entry.cfg is None or "task" not in (entry.cfg or {}):
-        raise ConfigError(f"{task!r} is an lm-eval group or tag, not a single task; name its tasks one by one.")
+        raise ConfigError(f"{shown(task)} is an lm-eval group or tag, not a single task; name its tasks one by one.")
     path = Path(entry.yaml_path)
     return path, _load_stock_cfg(path)
 

@@ -8,7 +8,7 @@ import sys
 from typing import Optional, Sequence
 
 from .commands import COMMANDS
-from .errors import FlatQuantError, UsageError, one_line
+from .errors import FlatQuantError, UsageError, one_line, shown
 
 
 class CliParser(argparse.ArgumentParser):
@@ -56,6 +56,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return int(args.func(args) or 0)
     except FlatQuantError as exc:
         print(f"error: {one_line(str(exc))}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # a path the OS refuses that no check foresaw (name too long, a loop of links, ...)
+        where = f" {shown(exc.filename)}" if getattr(exc, "filename", None) else ""
+        print(f"error: {one_line(exc.strerror or type(exc).__name__)}:{where}; check the paths given on the command "
+              "line.", file=sys.stderr)
+        return 2
+    except RuntimeError as exc:
+        if not str(exc).startswith("Symlink loop from"):  # pathlib's resolve() on a loop of links (Python < 3.13)
+            raise
+        print(f"error: {one_line(str(exc).replace('Symlink loop from', 'a loop of symbolic links at'))}; check the "
+              "paths given on the command line.", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("error: interrupted; finished layers are kept in the resume checkpoint of --output_dir.", file=sys.stderr)

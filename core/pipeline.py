@@ -164,6 +164,18 @@ class QuantizeOptions:
         """The baselines this job measures: --baselines, none with --no_rtn."""
         return [] if self.skip_rtn else self.baseline_names()
 
+    def inputs(self, tasks_data_dir: Optional[str] = None) -> list[tuple[str, Optional[str]]]:
+        """The paths this job reads, as (option, path): no output of the job may replace or clear one
+        (core.outputs.check_apart)."""
+        ppl = self.ppl_data
+        if ppl is None and not self.skip_ppl:
+            ppl = wikitext_test_path()
+        return [("--model_path", resolve_model_path(self.model_path)),
+                ("--flat_matrix_path", self.flat_matrix_path if self.load_matrix else None),
+                ("--calib_data", None if self.load_matrix else self.calib_data), ("--ppl_data", ppl),
+                ("--tasks_data_dir", tasks_data_dir), ("--activation_dir", self.activation_dir),
+                ("--config", self.config_file)]
+
     def resolved_config(self) -> FlatQuantConfig:
         raw = self.config
         if raw is None and self.config_file:

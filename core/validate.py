@@ -10,11 +10,9 @@ import contextlib
 import errno
 import functools
 import json
-import logging
 import math
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Callable, Iterable, Optional
@@ -22,28 +20,20 @@ from typing import Callable, Iterable, Optional
 from .config import FlatQuantConfig, parse_config
 from .data import check_disjoint, check_recorded_disjoint
 from .device import resolve_device
-from .errors import (CalibrationError, ConfigError, DataError, MatrixFileError, ModelLoadError, OutputError, one_line,
-                     shown)
+from .errors import CalibrationError, ConfigError, DataError, MatrixFileError, ModelLoadError, OutputError, shown
 from .events import render as render_event
 from .matrices import calibrated_on, non_finite_tensors, read_matrices
-from .models import architecture_of, identity_of, read_model_config, resolve_model_path
+from .models import LAYER_LINEARS, check_model_weights, identity_of, model_layer_names, read_model_folder
+from .outputs import check_output_dir, check_writable_folder, close_file_logs, remove_if_only_logs
 from .report import REPORT_NAME, atomic_write_bytes, load_report
 
-# The linears of one decoder layer, as FlatQuant names them (model.layers.{i}.<part>); Llama and Qwen3 agree.
-LAYER_LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
-                 "mlp.up_proj", "mlp.down_proj")
 # A layer whose loss ends more than this factor above where it started is reported (log, report.json, GUI).
 LOSS_RISE_TOLERANCE = 1.0
 # Always a failed write; the others (permissions, a file in the way) only when they name a file in the output folder.
 _FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG}
 _WRITE_ERRNOS = _FULL_ERRNOS | {errno.EACCES, errno.EPERM, errno.EIO, errno.ENOTDIR, errno.EISDIR, errno.EEXIST}
 # Files a job writes into its output folder that may be removed when the job fails before writing anything else.
-_DISPOSABLE = ("quantize.log",)
 # The config.json sizes a job reads (memory estimate, matrix shapes, seqlen limit): required, then optional ones.
-MODEL_SIZE_FIELDS = ("hidden_size", "num_hidden_layers", "intermediate_size", "num_attention_heads", "vocab_size")
-OPTIONAL_SIZE_FIELDS = ("num_key_value_heads", "head_dim", "max_position_embeddings")
-
-
 # --- option values -------------------------------------------------------------------------------------------
 
 
@@ -56,99 +46,6 @@ def check_count(option: str, value, minimum: int = 1, maximum: Optional[int] = N
     if not (is_int and minimum <= value and (maximum is None or value <= maximum)):
         bounds = f">= {minimum}" if maximum is None else f"from {minimum} to {maximum}"
         raise ConfigError(f"{option} must be an integer {bounds}, got {shown(value)}{fix}.")
-
-
-# --- the model folder, read without loading the model ---------------------------------------------------------
-
-
-def read_model_folder(model_path: Optional[str]) -> tuple[Path, dict]:
-    """(folder, config.json as a dict) of a local model or the embedded default, its architecture supported;
-    ModelLoadError when unreadable (core.models.read_model_config reads the file of a folder already resolved)."""
-    path = resolve_model_path(model_path)
-    cfg = read_model_config(path)
-    architecture_of(cfg)
-    check_model_sizes(cfg, path.name)
-    check_transformers_config(path, cfg)
-    return path, cfg
-
-
-def check_model_sizes(model_cfg: dict, folder: str) -> None:
-    """The size fields of config.json are positive integers that fit together (heads divide the hidden size or a
-    head_dim is given; key/value heads divide the heads), so no size turns into a traceback later."""
-    for key in MODEL_SIZE_FIELDS + OPTIONAL_SIZE_FIELDS:
-        value = model_cfg.get(key)
-        if value is None and key in OPTIONAL_SIZE_FIELDS:
-            continue
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            got = "is missing" if value is None else f"is {shown(value)}"
-            raise ModelLoadError(f"{folder}/config.json: {key} {got}; it must be a positive integer (restore the "
-                                 "file saved by transformers).")
-    heads = model_cfg["num_attention_heads"]
-    kv_heads = model_cfg.get("num_key_value_heads") or heads
-    if heads % kv_heads:
-        raise ModelLoadError(f"{folder}/config.json: num_attention_heads {heads} is not a multiple of "
-                             f"num_key_value_heads {kv_heads}; restore the file saved by transformers.")
-    if model_cfg.get("head_dim") is None and model_cfg["hidden_size"] % heads:
-        raise ModelLoadError(f"{folder}/config.json: hidden_size {model_cfg['hidden_size']} is not a multiple of "
-                             f"num_attention_heads {heads} and no head_dim is given; restore the file saved by "
-                             "transformers.")
-
-
-def check_transformers_config(path: Path, model_cfg: dict) -> None:
-    """transformers' own check of config.json (each field's type, e.g. rms_norm_eps, tie_word_embeddings) and the
-    activation's name, so a bad value is refused here rather than raised from inside the model's construction."""
-    from transformers import AutoConfig
-    from transformers.activations import ACT2FN
-
-    try:
-        AutoConfig.from_pretrained(path, local_files_only=True)
-    except Exception as exc:  # StrictDataclassFieldValidationError (not a ValueError), ValueError, KeyError, ...
-        detail = " ".join(line.strip() for line in str(exc).splitlines()[:2]) or type(exc).__name__
-        raise ModelLoadError(f"{path.name}/config.json is refused by transformers ({one_line(detail, 240)}); "
-                             "restore the file saved by transformers.") from exc
-    act = model_cfg.get("hidden_act", "silu")
-    if not isinstance(act, str) or act not in ACT2FN:
-        raise ModelLoadError(f"{path.name}/config.json: hidden_act {shown(act)} is not an activation transformers "
-                             "knows (e.g. 'silu'); restore the file saved by transformers.")
-
-
-def check_model_weights(path: Path, model_cfg: dict) -> None:
-    """Every decoder-layer linear has a weight in the folder's safetensors files (read from their headers only), so
-    a folder whose weights were overwritten (e.g. by an export into it) is refused instead of loading random init."""
-    index = path / "model.safetensors.index.json"
-    if index.is_file():
-        try:
-            keys = set(json.loads(index.read_text(encoding="utf-8"))["weight_map"])
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise ModelLoadError(f"{path.name}/{index.name} is unreadable ({type(exc).__name__}); restore the file "
-                                 "saved by transformers.") from exc
-    else:
-        files = sorted(path.glob("*.safetensors"))
-        if not files:  # a pickled checkpoint (pytorch_model.bin) can run code when loaded: never read one
-            raise ModelLoadError(f"Model folder {path.name!r} has no *.safetensors weights; only safetensors "
-                                 "checkpoints are loaded. Re-save the model with save_pretrained(folder, "
-                                 "safe_serialization=True).")
-        from safetensors import safe_open
-
-        keys = set()
-        for f in files:
-            try:
-                with safe_open(str(f), framework="pt") as fh:
-                    keys.update(fh.keys())
-            except Exception as exc:  # SafetensorError, OSError: a truncated or foreign file
-                raise ModelLoadError(f"{path.name}/{f.name} is not a readable safetensors file; restore the model's "
-                                     "weights.") from exc
-    missing = [n for n in model_layer_names(model_cfg)[:-1] if f"{n}.weight" not in keys]
-    if missing:
-        raise ModelLoadError(f"Model folder {path.name!r} lacks {len(missing)} layer weight(s) (e.g. {missing[0]}); "
-                             "it is not a complete transformers checkpoint (was an export written into it?). Restore "
-                             "the original model files.")
-
-
-def model_layer_names(model_cfg: dict) -> list[str]:
-    """Every linear FlatQuant may quantize or skip, named as skip_layers entries are matched against."""
-    n = int(model_cfg.get("num_hidden_layers") or 0)
-    return [f"model.layers.{i}.{part}" for i in range(n) for part in LAYER_LINEARS] + ["lm_head"]
 
 
 def quantized_layer_names(model_cfg: dict, cfg: FlatQuantConfig, max_layers: Optional[int]) -> list[str]:
@@ -238,43 +135,6 @@ def estimated_matrix_bytes(model_cfg: dict, max_layers: Optional[int] = None, we
     return layers * per_layer * 2 + 64 * 1024
 
 
-def check_output_dir(output_dir: str | os.PathLike, needed_bytes: int = 0) -> None:
-    """The folder (or its nearest existing parent) is a writable folder with room for needed_bytes."""
-    check_writable_folder(output_dir, "--output_dir", needed_bytes)
-
-
-def check_writable_folder(folder: str | os.PathLike, option: str, needed_bytes: int = 0) -> None:
-    """``folder`` (or its nearest existing parent) is a writable folder with room for needed_bytes; ``option`` names
-    it in the message (--output_dir, --activation_dir)."""
-    path = Path(folder).expanduser()
-    if path.exists() and not path.is_dir():
-        raise OutputError(f"{option} {str(folder)!r} is a file, not a folder; pass a folder path.")
-    parent = path
-    while not parent.exists():
-        if parent.is_symlink():  # a link to nowhere: mkdir would fail on it after the model loaded
-            raise OutputError(f"{option} {str(folder)!r} goes through {str(parent)!r}, a symbolic link to a missing "
-                              "target; point it at a folder that exists or remove the link.")
-        parent = parent.parent
-    if not parent.is_dir():
-        raise OutputError(f"{option} {str(folder)!r} is inside {str(parent)!r}, which is a file; pass a folder path.")
-    if not os.access(parent, os.W_OK | os.X_OK) or not _can_create_in(parent):
-        raise OutputError(f"{option} {str(folder)!r} is not writable (no permission on {str(parent)!r}); pick another "
-                          "folder.")
-    free = shutil.disk_usage(parent).free
-    if needed_bytes and free < needed_bytes:
-        raise OutputError(f"Not enough free disk space for {option} {str(folder)!r}: {free / 2**20:.1f} MiB free, the "
-                          f"job writes about {needed_bytes / 2**20:.1f} MiB; free some space or pick another folder.")
-
-
-def _can_create_in(folder: Path) -> bool:
-    """A folder can be made in ``folder`` (os.access says yes to root on a read-only or virtual file system)."""
-    try:
-        os.rmdir(tempfile.mkdtemp(prefix=".flatquant-probe-", dir=folder))
-    except OSError:
-        return False
-    return True
-
-
 # --- the quantize job ---------------------------------------------------------------------------------------
 
 
@@ -360,16 +220,6 @@ def loss_warnings(layer_results: Iterable) -> list[str]:
 # --- writes -------------------------------------------------------------------------------------------------
 
 
-def _close_file_logs(folder: Path) -> None:
-    """Close log handlers writing into folder (so it can be removed and a later run reopens a fresh file)."""
-    folder = str(folder.resolve())
-    for logger in list(logging.Logger.manager.loggerDict.values()):
-        for handler in list(getattr(logger, "handlers", [])):
-            if isinstance(handler, logging.FileHandler) and handler.baseFilename.startswith(folder + os.sep):
-                logger.removeHandler(handler)
-                handler.close()
-
-
 @contextlib.contextmanager
 def undone_unless_measured(output_dir: str | os.PathLike, sections: Iterable[str]):
     """A job that fails (or is cancelled) before it measured anything leaves ``output_dir`` as it found it: the
@@ -399,7 +249,7 @@ def _parsed(report: Optional[bytes]) -> dict:
 def _restore(folder: Path, before: set, report: Path, old: Optional[bytes]) -> None:
     if not folder.is_dir():
         return
-    _close_file_logs(folder)
+    close_file_logs(folder)
     for p in folder.iterdir():
         if p.name in before:
             continue
@@ -409,20 +259,6 @@ def _restore(folder: Path, before: set, report: Path, old: Optional[bytes]) -> N
             p.unlink(missing_ok=True)
     if old is not None:
         atomic_write_bytes(report, old)
-
-
-def remove_if_only_logs(folder: Path, also: Iterable[str] = ()) -> bool:
-    """Remove a folder a job created when it holds nothing but its own log (and the files named in ``also``):
-    an early error leaves no folder behind."""
-    disposable = set(_DISPOSABLE) | set(also)
-    if not folder.is_dir() or any(p.name not in disposable and not p.name.endswith(".tmp")
-                                  for p in folder.iterdir()):
-        return False
-    _close_file_logs(folder)
-    for p in folder.iterdir():
-        p.unlink(missing_ok=True)
-    folder.rmdir()
-    return True
 
 
 def write_error(exc: OSError, output_dir: Path, kept: Optional[Path] = None) -> OutputError:

@@ -10,7 +10,8 @@ from typing import Optional
 
 from core.errors import FlatQuantError
 from core.progress import Reporter
-from core.validate import remove_if_only_logs, safe_message
+from core.outputs import remove_if_only_logs
+from core.validate import safe_message
 
 from .context import AppContext
 from .jobprogress import plan_for

@@ -193,7 +193,8 @@ class _Form:
                                   f"{', '.join(map(str, ff.choices))}, got {', '.join(map(str, wrong))}.")
         cfg = parse_config(self.config_dict())
         if self.model_path != DEFAULT_MODEL:  # the model's own limits, from config.json (no weights read)
-            from core.validate import check_seqlen, check_skip_layers, read_model_folder
+            from core.models import read_model_folder
+            from core.validate import check_seqlen, check_skip_layers
 
             _, model_cfg = read_model_folder(self.model_path)
             check_seqlen(model_cfg, self.seqlen, "seqlen")

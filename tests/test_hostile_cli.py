@@ -40,7 +40,7 @@ def model_folder(path: Path, **changes) -> Path:
     (1-element tensors: read from its header only, the model never loads in these tests)."""
     from safetensors.torch import save_file
 
-    from core.validate import model_layer_names
+    from core.models import model_layer_names
 
     path.mkdir()
     cfg = {k: v for k, v in dict(SIZES, **changes).items() if v is not None}
@@ -375,3 +375,16 @@ def test_zero_perplexity_windows_says_how_to_skip_perplexity(capsys, tmp_path, n
 
 def test_latency_dtype_must_be_a_float_dtype(capsys, tmp_path, no_model_load):
     one_error(capsys, ["evaluate", "--latency_dtype", "int8", "--output_dir", str(tmp_path / "o")], "--latency_dtype")
+
+
+# --- a path the OS refuses (a name too long, a loop of links): one line, whatever option carries it --------------
+
+
+@pytest.mark.parametrize("option", ["--model_path", "--calib_data", "--output_dir"])
+def test_a_path_the_os_refuses_is_one_line(capsys, tmp_path, no_model_load, option):
+    loop = tmp_path / "loop"
+    loop.symlink_to(loop)  # ELOOP when resolved
+    for bad in ("m" * 20000, str(loop / "x")):
+        argv = ["quantize", *FAST, "--output_dir", str(tmp_path / "out"), option, bad]
+        line = one_error(capsys, argv)
+        assert len(line) < 400 and not (tmp_path / "out").exists()

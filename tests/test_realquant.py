@@ -19,7 +19,9 @@ from core.quantizer import fake_quant_sym, int8_gemm_is_exact
 from core import kernels as native
 from core.realquant.backends import ActQuant, CpuBackend, CudaBackend, TorchCpuBackend, select_backend
 from core.realquant.checkpoint import export_checkpoint, load_checkpoint, read_manifest
-from core.realquant.convert import convert_model, report_time_diff
+from core.realquant.convert import convert_model
+from core.algorithms.base import run_layer
+from core.realquant.timing import OriginalParts, report_time_diff, time_diff
 from core.realquant.modules import FrozenQuantLinear, RealQuantLinear, TransformedNorm
 from core.realquant.npu import NpuBackend
 from core.realquant.packing import (dequantize_weight, pack_int4, pack_int4_as_int32, quantize_activation,
@@ -366,7 +368,45 @@ def test_report_time_diff_writes_the_seed_numbers(tiny_qwen3, smollm2, tmp_path)
                            repeats=1)
     report = json.loads((tmp_path / "report.json").read_text())["real_quant"]
     assert report["time_orig_ms"] > 0 and report["time_real_quant_ms"] > 0 and report["batch"] == [1, 8]
-    assert res["backend"] in ("cpu", "cpu-torch")
+    assert res["backend"] in ("cpu", "cpu-torch") and report["original_from"] == "memory"
+    parts = report["parts_ms"]  # the forward is the sum of its parts, each timed for both models
+    assert len(parts["layers"]) == len(tiny_qwen3.model.layers)
+    assert report["time_orig_ms"] == pytest.approx(parts["embed"] + sum(o for o, _ in parts["layers"]) +
+                                                   parts["head"][0])
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3", "qwen2", "mistral"])
+def test_original_parts_from_the_checkpoint_are_the_original(family, smollm2, tmp_path):
+    """The time diff of an in-place quantized model reads the original's layers and head from its checkpoint, one
+    at a time: they compute exactly what the original model's own parts compute (every family, tied head too)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from core import models
+
+    if family == "llama":
+        torch.manual_seed(0)
+        original = LlamaForCausalLM(LlamaConfig(hidden_size=128, intermediate_size=384, num_hidden_layers=2,
+                                                num_attention_heads=4, num_key_value_heads=2, vocab_size=49152,
+                                                tie_word_embeddings=True)).eval()
+    else:
+        original = getattr(models, f"build_random_{family}")(hidden_size=128, intermediate_size=384)
+    original.save_pretrained(tmp_path)
+    quantized = _fake_model(original)  # the structure of an in-place quantized model
+    parts = OriginalParts(quantized, folder=tmp_path)
+    from core.calibrate import capture_layer_inputs
+
+    ids = torch.randint(0, 49152, (1, 12))
+    hidden, kwargs = capture_layer_inputs(original, ids, torch.device("cpu"))
+    with torch.no_grad():
+        for i, layer in enumerate(original.model.layers):
+            mine = parts.layer(i)
+            assert not any(t.is_meta for t in mine.state_dict().values())
+            want = run_layer(layer, hidden, kwargs)
+            assert torch.equal(run_layer(mine, hidden, kwargs), want)
+            hidden = want
+        assert torch.equal(parts.head()(hidden), original.lm_head(original.model.norm(hidden)))
+    res = time_diff(parts, quantized, ids, repeats=1, warmup=0)
+    assert res["original_from"] == "checkpoint" and res["time_orig_ms"] > 0 and res["time_real_quant_ms"] > 0
 
 
 # --- backend selection ---------------------------------------------------------------------------------------------

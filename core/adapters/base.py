@@ -10,7 +10,7 @@ from typing import Optional
 
 from torch import nn
 
-from ..errors import UnsupportedModelError
+from ..errors import UnsupportedModelError, shown
 
 
 @dataclass(frozen=True)
@@ -107,7 +107,7 @@ def supported_architectures() -> tuple[str, ...]:
 
 
 def unsupported(arch: str) -> UnsupportedModelError:
-    return UnsupportedModelError(f"Architecture {arch!r} is not supported; supported: "
+    return UnsupportedModelError(f"Architecture {shown(arch)} is not supported; supported: "
                                  f"{', '.join(supported_architectures())}.")
 
 

@@ -37,7 +37,8 @@ def _printer(event: ProgressEvent) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..models import resolve_model_path
-    from ..outputs import check_apart, folder_lock, job_writes
+    from ..outputs import check_apart, folder_lock
+    from . import job_writes
 
     output_dir = args.output_dir or str(Path("outputs") / time.strftime("eval_%Y%m%d-%H%M%S"))
     inputs = [("--model_path", resolve_model_path(args.model_path)), ("--flat_matrix_path", args.flat_matrix_path),
@@ -57,7 +58,9 @@ def validate_evaluate_args(args: argparse.Namespace, output_dir: str) -> None:
     from ..device import resolve_device
     from ..evaluate import check_eval_options, eval_options_from_args
     from ..matrices import calibrated_on
-    from ..validate import check_matrix_file, check_model_weights, check_output_dir, read_model_folder
+    from ..models import check_model_weights, read_model_folder
+    from ..outputs import check_output_dir
+    from ..validate import check_matrix_file
 
     options = eval_options_from_args(args, output_dir=output_dir)  # counts, sections, dtypes
     resolve_device(args.device)

@@ -88,9 +88,10 @@ EXPORT_FOLDERS = {"native": "checkpoint", "ascend": "ascend"}  # --export's fold
 def check_outputs(args: argparse.Namespace, opts) -> None:
     """Before anything is written: no file the job writes in OUTPUT_DIR, nor the --export folder it replaces, is
     (or holds) one of its inputs."""
-    from ..outputs import check_apart, job_writes, quantize_inputs
+    from ..outputs import check_apart
+    from . import job_writes
 
-    inputs = quantize_inputs(opts, getattr(args, "tasks_data_dir", None))
+    inputs = opts.inputs(getattr(args, "tasks_data_dir", None))
     check_apart(opts.output_dir, inputs, written=job_writes(calibrates=not opts.load_matrix))
     if args.export:
         folder = Path(opts.output_dir) / EXPORT_FOLDERS[args.export]
@@ -128,7 +129,7 @@ def _run(args: argparse.Namespace, opts) -> int:
     report = result.report
     original = result.original.model
     eval_wanted = bool(getattr(args, "eval", None) is not None or getattr(args, "eval_default_sections", None))
-    if original is None and (args.time_diff or eval_wanted):
+    if original is None and eval_wanted:
         from ..models import load_model
 
         original = load_model(args.model_path, dtype=args.dtype).model  # lazily re-read, after the job
@@ -139,10 +140,13 @@ def _run(args: argparse.Namespace, opts) -> int:
             if ppl.get(name) is not None:
                 print(f"PPL score ({name}): {ppl[name]:.4f}")
         print(f"PPL score: {ppl['quantized']:.4f}")
-    if args.time_diff:
-        from ..realquant.convert import report_time_diff
+    if args.time_diff:  # part by part; the original's parts from its checkpoint when it was quantized in place
+        from ..models import resolve_model_path
+        from ..realquant.timing import OriginalParts, report_time_diff
 
-        td = report_time_diff(original, result.quantized, result.tokenizer, output_dir)
+        parts = OriginalParts(result.quantized, original=original,
+                              folder=None if original is not None else resolve_model_path(args.model_path))
+        td = report_time_diff(parts, result.quantized, result.tokenizer, output_dir)
         print(f"Time diff orig: {td['time_orig_ms']:.2f}")
         print(f"Time diff after real quant: {td['time_real_quant_ms']:.2f}")
     from ..evaluate import eval_options_from_args, evaluate_pair, summary_lines

@@ -305,7 +305,7 @@ def prepare_quantize(options, say: Callable[[str], None] = print) -> None:
     fused group (q/k/v, gate/up) to the whole group, with one note per group. ``options``: QuantizeOptions."""
     if options.load_matrix:
         return  # the matrix file's config decides; the exporter refuses a split group with a message
-    from ..validate import read_model_folder
+    from ..models import read_model_folder
 
     cfg = options.resolved_config()
     check_config(cfg)

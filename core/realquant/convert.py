@@ -1,5 +1,5 @@
-"""``convert``: replace each folded FlatQuantLinear with its real-quant module, and the sample's
-"Time diff orig / after real quant" measurement.
+"""``convert``: replace each folded FlatQuantLinear with its real-quant module (the sample's "Time diff" that compares
+the conversion with the original is core.realquant.timing).
 
 Linears whose weights and activations are both quantized (q/k/v, gate/up, down, o_proj with use_o_quant) become
 RealQuantLinear on the selected backend; the rest (weight-only or activation-only quantization, layers kept in float)
@@ -8,19 +8,14 @@ stays as configured.
 """
 from __future__ import annotations
 
-import copy
-import statistics
 from typing import Optional
 
 import torch
 from torch import nn
 
-from ..device import compute_dtype
 from ..errors import FlatQuantError
 from ..flat import FlatNormTransform, FlatQuantLinear
-from ..latency import LATENCY_TEXT, latency_input_ids, one_forward_ms
 from ..quantizer import SharedInputQuant
-from ..report import update_report
 from .backends import Backend, select_backend
 from .modules import FrozenQuantLinear, RealQuantLinear, TransformedNorm
 
@@ -104,47 +99,3 @@ def memory_sizes(model: nn.Module) -> dict:
         layouts.update(f"{n}:{str(t.dtype).replace('torch.', '')}" for n, t in weights.items())
     return {"in_memory_bytes": mem, "bf16_bytes": bf16, "ratio_to_bf16": (mem / bf16) if bf16 else None,
             "backend": model_backend(model), "weight_layout": sorted(layouts)}
-
-
-# --- the sample's "Time diff" lines ------------------------------------------------------------------------------
-
-
-def time_diff(original: nn.Module, quantized: nn.Module, input_ids: torch.Tensor, backend: str = "auto",
-              dtype: Optional[torch.dtype | str] = "auto", repeats: int = 5, warmup: int = 1) -> dict:
-    """ms for one forward of the same batch: the original vs the real-quant conversion of the (folded, fake-quant)
-    ``quantized`` model, both in ``dtype``, timed interleaved (A, B, A, B, ...) so that machine drift hits both.
-
-    Neither argument is modified (deep copies are converted and cast)."""
-    if input_ids.dim() == 1:
-        input_ids = input_ids.unsqueeze(0)
-    if isinstance(dtype, str):  # auto: the compute dtype (bf16 only where native, else fp32)
-        dtype = compute_dtype(next(original.parameters()).device, dtype)
-    orig = copy.deepcopy(original)
-    real = convert_model(copy.deepcopy(quantized), backend)
-    if dtype is not None:
-        orig, real = orig.to(dtype), real.to(dtype)
-    ids = input_ids.to(next(orig.parameters()).device)
-    runs: dict[str, list[float]] = {"orig": [], "real": []}
-    for i in range(warmup + repeats):
-        for key, model in (("orig", orig), ("real", real)):
-            ms = one_forward_ms(model, ids)
-            if i >= warmup:
-                runs[key].append(ms)
-    t_orig, t_real = statistics.median(runs["orig"]), statistics.median(runs["real"])
-    return {"time_orig_ms": t_orig, "time_real_quant_ms": t_real, "speedup": t_orig / t_real,
-            "backend": model_backend(real), "dtype": str(dtype).replace("torch.", "") if dtype else None,
-            "batch": list(ids.shape), "repeats": repeats, "time_orig_ms_runs": runs["orig"],
-            "time_real_quant_ms_runs": runs["real"]}
-
-
-def report_time_diff(original: nn.Module, quantized: nn.Module, tokenizer, output_dir: Optional[str] = None,
-                     seqlen: int = 128, backend: str = "auto", repeats: int = 5) -> dict:
-    """time_diff on a [1, seqlen] batch of real text tokens; merged into ``output_dir/report.json`` as
-    ``{"real_quant": {...}}`` when output_dir is given. The CLI prints ``Time diff orig: X`` and
-    ``Time diff after real quant: Y`` from ``time_orig_ms`` / ``time_real_quant_ms``."""
-    ids = latency_input_ids(tokenizer, seqlen, text=LATENCY_TEXT)
-    result = time_diff(original, quantized, ids, backend=backend, repeats=repeats)
-    result["units"] = "ms for one forward (no KV cache) of a 1 x seqlen batch; median of the repeats"
-    if output_dir:
-        update_report(output_dir, {"real_quant": result})
-    return result
