@@ -1,5 +1,6 @@
 """Seed-sized models on this machine: build a LLaMA-2-7B- or Qwen3-8B-shaped model with random bf16 weights (layer
-by layer, never the whole model in memory), run `python -m core quantize` on it end to end with a tiny budget, then
+by layer, never the whole model in memory), run the default `python -m core quantize` command on it end to end with a
+tiny budget (time diff, RTN + QuaRot baselines, perplexity, a --limit 20 accuracy run, --export ascend), then
 `python -m core export`, recording each command's peak RSS (os.wait4), wall time and per-layer seconds; and the
 per-layer calibration time at the paper's budget (128 x 2048, 15 epochs), measured on a few steps and extrapolated.
 
@@ -28,6 +29,8 @@ from core.data import shared_data_dir  # noqa: E402  ../shared/data or $FLATQUAN
 SHAPES = {
     "llama2-7b": dict(arch="llama", layers=32, hidden=4096, inter=11008, heads=32, kv=32, head_dim=128, vocab=32000),
     "qwen3-8b": dict(arch="qwen3", layers=36, hidden=4096, inter=12288, heads=32, kv=8, head_dim=128, vocab=151936),
+    # TinyLlama-1.1B's shape: with --layers 8, the 1.1B-shaped model of issue 25's first acceptance line
+    "tinyllama-1.1b": dict(arch="llama", layers=22, hidden=2048, inter=5632, heads=32, kv=4, head_dim=64, vocab=32000),
 }
 GIB = 2 ** 30
 
@@ -181,7 +184,7 @@ def paper_budget_layer_seconds(name: str, device: str, steps: int = 2) -> dict:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--shape", default="both", choices=("llama2-7b", "qwen3-8b", "both"))
+    ap.add_argument("--shape", default="both", choices=(*SHAPES, "both"), help="both: llama2-7b and qwen3-8b")
     ap.add_argument("--layers", type=int, default=None, help="build only N decoder layers (quick check)")
     ap.add_argument("--device", default="cpu", help="cpu | cuda | npu")
     ap.add_argument("--work", default="/work/scratch/scale")
@@ -190,6 +193,13 @@ def main() -> int:
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--epochs", type=int, default=1)
     ap.add_argument("--ppl_windows", type=int, default=2)
+    ap.add_argument("--baselines", default="rtn,quarot", help="quantize --baselines (the default command's RTN, "
+                                                              "and QuaRot)")
+    ap.add_argument("--acc_limit", type=int, default=20, help="quantize --eval acc --limit N on the shared task "
+                                                               "files (0: no accuracy run)")
+    ap.add_argument("--quantize_export", default="ascend", choices=("native", "ascend", "none"),
+                    help="quantize --export (default ascend, as the Ascend flow runs)")
+    ap.add_argument("--no_time_diff", action="store_true", help="pass --no_time_diff (not the default command)")
     ap.add_argument("--skip_export", action="store_true")
     ap.add_argument("--export_format", default="native", choices=("native", "ascend"), help="export --format")
     ap.add_argument("--skip_paper_budget", action="store_true")
@@ -206,7 +216,7 @@ def main() -> int:
 
     emit({"kind": "machine", **machine_summary(), "device": args.device, "date": time.strftime("%Y-%m-%d %H:%M:%S")},
          records)
-    names = list(SHAPES) if args.shape == "both" else [args.shape]
+    names = ["llama2-7b", "qwen3-8b"] if args.shape == "both" else [args.shape]
     py = sys.executable
     for name in names:
         layers = args.layers or SHAPES[name]["layers"]
@@ -223,7 +233,12 @@ def main() -> int:
         cmd = [py, "-m", "core", "quantize", "--model_path", str(path), "--nsamples", str(args.nsamples),
                "--seqlen", str(args.seqlen), "--epochs", str(args.epochs), "--ppl_max_windows", str(args.ppl_windows),
                "--calib_data", str(shared_data_dir() / "wikitext-2" / "wiki.valid.tokens"),
-               "--device", args.device, "--output_dir", str(run_dir), "--no_time_diff", "--no_resume"]
+               "--device", args.device, "--output_dir", str(run_dir), "--no_resume", "--baselines", args.baselines]
+        cmd += ["--no_time_diff"] if args.no_time_diff else []
+        cmd += ["--export", args.quantize_export] if args.quantize_export != "none" else []
+        if args.acc_limit:
+            cmd += ["--eval", "acc", "--limit", str(args.acc_limit), "--tasks_data_dir",
+                    str(shared_data_dir() / "eval")]
         q = run_measured(cmd, work / f"quantize-{name}.log")
         rec = {"kind": "quantize", "shape": name, "layers": layers, "device": args.device, **q,
                "bf16_weights_gib": round(bf16_gib, 3), "rss_target_gib": round(bf16_gib + 3, 3),
