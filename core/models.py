@@ -11,7 +11,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .adapters import ModelAdapter, adapter_for, adapter_for_architecture, supported_architectures
+from .adapters import adapter_for, adapter_for_architecture, supported_architectures
 from .attention import use_flatquant_attention
 from .errors import ModelLoadError, one_line, shown
 
@@ -273,14 +273,6 @@ def find_local_models(roots: tuple[str, ...] = (".", "models", "~/models")) -> l
 
 
 # --- architecture (the adapters in core/adapters/ hold the structure) -------------------------------------------
-
-
-def model_adapter(model: nn.Module) -> ModelAdapter:
-    return adapter_for(model)
-
-
-def model_architecture(model: nn.Module) -> str:
-    return adapter_for(model).architecture
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:

@@ -106,12 +106,6 @@ def value_type(cls, name: str) -> type:
     return origin if origin in (bool, int, float) else str
 
 
-def is_tristate(cls, name: str) -> bool:
-    """Optional[bool] with a None default: None means 'the config's value'."""
-    f = {f.name: f for f in dataclasses.fields(cls)}[name]
-    return value_type(cls, name) is bool and f.default is None
-
-
 def flag_of(f: dataclasses.Field, opt: Option) -> Optional[str]:
     return None if opt.internal or opt.flag is None else (opt.flag or f"--{f.name}")
 

@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 import os
 import re
-import logging
 import shutil
 import sys
 import tempfile

@@ -80,10 +80,6 @@ FORM_FIELDS: list[FormField] = _form_fields()
 _BY_NAME = {ff.name: ff for ff in FORM_FIELDS}
 
 
-def form_field(name: str) -> FormField:
-    return _BY_NAME[name]
-
-
 def _coerce(ff: FormField, value: Any) -> Any:
     """What gradio (or a settings file) hands over, as the field's type; ValueError when it cannot be."""
     if ff.kind is int:
