@@ -31,7 +31,7 @@ from .generation import GenerationOptions, compare_generation
 from .latency import LATENCY_TEXT, latency_input_ids, measure_interleaved, model_device
 from .progress import Reporter
 from .report import load_report, update_report
-from .validate import check_count, check_data_source
+from .validate import check_count, check_data_source, check_ppl_seqlens
 
 SECTIONS = ("ppl", "acc", "latency", "gen")
 LATENCY_MODELS = ("original", "quantized", "quantized_real")
@@ -90,11 +90,13 @@ class EvalOptions:
         _latency_dtype(self.latency_dtype, torch.device("cpu"), self.compute_dtype)
 
 
-def check_eval_options(options: EvalOptions) -> None:
-    """What an EvalOptions cannot check on its own, before a model loads: the perplexity text and the accuracy
-    tasks with their local files."""
+def check_eval_options(options: EvalOptions, model_cfg: Optional[dict] = None) -> None:
+    """What an EvalOptions cannot check on its own, before a model loads: the perplexity text (and, given the
+    model's config.json, that some window fits its context) and the accuracy tasks with their local files."""
     if "ppl" in options.sections:
         check_data_source(options.ppl_data, "--ppl_data")
+        if model_cfg is not None:
+            check_ppl_seqlens(model_cfg, options.ppl_seqlens)
     if "acc" in options.sections:
         check_tasks(options.tasks, options.tasks_data_dir, options.limit)
 

@@ -76,6 +76,16 @@ def check_seqlen(model_cfg: dict, value: int, option: str) -> None:
                           f"max_position_embeddings); use {option} {limit} or less.")
 
 
+def check_ppl_seqlens(model_cfg: dict, seqlens, option: str = "--ppl_seqlens") -> None:
+    """At least one perplexity window fits the model's context (a longer one is reported n/a, as undefined); when
+    none does, the perplexity section would measure nothing."""
+    limit = model_cfg.get("max_position_embeddings")
+    if isinstance(limit, int) and seqlens and min(seqlens) > limit:
+        raise ConfigError(f"{option} {' '.join(str(s) for s in seqlens)}: every window is longer than the model's "
+                          f"context ({limit} positions, max_position_embeddings), so nothing would be measured; use "
+                          f"{option} {limit} or less.")
+
+
 def config_identity(model_cfg: dict) -> dict:
     """model_identity() computed from config.json, so a matrix file is matched before the model loads."""
     archs = model_cfg.get("architectures") or [model_cfg.get("model_type", "unknown")]

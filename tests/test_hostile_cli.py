@@ -388,3 +388,14 @@ def test_a_path_the_os_refuses_is_one_line(capsys, tmp_path, no_model_load, opti
         argv = ["quantize", *FAST, "--output_dir", str(tmp_path / "out"), option, bad]
         line = one_error(capsys, argv)
         assert len(line) < 400 and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("command", ["evaluate", "quantize"])
+def test_perplexity_windows_all_longer_than_the_context_are_refused(capsys, tmp_path, no_model_load, command):
+    """A window longer than the model's context is n/a; when every one is, the perplexity section would measure
+    nothing and the run would still say done: refused before the model loads (SmolLM2: 8192 positions)."""
+    out = tmp_path / "o"
+    extra = ["--no_time_diff"] if command == "quantize" else []
+    one_error(capsys, [command, *extra, "--eval", "ppl", "--ppl_seqlens", "9000", "999999", "--output_dir", str(out)],
+              "--ppl_seqlens 9000 999999", "longer than the model's context")
+    assert not out.exists()

@@ -70,7 +70,7 @@ def validate_evaluate_args(args: argparse.Namespace, output_dir: str) -> None:
         payload = check_matrix_file(args.flat_matrix_path, model_cfg)
         if "ppl" in options.sections:
             check_recorded_disjoint(calibrated_on(payload), args.ppl_data)
-    check_eval_options(options)
+    check_eval_options(options, model_cfg)
     check_output_dir(output_dir, 4 * 2**20)
 
 

@@ -104,7 +104,11 @@ def run(args: argparse.Namespace) -> int:
 
     opts = quantize_options_from_args(args)
     opts.check()  # the job's own options first: their messages name its flags (e.g. --no_ppl)
-    check_eval_options(eval_options_from_args(args, output_dir=opts.output_dir))  # --eval's options, before a load
+    eval_opts = eval_options_from_args(args, output_dir=opts.output_dir)
+    if eval_opts.sections:  # --eval's options, before a load
+        from ..models import read_model_folder
+
+        check_eval_options(eval_opts, read_model_folder(opts.model_path)[1])
     check_outputs(args, opts)
     # one job per output folder; rank 0 of a distributed job holds the lock for every rank
     with nullcontext() if opts.distributed and is_other_rank() else folder_lock(opts.output_dir):
