@@ -479,6 +479,13 @@ def cases() -> list[Case]:
         before=long_quantize("out"))
     add(k, "a second export into a running export's target", [*EXP, "--output_dir", "{out}"],
         both(copy_run, copy_model), before=long_export("out"))
+    add(k, "export --overwrite into a running export's target", [*EXP, "--output_dir", "{out}", "--overwrite"],
+        both(copy_run, copy_model), before=long_export("out"))
+    add(k, "evaluate into a running quantize's --output_dir", [*EV, "--eval", "ppl", "--ppl_max_windows", "1"],
+        copy_model, before=long_quantize("out"))
+    add(k, "export ascend --overwrite into a running quantize's --output_dir",
+        [*EXP, "--format", "ascend", "--output_dir", "{out}", "--overwrite"], both(copy_run, copy_model),
+        before=long_quantize("out"))
     add(k, "export again after the first export was SIGKILLed mid-write", [*EXP, "--output_dir", "{out}",
                                                                            "--overwrite"],
         both(copy_run, copy_model), before=killed(long_export("out")), succeed=True)
