@@ -16,8 +16,8 @@ Semantics implemented (torch_npu API pages, CANN aclnn pages, op-plugin's source
   x [K, M, N] float16/bfloat16, P1 [M, M] and P2 [N, N] of x's dtype, M, N <= 256, N a multiple of 8, K <= 262144;
   ``x'' = P1 @ (x @ P2)``, ``quantScale[k] = max|x''[k]| / (7 / clip_ratio)`` (the CANN 8.5 / ops-nn page; older
   pages print ``7 * clipRatio``, but only this form narrows the range for a ratio in (0, 1], which is what a FlatQuant
-  clip ratio means and what vllm-ascend passes), ``out = x'' / quantScale`` rounded and saturated to int4 [-8, 7],
-  packed 8 per int32 along N: (int32 [K, M, N / 8], float32 [K]).
+  clip ratio means and what vllm-ascend passes; ``variant(CLIP_OLD)`` computes the older form), ``out = x'' /
+  quantScale`` rounded and saturated to int4 [-8, 7], packed 8 per int32 along N: (int32 [K, M, N / 8], float32 [K]).
 - ``npu_quant_matmul(x1, x2, scale, *, offset=None, pertoken_scale=None, bias=None, output_dtype=None)``: int8 x1
   [m, k] and x2 [k, n]; or int32 (int4, 8 per word) x1 [m, k / 8] contiguous and x2 either [k, n / 8] contiguous or
   [k / 8, n] as the transpose of a contiguous [n, k / 8]. ``out = (x1 @ x2) * scale * pertoken_scale[:, None]
@@ -36,6 +36,11 @@ import torch
 INT4_PER_WORD = 8
 _SHIFTS = torch.arange(0, 32, 4, dtype=torch.int64)  # element i of a word sits in bits 4i..4i+3
 KRON_LIMITS = {"tokens": 262144, "factor": 256}
+# npu_kronecker_quant's activation scale from the per-token peak and clip_ratio: the current page's form, and the
+# form older (CANN 8.1/8.2) pages print; an older kernel's range check on clip_ratio is not modelled (any ratio > 0)
+CLIP_CURRENT, CLIP_OLD = "clip * max / 7", "max / (7 * clip)"
+CLIP_CONVENTIONS = {CLIP_CURRENT: lambda peak, ratio: peak / (7 / ratio),
+                    CLIP_OLD: lambda peak, ratio: peak / (7 * ratio)}
 OPS = ("npu_convert_weight_to_int4pack", "npu_dynamic_quant", "npu_kronecker_quant", "npu_quant_matmul")
 
 
@@ -62,7 +67,11 @@ def _half_input(x: torch.Tensor, op: str) -> None:
 
 
 class TorchNpuDouble:
-    """The four ops, as static methods (``NpuBackend(ops=TorchNpuDouble())``, or ``module()`` for sys.modules)."""
+    """The four ops, as static methods (``NpuBackend(ops=TorchNpuDouble())``, or ``module()`` for sys.modules);
+    ``variant()`` gives one with another kronecker clip convention or token limit."""
+
+    CLIP_CONVENTION = CLIP_CURRENT
+    MAX_TOKENS = KRON_LIMITS["tokens"]
 
     @staticmethod
     def npu_convert_weight_to_int4pack(weight: torch.Tensor, inner_k_tiles: int = 0) -> torch.Tensor:
@@ -87,8 +96,8 @@ class TorchNpuDouble:
         y = torch.round(xf / scale.unsqueeze(-1))
         return (pack_words(y) if int4 else y.to(torch.int8)), scale
 
-    @staticmethod
-    def npu_kronecker_quant(x: torch.Tensor, kronecker_p1: torch.Tensor, kronecker_p2: torch.Tensor,
+    @classmethod
+    def npu_kronecker_quant(cls, x: torch.Tensor, kronecker_p1: torch.Tensor, kronecker_p2: torch.Tensor,
                             clip_ratio: Optional[float] = 1.0, dst_dtype=torch.int32):
         op = "npu_kronecker_quant"
         _half_input(x, op)
@@ -96,13 +105,13 @@ class TorchNpuDouble:
         k, m, n = x.shape
         _check(kronecker_p1.shape == (m, m) and kronecker_p2.shape == (n, n), op, "P1 must be [M, M], P2 [N, N]")
         _check(kronecker_p1.dtype == x.dtype == kronecker_p2.dtype, op, "P1 and P2 must have x's dtype")
-        _check(k <= KRON_LIMITS["tokens"] and max(m, n) <= KRON_LIMITS["factor"] and n % INT4_PER_WORD == 0, op,
+        _check(k <= cls.MAX_TOKENS and max(m, n) <= KRON_LIMITS["factor"] and n % INT4_PER_WORD == 0, op,
                f"[{k}, {m}, {n}] is outside the kernel's limits")
         _check(dst_dtype in (None, torch.int32), op, "dst_dtype must be torch.int32 for int32-packed int4")
         ratio = 1.0 if clip_ratio is None else float(clip_ratio)
-        _check(0 < ratio <= 1, op, "clip_ratio must lie in (0, 1]")
+        _check(0 < ratio and (ratio <= 1 or cls.CLIP_CONVENTION == CLIP_OLD), op, "clip_ratio must lie in (0, 1]")
         y = kronecker_p1.float() @ (x.float() @ kronecker_p2.float())
-        scale = y.abs().amax(dim=(1, 2)) / (7 / ratio)
+        scale = CLIP_CONVENTIONS[cls.CLIP_CONVENTION](y.abs().amax(dim=(1, 2)), ratio)
         codes = torch.clamp(torch.round(y / scale[:, None, None]), -8, 7)
         return pack_words(codes), scale
 
@@ -137,9 +146,17 @@ class TorchNpuDouble:
         return out.to(output_dtype or torch.int8)
 
 
-def module() -> types.ModuleType:
-    """A ``torch_npu`` module exposing the double's ops (for ``sys.modules``)."""
+def variant(clip_convention: str = CLIP_CURRENT, max_tokens: int = KRON_LIMITS["tokens"]) -> type:
+    """A TorchNpuDouble whose npu_kronecker_quant computes its scale as ``clip_convention`` (CLIP_CURRENT or CLIP_OLD)
+    and takes at most ``max_tokens`` tokens (older kernels: 8192)."""
+    return type("TorchNpuDoubleVariant", (TorchNpuDouble,),
+                {"CLIP_CONVENTION": clip_convention, "MAX_TOKENS": max_tokens})
+
+
+def module(double: type = TorchNpuDouble, version: str = "2.7.1.double") -> types.ModuleType:
+    """A ``torch_npu`` module exposing ``double``'s ops (for ``sys.modules``)."""
     fake = types.ModuleType("torch_npu")
+    fake.__version__ = version
     for name in OPS:
-        setattr(fake, name, getattr(TorchNpuDouble, name))
+        setattr(fake, name, getattr(double, name))
     return fake

@@ -32,7 +32,7 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace OUTPUT_DIR if it exists and is not empty")
     p.add_argument("--dtype", default="auto", choices=DTYPES,
                    help="dtype of the float parts (embeddings, norms, transforms): auto = the model's own 16-bit "
-                        "dtype, bfloat16 for a float32 checkpoint (the serving dtype)")
+                        "dtype, bfloat16 for a float32 checkpoint (the serving dtype); float32: native only")
     p.add_argument("--shard_size", default="2GB", help="largest safetensors shard (e.g. 2GB, 500MB); larger models get "
                                                        "-0000i-of-0000n shards and an index file")
     p.add_argument("--backend", default="auto", help="native: real-quant backend for the conversion: auto | cpu | "
@@ -57,7 +57,12 @@ def _dtypes(args, model_path: str):
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..errors import UsageError
     from ..models import resolve_model_path
+
+    if args.format == "ascend" and args.dtype == "float32":
+        raise UsageError("--dtype float32 cannot be served: vllm-ascend runs W4A4 models in bfloat16 or float16; use "
+                         "--dtype auto, bfloat16 or float16 with --format ascend.")
     from ..realquant.folder import claim_target, parse_size
 
     source = resolve_model_path(args.model_path)
@@ -113,7 +118,7 @@ def _run_ascend(args, loaded, payload, cfg, source, dtype, shard_bytes: int) -> 
           f"{info['ratio_to_bf16']:.3f}x")
     print(f"Ascend folder: {info['output_dir']} ({len(info['files'])} safetensors file(s), "
           f"{info['weights_bytes'] / mib:.1f} MiB, float parts in {info['dtype']}); serve it with "
-          f"`vllm serve {args.output_dir} --quantization ascend`")
+          f"`vllm serve {args.output_dir} --quantization ascend` (its README.md lists what the server needs)")
     print("All done!")
     return 0
 

@@ -37,7 +37,8 @@ from ..models import decoder_layers, resolve_model_path
 from ..progress import Reporter
 from ..transforms import kronecker_matmul
 from .ascend_reference import (CONFIG_QUANTIZE, DESCRIPTION_FILE, FLOAT_TYPE, FUSED_GROUPS, KRONECKER_MAX_FACTOR,
-                               QUANT_TYPE, WEIGHTS_STEM, layout_problems, server_factors)
+                               METADATA_KEY, QUANT_TYPE, WEIGHTS_STEM, layout_problems, server_factors)
+from .ascend_serving import README_FILE, metadata, readme_text
 from .checkpoint import export_checkpoint
 from .folder import DEFAULT_SHARD_BYTES, ShardWriter, StagedFolder, check_target, serving_dtype, source_dtype
 from .packing import quantize_weight
@@ -97,6 +98,7 @@ class ExportStats:
     quantized_bytes: int = 0
     quantized_bf16_bytes: int = 0
     not_exported: set = field(default_factory=set)
+    factors: set = field(default_factory=set)  # (left, right) Kronecker factor sizes of the quantized linears
 
     @property
     def note_params(self) -> dict:
@@ -142,6 +144,7 @@ def _linear_tensors(name: str, m: nn.Module, layer: nn.Module, member: str, dtyp
             a, b = server_factors(m.in_features) if m.in_features % 4 != 2 else (1, m.in_features)
             left, right = trans if trans is not None else (torch.eye(a), torch.eye(b))
         _check_factors(name, m.in_features, left, right)
+        stats.factors.add((left.shape[0], right.shape[0]))
         codes, scale = quantize_weight(state["weight"], 4, state["w_clip"])
         own = {"weight": codes.cpu().contiguous(), "weight_scale": scale.float().reshape(-1, 1).cpu(),
                "weight_offset": torch.zeros(m.out_features, 1),
@@ -202,6 +205,14 @@ def layer_tensors(layer: nn.Module, prefix: str, dtype: torch.dtype, stats: Expo
 def _model_dtype(model: nn.Module) -> torch.dtype:
     dtypes = [p.dtype for p in model.parameters() if p.is_floating_point() and not p.is_meta]
     return max(set(dtypes), key=dtypes.count) if dtypes else torch.float32
+
+
+def _write_description(folder: Path, description: dict, dtype: torch.dtype, stats: ExportStats) -> None:
+    """quant_model_description.json, with what the folder needs from the server under METADATA_KEY, and README.md
+    saying the same."""
+    meta = metadata(description, str(dtype).replace("torch.", ""), stats.factors, stats.notes)
+    (folder / DESCRIPTION_FILE).write_text(json.dumps({**description, METADATA_KEY: meta}, indent=2))
+    (folder / README_FILE).write_text(readme_text(meta))
 
 
 def _write_config(model: nn.Module, tokenizer, folder: Path, dtype: torch.dtype) -> None:
@@ -280,7 +291,7 @@ def export_ascend(model: nn.Module, cfg, tokenizer, output_dir: str | os.PathLik
                 layers[i].to("meta")
         files = writer.finish()
         description = {"model_quant_type": QUANT_TYPE, **writer.types, **({"lm_head.weight": FLOAT_TYPE} if tied else {})}
-        (staged.path / DESCRIPTION_FILE).write_text(json.dumps(description, indent=2))
+        _write_description(staged.path, description, dtype, stats)
         stats.quantized_bytes = writer.bytes_by_type.get(QUANT_TYPE, 0)
         _write_config(model, tokenizer, staged.path, dtype)
         problems = layout_problems(staged.path)

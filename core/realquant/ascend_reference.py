@@ -7,7 +7,8 @@ so that comparing its logits with the project's own real-quant model checks the 
 The folder:
   config.json                      the model's config plus ``"quantize": "w4a4_flatquant_dynamic"``
   quant_model_description.json     one flat object: ``"model_quant_type": "W4A4_FLATQUANT_DYNAMIC"`` and, for every
-                                   tensor name in the weights, ``"W4A4_FLATQUANT_DYNAMIC"`` or ``"FLOAT"``
+                                   tensor name in the weights, ``"W4A4_FLATQUANT_DYNAMIC"`` or ``"FLOAT"`` (plus this
+                                   project's metadata under METADATA_KEY, which is no tensor name: ignored)
   quant_model_weight_w4a4_flatquant_dynamic.safetensors   (or ``-0000i-of-0000n.safetensors`` shards with
                                    ``quant_model_weight_w4a4_flatquant_dynamic.safetensors.index.json``)
   tokenizer files
@@ -44,6 +45,12 @@ INDEX_FILE = WEIGHTS_FILE + ".index.json"
 LINEAR_KEYS = ("weight", "weight_scale", "weight_offset", "left_trans", "right_trans", "clip_ratio")
 FUSED_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 KRONECKER_MAX_FACTOR = 256  # CANN's npu_kronecker_quant: both factors at most 256
+# quant_model_description.json: one key that is not a tensor name, holding what the folder needs from the server (the
+# server looks tensor names up and never reads it; this project's metadata, see core.realquant.ascend_serving)
+METADATA_KEY = "flatquant_studio"
+NOT_TENSOR_KEYS = ("model_quant_type", METADATA_KEY)
+# the activation scale the stored clip_ratio assumes (ReferenceW4A4Linear.forward computes it)
+CLIP_CONVENTION = "scale = clip_ratio * max|x| / 7"
 
 
 class LayoutError(ValueError):
@@ -130,7 +137,7 @@ def layout_problems(folder: str | os.PathLike) -> list[str]:
         problems.append(f'config.json: "quantize" is {config.get("quantize")!r}, not {CONFIG_QUANTIZE!r}')
     if desc.get("model_quant_type") != QUANT_TYPE:
         problems.append(f"{DESCRIPTION_FILE}: model_quant_type is {desc.get('model_quant_type')!r}")
-    types = {k: v for k, v in desc.items() if k != "model_quant_type"}
+    types = {k: v for k, v in desc.items() if k not in NOT_TENSOR_KEYS}
     bad = sorted(k for k, v in types.items() if v not in (QUANT_TYPE, FLOAT_TYPE))
     if bad:
         problems.append(f"{DESCRIPTION_FILE}: unknown types for {bad[:3]}")
@@ -307,6 +314,7 @@ def load_reference(folder: str | os.PathLike, check: bool = True, right_first: b
 
 
 __all__ = ["QUANT_TYPE", "FLOAT_TYPE", "CONFIG_QUANTIZE", "DESCRIPTION_FILE", "WEIGHTS_STEM", "WEIGHTS_FILE",
-           "INDEX_FILE", "LINEAR_KEYS", "FUSED_GROUPS", "KRONECKER_MAX_FACTOR", "LayoutError", "server_factors",
+           "INDEX_FILE", "LINEAR_KEYS", "FUSED_GROUPS", "KRONECKER_MAX_FACTOR", "METADATA_KEY", "NOT_TENSOR_KEYS",
+           "CLIP_CONVENTION", "LayoutError", "server_factors",
            "shard_name", "weight_files", "load_tensors", "layout_problems", "check_layout", "ReferenceW4A4Linear",
            "load_reference"]
