@@ -101,6 +101,21 @@ def build_fixtures(root: Path) -> dict:
                     root)
     if proc.returncode != 0:
         raise SystemExit(f"fixture quantize failed:\n{proc.stderr[-3000:]}")
+    # a larger model whose export takes seconds: the first job of the two-jobs export cases
+    medium_dir = root / "fixtures" / "medium-llama"
+    torch.manual_seed(1)
+    medium = LlamaForCausalLM(LlamaConfig(hidden_size=2048, intermediate_size=5632, num_hidden_layers=6,
+                                          num_attention_heads=16, num_key_value_heads=4, vocab_size=49152,
+                                          max_position_embeddings=2048, tie_word_embeddings=False,
+                                          torch_dtype="bfloat16")).to(torch.bfloat16)
+    medium.save_pretrained(medium_dir)
+    load_model().tokenizer.save_pretrained(medium_dir)
+    medium_run = root / "fixtures" / "medium-run"
+    proc = run_core(["quantize", "--model_path", str(medium_dir), "--calib_data", str(text), "--nsamples", "2",
+                     "--seqlen", "32", "--epochs", "1", "--no_ppl", "--no_time_diff", "--output_dir",
+                     str(medium_run)], root)
+    if proc.returncode != 0:
+        raise SystemExit(f"fixture quantize (medium) failed:\n{proc.stderr[-3000:]}")
     export = root / "fixtures" / "export_size"
     proc = run_core(["export", "--model_path", str(model_dir), "--flat_matrix_path", str(run / "flat_matrices.pth"),
                      "--output_dir", str(export)], root)
@@ -109,6 +124,7 @@ def build_fixtures(root: Path) -> dict:
     export_bytes = sum(p.stat().st_size for p in export.rglob("*") if p.is_file())
     shutil.rmtree(export)
     return {"model": str(model_dir), "calib": str(text), "run": str(run), "export_bytes": export_bytes,
+            "medium_model": str(medium_dir), "medium_matrix": str(medium_run / "flat_matrices.pth"),
             "eval": str(shared_eval() or ""), "fixtures": str(root / "fixtures")}
 
 
@@ -267,7 +283,7 @@ def long_quantize(out_key: str) -> Callable[[dict], subprocess.Popen]:
     def start(ctx):
         out = Path(ctx[out_key])
         proc = popen_core(["quantize", "--model_path", ctx["model"], "--calib_data", ctx["calib"], "--nsamples",
-                           "32", "--seqlen", "256", "--epochs", "4", "--no_ppl", "--no_time_diff", "--output_dir",
+                           "32", "--seqlen", "256", "--epochs", "30", "--no_ppl", "--no_time_diff", "--output_dir",
                            str(out)], Path(ctx["case"]))
         wait_for(lambda: (out / "quantize.log").exists() or proc.poll() is not None, 120)
         time.sleep(1.0)
@@ -275,12 +291,15 @@ def long_quantize(out_key: str) -> Callable[[dict], subprocess.Popen]:
     return start
 
 
-def long_export(out_key: str) -> Callable[[dict], subprocess.Popen]:
+def long_export(out_key: str, until: str = "lock") -> Callable[[dict], subprocess.Popen]:
+    """A first export (of the larger fixture model) into ctx[out_key]; returns once it holds the target's lock
+    (``until="lock"``) or has begun writing its staged folder (``"partial"``)."""
     def start(ctx):
         out = Path(ctx[out_key])
-        proc = popen_core(["export", "--model_path", ctx["model"], "--flat_matrix_path", ctx["matrix"],
-                           "--output_dir", str(out), "--verify"], Path(ctx["case"]))
-        wait_for(lambda: any(out.parent.glob(f".{out.name}.partial-*")) or proc.poll() is not None, 120)
+        proc = popen_core(["export", "--model_path", ctx["medium_model"], "--flat_matrix_path",
+                           ctx["medium_matrix"], "--output_dir", str(out), "--verify"], Path(ctx["case"]))
+        mark = f".{out.name}.lock" if until == "lock" else f".{out.name}.partial-*"
+        wait_for(lambda: any(out.parent.glob(mark)) or proc.poll() is not None, 120)
         return proc
     return start
 
@@ -288,7 +307,7 @@ def long_export(out_key: str) -> Callable[[dict], subprocess.Popen]:
 def killed(start: Callable[[dict], subprocess.Popen]) -> Callable[[dict], None]:
     """Start a first job and SIGKILL it once it has begun writing."""
     def run(ctx):
-        proc = start(ctx)  # returns as soon as the staged folder exists
+        proc = start(ctx)
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
     return run
@@ -488,7 +507,7 @@ def cases() -> list[Case]:
         before=long_quantize("out"))
     add(k, "export again after the first export was SIGKILLed mid-write", [*EXP, "--output_dir", "{out}",
                                                                            "--overwrite"],
-        both(copy_run, copy_model), before=killed(long_export("out")), succeed=True)
+        both(copy_run, copy_model), before=killed(long_export("out", until="partial")), succeed=True)
     return out
 
 
@@ -572,8 +591,8 @@ def judge(case: Case, ctx: dict, proc, seconds: float, inputs: dict, case_dir: P
             out1, err1 = first.communicate()
         if first.returncode != 0 or "All done!" not in out1:
             why.append(f"the first job failed (exit {first.returncode}): {err1.strip().splitlines()[-1:]}")
-        else:
-            inputs = {k: v for k, v in inputs.items() if not k.startswith("out/")}  # the first job's own writes
+        else:  # the first job's own writes (its folder, its staged folder beside it)
+            inputs = {k: v for k, v in inputs.items() if not (k.startswith("out/") or k.startswith(".out."))}
     after = snapshot(case_dir)
     lost = [k for k, v in inputs.items() if after.get(k) != v and not k.endswith(".lock")]
     if lost:
