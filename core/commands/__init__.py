@@ -1,5 +1,5 @@
 """One module per CLI command; each defines register(subparsers)."""
-COMMANDS = ("quantize", "evaluate", "export")
+COMMANDS = ("quantize", "evaluate", "export", "doctor")
 
 
 def job_writes(calibrates: bool) -> list[str]:
