@@ -7,7 +7,7 @@ quantized-linear bytes vs bf16, folder size, export time and peak memory.
 
 Sections
   smollm2  SmolLM2-135M with a matrix file (--flat_matrix_path; default: calibrate 30 layers x 8 samples x 128
-           tokens x 1 epoch first): `export --format ascend --dtype float32` in a child process (time, peak RSS),
+           tokens x 1 epoch first): the ascend export with float32 float parts in a child process (time, peak RSS),
            then the reference loader (core.realquant.ascend_reference: the serving math) vs convert_model's
            real-quant model on --windows windows of 512 tokens of WikiText-2 test: max |diff| / max |logit| per
            window; quantized-linear bytes / bf16 bytes; and the default export (bf16 float parts) folder size.
@@ -37,12 +37,19 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch  # noqa: E402
 
 
-def _export(model_path, matrix, out, *extra) -> dict:
-    """`python -m core export --format ascend` in a child process: seconds and the child's peak RSS."""
+FP32_EXPORT = ("import sys, torch; from core.realquant.ascend import export_matrix_file; "
+               "export_matrix_file(sys.argv[1], sys.argv[2], sys.argv[3], dtype=torch.float32, overwrite=True)")
+
+
+def _export(model_path, matrix, out, fp32: bool = False) -> dict:
+    """`python -m core export --format ascend` in a child process (``fp32``: the same export with float32 float
+    parts, which the CLI refuses, through core.realquant.ascend.export_matrix_file): seconds and the child's peak
+    RSS."""
     t = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "core", "export", "--format", "ascend", "--model_path",
-                           str(model_path), "--flat_matrix_path", str(matrix), "--output_dir", str(out),
-                           "--overwrite", *extra], cwd=ROOT, capture_output=True, text=True)
+    args = (["-c", FP32_EXPORT, str(model_path), str(matrix), str(out)] if fp32 else
+            ["-m", "core", "export", "--format", "ascend", "--model_path", str(model_path), "--flat_matrix_path",
+             str(matrix), "--output_dir", str(out), "--overwrite"])
+    proc = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True)
     if proc.returncode:
         raise SystemExit(proc.stderr)
     rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
@@ -112,7 +119,7 @@ def smollm2(args, tmp: Path) -> dict:
                                           "seconds": round(time.perf_counter() - t, 1)}
         del res
     out = tmp / "smol_fp32"
-    exp = _export("smollm2", matrix, out, "--dtype", "float32")
+    exp = _export("smollm2", matrix, out, fp32=True)
     loaded = load_model()
     load_matrices(matrix, loaded.model)
     real = convert_model(loaded.model, "cpu")
@@ -138,7 +145,7 @@ def qwen3(args, tmp: Path) -> dict:
     matrix = save_matrices(tmp / "q3.pth", build_payload(model, cfg, states, complete=True))
     fold_model(wrapped)
     out = tmp / "q3_fp32"
-    exp = _export(tmp / "q3", matrix, out, "--dtype", "float32")
+    exp = _export(tmp / "q3", matrix, out, fp32=True)
     real = convert_model(wrapped, "cpu")
     return {"shape": "hidden 1024, intermediate 3072, 4 layers", "export_fp32": exp, **_sizes(out),
             **_compare(out, real, _windows(tok, args.windows))}

@@ -13,7 +13,7 @@ from core.config import parse_config
 from core.flat import fold_model
 from core.matrices import build_payload, save_matrices, uncalibrated_states
 from core.realquant import convert_model
-from core.realquant.ascend import export_ascend, widen_skip_layers
+from core.realquant.ascend import export_ascend, export_matrix_file, widen_skip_layers
 from core.realquant.folder import parse_size
 from core.realquant.ascend_reference import (DESCRIPTION_FILE, INDEX_FILE, QUANT_TYPE, WEIGHTS_FILE, layout_problems,
                                              load_reference, load_tensors, server_factors)
@@ -69,19 +69,6 @@ def smol_calibrated(tmp_path_factory, smollm2):
     return result
 
 
-def _export_fp32_from_file(matrix_path, folder):
-    """The CLI's ascend export of a matrix file (model loaded, each layer rebuilt and folded), with float32 float
-    parts, which the CLI refuses (vllm-ascend serves bf16/fp16) but an exact comparison needs."""
-    from core.matrices import read_complete_matrices
-    from core.models import load_model
-
-    payload = read_complete_matrices(matrix_path)
-    loaded = load_model(dtype=torch.float32)
-    layers = {int(i): s for i, s in payload["layers"].items()}
-    export_ascend(loaded.model, parse_config(payload["config"]), loaded.tokenizer, folder, layer_states=layers,
-                  consume=True, dtype=torch.float32, say=lambda s: None)
-
-
 def test_smollm2_export_equals_the_real_quant_model_on_wikitext(smol_calibrated, smollm2, shared_data, tmp_path,
                                                                 capsys):
     out = tmp_path / "smol_ascend"
@@ -106,7 +93,7 @@ def test_smollm2_export_equals_the_real_quant_model_on_wikitext(smol_calibrated,
     assert (out / "tokenizer.json").exists()
 
     exact = tmp_path / "smol_ascend_fp32"
-    _export_fp32_from_file(smol_calibrated.matrix_path, exact)
+    export_matrix_file(None, smol_calibrated.matrix_path, exact, dtype=torch.float32, say=lambda s: None)
     served, fp32 = load_tensors(out), load_tensors(exact)
     for name, t in served.items():  # the served folder's numbers are the fp32 folder's, in bf16 where float
         same = fp32[name].to(t.dtype) if t.is_floating_point() and t.dtype != fp32[name].dtype else fp32[name]

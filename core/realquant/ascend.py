@@ -308,6 +308,24 @@ def export_ascend(model: nn.Module, cfg, tokenizer, output_dir: str | os.PathLik
             "notes": stats.notes}
 
 
+def export_matrix_file(model_path: Optional[str], matrix_path: str | os.PathLike, output_dir: str | os.PathLike, *,
+                       dtype: Optional[torch.dtype] = None, **kwargs) -> dict:
+    """``export --format ascend`` from Python: the model loaded on the host in its own dtype, each layer rebuilt from
+    the matrix file and folded in turn. ``dtype`` may be float32 here (an exact comparison with the reference loader
+    needs it; the CLI refuses it, as vllm-ascend serves bf16/fp16). ``kwargs``: export_ascend's."""
+    from ..config import parse_config
+    from ..matrices import check_identity, read_complete_matrices
+    from ..models import load_model
+
+    payload = read_complete_matrices(matrix_path)
+    source = resolve_model_path(model_path)
+    loaded = load_model(model_path, dtype=source_dtype(source))
+    check_identity(payload, loaded.model, str(matrix_path))
+    layers = {int(i): s for i, s in payload["layers"].items()}
+    return export_ascend(loaded.model, parse_config(payload["config"]), loaded.tokenizer, output_dir,
+                         layer_states=layers, consume=True, source_dir=source, dtype=dtype, **kwargs)
+
+
 # --- straight from a quantize run (CLI `quantize --export`, GUI) ------------------------------------------------
 
 
