@@ -97,7 +97,9 @@ class WrongMatmul(TorchNpuDouble):
 
 @pytest.mark.parametrize("double, op, seen", [(RaisingKronecker, "npu_kronecker_quant", "raised RuntimeError: EZ9999"),
                                               (WrongMatmul, "npu_quant_matmul", "differs from the exact")])
-def test_an_op_that_raises_or_differs_falls_back_with_one_warning(double, op, seen, caplog):
+def test_an_op_that_raises_or_differs_falls_back_with_one_warning(double, op, seen, caplog, tmp_path, monkeypatch):
+    (tmp_path / "version.cfg").write_text("# CANN toolkit\nversion=8.2.RC1\n")
+    monkeypatch.setenv("ASCEND_TOOLKIT_HOME", str(tmp_path))  # where the CANN version is read
     ops = module(double, version="2.7.1.broken")
     case = _case(2)
     with caplog.at_level(logging.WARNING, logger="core.realquant.npu"):
@@ -105,7 +107,7 @@ def test_an_op_that_raises_or_differs_falls_back_with_one_warning(double, op, se
         _run(ops, *case)  # checked once per process: no second warning
     lines = [r.getMessage() for r in caplog.records]
     assert len(lines) == 1, lines
-    assert op in lines[0] and seen in lines[0] and "torch_npu 2.7.1.broken" in lines[0] and "CANN" in lines[0]
+    assert op in lines[0] and seen in lines[0] and "torch_npu 2.7.1.broken" in lines[0] and "CANN 8.2.RC1" in lines[0]
     assert "portable torch path" in lines[0] and "\n" not in lines[0]
     want_codes, want_scale, want_out = _reference(*case)
     assert _close_codes(codes, want_codes) and torch.allclose(scale, want_scale, rtol=1e-5)

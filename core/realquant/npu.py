@@ -112,14 +112,15 @@ def cann_version(ops=None) -> str:
     version = getattr(getattr(ops, "version", None), "cann", None)
     if version:
         return str(version)
-    for root in (os.environ.get("ASCEND_TOOLKIT_HOME"), os.environ.get("ASCEND_HOME_PATH")):
-        for name in ("version.cfg", "compiler/version.info"):
-            try:
-                for line in (Path(root or "/nonexistent") / name).read_text().splitlines():
-                    if line.lower().startswith("version="):
-                        return line.split("=", 1)[1].strip()
-            except OSError:
-                continue
+    roots = [os.environ.get(v) for v in ("ASCEND_TOOLKIT_HOME", "ASCEND_HOME_PATH")]
+    for path in (Path(r) / name for r in roots if r for name in ("version.cfg", "compiler/version.info")):
+        try:
+            lines = path.read_text().splitlines()
+        except OSError:
+            continue
+        for line in lines:
+            if line.lower().startswith("version="):
+                return line.split("=", 1)[1].strip()
     return "unknown"
 
 
