@@ -25,7 +25,8 @@ REQUIREMENTS = {
     "CANN": ">= 8.3.RC1 (what vllm-ascend 0.11.0rc1 requires; the minimum for these factor sizes: not confirmed)",
     "torch_npu": "2.7.1 (what vllm-ascend 0.11.0rc1 requires; the minimum for these factor sizes: not confirmed)",
 }
-CLIP_NOTE = (f"{CLIP_CONVENTION} (torch_npu's current npu_kronecker_quant documentation). CANN 8.1/8.2 pages print "
+CLIP_NOTE = (f"the stored clip_ratio values assume {CLIP_CONVENTION} (torch_npu's current npu_kronecker_quant "
+             f"documentation, and this project's reference loader). CANN 8.1/8.2 pages print "
              f"{OLD_CLIP_CONVENTION}: a kernel that computes that needs 1 / clip_ratio instead, which vllm-ascend "
              "does not do.")
 LINEAR_SUFFIXES = ("_proj.weight", "lm_head.weight")
