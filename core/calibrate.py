@@ -2,9 +2,10 @@
 and activation statistics, call the algorithm's hooks (prepare -> calibrate or restore -> freeze -> state -> fold),
 hand the state to the caller (checkpoint/resume), and move on with the full-precision outputs as the next inputs
 (and, with ``calib_inputs="quant"``, the quantized layer's outputs as the next training inputs).
-Before the layers, the algorithm's model-level hook (prepare_model) runs once. With ``weight_rounding="gptq"`` each
-folded layer's quantized linears are then GPTQ-rounded on the Hessians of their (transformed) inputs over the
-calibration inputs, under any algorithm; the rounding (int8 codes + fp32 scales) joins the layer's state.
+Before the layers, the algorithm's model-level hooks run once (core.algorithms.prepare_model). With
+``weight_rounding="gptq"`` each folded layer's quantized linears are then GPTQ-rounded on the Hessians of their
+(transformed) inputs over the calibration inputs, under any algorithm; the rounding (int8 codes + fp32 scales) joins
+the layer's state.
 
 Memory policy: the model stays on the host in its storage dtype; only the current layer is on the device, upcast to
 ``train_dtype``; inputs/outputs of the calibration set live in an ActivationStore (host RAM or disk). With
@@ -54,11 +55,13 @@ def is_large_layer(layer: nn.Module) -> bool:
 
 
 def capture_layer_inputs(model: nn.Module, samples: torch.Tensor, device: torch.device,
-                         store: Optional[ActivationStore] = None) -> tuple[torch.Tensor, dict]:
+                         store: Optional[ActivationStore] = None, upcast: bool = True) -> tuple[torch.Tensor, dict]:
     """Hidden states entering decoder layer 0 for each sample [N, L, H] (fp32, host or disk) and the keyword
     arguments the model passes to its layers (rotary embeddings, mask; on ``device``), captured by a pre-hook that
     stops the forward there. Runs where the embeddings are (the host); the embedding output is upcast to fp32 so
-    that the rotary tables are computed in fp32 whatever the storage dtype."""
+    that the rotary tables are computed in fp32 whatever the storage dtype. ``upcast=False``: the embedding output
+    and the tables stay in the model's own dtype, as its forward has them (a layer-major perplexity that must equal
+    the whole model's)."""
     store = store or ActivationStore()
     layer0 = decoder_layers(model)[0]
     inps: Optional[torch.Tensor] = None
@@ -70,15 +73,17 @@ def capture_layer_inputs(model: nn.Module, samples: torch.Tensor, device: torch.
         nonlocal inps
         hidden = args[0] if args else kwargs["hidden_states"]
         if inps is None:
-            inps = store.empty((samples.shape[0],) + tuple(hidden.shape[1:]))
-        inps[row[0]] = hidden[0].detach().float().cpu()
+            dtype = torch.float32 if upcast else hidden.dtype
+            inps = store.empty((samples.shape[0],) + tuple(hidden.shape[1:]), dtype)
+        inps[row[0]] = hidden[0].detach().to(inps.dtype).cpu()
         if not kwargs_seen:
             kwargs_seen.update({k: v for k, v in kwargs.items() if k != "hidden_states"})
         raise _Captured
 
     row = [0]
-    handles = [layer0.register_forward_pre_hook(pre_hook, with_kwargs=True),
-               emb.register_forward_hook(lambda _m, _a, out: out.float())]
+    handles = [layer0.register_forward_pre_hook(pre_hook, with_kwargs=True)]
+    if upcast:
+        handles.append(emb.register_forward_hook(lambda _m, _a, out: out.float()))
     try:
         for i in range(samples.shape[0]):
             row[0] = i

@@ -52,6 +52,7 @@ EVENTS: dict[str, EventKind] = {
     "ppl_start": EventKind("ppl", "perplexity of the {model} model at seqlen {seqlen}"),
     "ppl_streaming": EventKind("ppl", "perplexity {model}: streaming decoder layers to {device} one at a time"),
     "ppl_window": EventKind("ppl", "perplexity {model} window {start}/{n}"),
+    "ppl_layer": EventKind("ppl", "perplexity {model}, all windows layer by layer: decoder layer {i}/{n}"),
     "ppl_value": EventKind("ppl", "PPL {model}: {value:.3f}"),
     "ppl_value_seqlen": EventKind("ppl", "PPL {model} @ {seqlen}: {value:.3f}"),
     "acc_start": EventKind("eval", "lm-eval on {model}: {tasks}"),

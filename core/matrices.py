@@ -145,7 +145,7 @@ def check_layer_indices(layers: nn.ModuleList, states, path: str = "") -> None:
 
 def apply_layer_matrices(layers: nn.ModuleList, i: int, algo: LayerAlgorithm, state: dict, path: str = "") -> None:
     """Rebuild and fold decoder layer ``i`` alone from its saved state (exporters stream a model layer by layer with
-    it); after ``algo.prepare_model`` when the algorithm changes the model as a whole."""
+    it); after core.algorithms.prepare_model when the algorithm changes the model as a whole."""
     _check_layer_index(layers, i, path)
     try:
         rebuild_layer(algo, layers[i], i, state)

@@ -279,6 +279,14 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     return adapter_for(model).decoder_layers(model)
 
 
+def outside_layers(model: nn.Module) -> list[nn.Module]:
+    """The modules outside the decoder layers that hold tensors of their own (embeddings, rotary tables, final
+    norm, head)."""
+    inside = {id(m) for m in decoder_layers(model).modules()}
+    return [m for m in model.modules() if id(m) not in inside and m is not model
+            and (any(True for _ in m.parameters(recurse=False)) or any(True for _ in m.buffers(recurse=False)))]
+
+
 def model_identity(model: nn.Module) -> dict:
     """What a matrix file must match: a file for another model is refused."""
     return adapter_for(model).identity(model)
@@ -342,11 +350,12 @@ def shared_copy(model: nn.Module) -> nn.Module:
 
 
 @torch.no_grad()
-def unshare_tensors(model: nn.Module) -> None:
+def unshare_tensors(model: nn.Module, modules: Optional[list[nn.Module]] = None) -> None:
     """Give ``model`` its own copy of every parameter and buffer (the inverse of shared_copy), so that changing its
-    tensors in place leaves a model it shared them with alone. A tensor tied between modules stays tied."""
+    tensors in place leaves a model it shared them with alone. A tensor tied between modules stays tied.
+    ``modules``: only these modules' own tensors (e.g. ``outside_layers(model)``), not the whole tree's."""
     clones: dict[int, torch.Tensor] = {}
-    for module in model.modules():
+    for module in model.modules() if modules is None else modules:
         for registry in (module._parameters, module._buffers):
             for name, t in registry.items():
                 if t is None:

@@ -34,12 +34,27 @@ def _window_nll(model: torch.nn.Module, batch: torch.Tensor) -> float:
         logits = model(input_ids=batch, use_cache=False).logits
         return float(F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1),
                                      reduction="sum"))
-    hidden = base(input_ids=batch, use_cache=False).last_hidden_state
+    return head_nll(head, base(input_ids=batch, use_cache=False).last_hidden_state, batch)
+
+
+def head_nll(head: torch.nn.Module, hidden: torch.Tensor, batch: torch.Tensor) -> float:
+    """Summed next-token NLL of a batch from its final hidden states (after the final norm), one window's logits
+    at a time."""
     total = 0.0
     for b in range(batch.shape[0]):
         logits = head(hidden[b, :-1])
         total += float(F.cross_entropy(logits.float(), batch[b, 1:], reduction="sum"))
     return total
+
+
+def perplexity_windows(ids: torch.Tensor, seqlen: int, max_windows: Optional[int] = None) -> torch.Tensor:
+    """The non-overlapping windows [n, seqlen] perplexity reads (at most ``max_windows``)."""
+    n = ids.numel() // seqlen
+    if max_windows is not None:
+        n = min(n, max_windows)
+    if n == 0:
+        raise DataError(f"Perplexity text has {ids.numel()} tokens, fewer than one window of {seqlen}.")
+    return ids[: n * seqlen].view(n, seqlen)
 
 
 @torch.no_grad()
@@ -51,16 +66,12 @@ def perplexity_from_ids(model: torch.nn.Module, ids: torch.Tensor, seqlen: int =
     decoder layer at a time (core.streaming), so a model larger than the device still gets its perplexity."""
     from .streaming import LayerStreamer, model_device, needs_streaming
 
-    n = ids.numel() // seqlen
-    if max_windows is not None:
-        n = min(n, max_windows)
-    if n == 0:
-        raise DataError(f"Perplexity text has {ids.numel()} tokens, fewer than one window of {seqlen}.")
+    windows = perplexity_windows(ids, seqlen, max_windows)
+    n = windows.shape[0]
     stream = needs_streaming(model, device)
     if stream and reporter is not None:
         reporter.emit("ppl_streaming", {"model": label, "device": str(device)})
     target = torch.device(device) if stream else model_device(model)
-    windows = ids[: n * seqlen].view(n, seqlen)
     nll_sum, count = 0.0, 0
     with LayerStreamer(model, target) if stream else nullcontext():
         for start in range(0, n, batch_size):

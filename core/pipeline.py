@@ -4,9 +4,10 @@ report.json. One function used by the CLI and the GUI runner; progress and cance
 Memory model (README "Memory model"): the model is loaded once, on the host, in its storage dtype. Calibration
 modifies it in place, one layer at a time on the device. When the float original is kept for comparisons
 (``keep_original``; None keeps it when it fits), the quantized model shares every tensor with it except the layers
-it has changed, which are copied as they are reached. When it is not kept, the original and RTN perplexities are
-measured first (RTN shares the original's weights: its quantization happens in the forward), then the model is
-quantized in place."""
+it has changed, which are copied as they are reached (and the baselines are whole models: RTN shares the
+original's weights, QuaRot's rotated weights are a copy). When it is not kept, the original's and the baselines'
+perplexities are measured first, the baselines' layer-major (core.layer_major: one baseline layer at a time, no
+second model), then the model is quantized in place."""
 from __future__ import annotations
 
 import logging
@@ -29,6 +30,7 @@ from .device import COMPUTE_DTYPE_CHOICES, SUPPORTED_DEVICES, compute_dtype, dty
 from .distributed import DistInfo, finish, gather_to_main, init_distributed, layer_range
 from .errors import ConfigError, FlatQuantError, JobCancelled, MatrixFileError, ModelLoadError
 from .flat import fold_model
+from .layer_major import layer_major_perplexity
 from .matrices import (MATRIX_FILE, RESUME_FILE, apply_matrices, build_payload, read_complete_matrices,
                        read_matrices, save_matrices)
 from .memory import (DTYPE_CHOICES, GIB, ActivationStore, ModelShape, activation_bytes, check_fits,
@@ -131,7 +133,8 @@ class QuantizeOptions:
         "keep the calibration set's captured activations in files in this folder, not in RAM", group=_SCALE))
     keep_original: Optional[bool] = field(default=None, metadata=option(
         "keep a float copy of the original for comparisons (API default: only when it fits)",
-        negation="--no_keep_original", negation_help="quantize in place; the original and RTN are evaluated first",
+        negation="--no_keep_original",
+        negation_help="quantize in place; the original and the baselines are evaluated first",
         group=_SCALE, cli_default=False))
     check_memory: bool = field(default=True, metadata=option(
         "start even when the memory estimate says the job will not fit", flag="--no_memory_check", group=_SCALE))
@@ -289,7 +292,10 @@ def rtn_model(original: nn.Module, cfg: FlatQuantConfig, max_layers: Optional[in
 
 
 def quarot_model(original: nn.Module, cfg: FlatQuantConfig, max_layers: Optional[int]) -> nn.Module:
-    """The QuaRot-RTN W4A4 baseline (core.algorithms.quarot, default settings): its rotated weights are a copy."""
+    """The QuaRot-RTN W4A4 baseline (core.algorithms.quarot, default settings) as a whole model: its rotated
+    weights are a whole copy of the model. The one remaining copy, where the baseline is needed as a model (the
+    kept original's comparisons in the GUI, accuracy, evaluate); its perplexity in an in-place job is layer-major
+    (core.layer_major), without the copy."""
     import copy
 
     model = copy.deepcopy(original)
@@ -298,7 +304,9 @@ def quarot_model(original: nn.Module, cfg: FlatQuantConfig, max_layers: Optional
     return model
 
 
-BASELINES = {"rtn": rtn_model, "quarot": quarot_model}  # report.json's ppl key -> builder from the float model
+# report.json's ppl key -> builder of the whole model from the float model; each key is also the name of the
+# registered algorithm (core.algorithms, default settings) whose uncalibrated build it is (layer-major perplexity)
+BASELINES = {"rtn": rtn_model, "quarot": quarot_model}
 
 
 def _baseline_models(original: nn.Module, cfg: FlatQuantConfig, options: QuantizeOptions) -> dict:
@@ -358,11 +366,15 @@ def _evaluate_ppl(models: dict, ids: torch.Tensor, options: QuantizeOptions, dev
     for name, model in models.items():
         if model is None:
             continue
-        ppl[name] = perplexity_from_ids(model, ids, options.ppl_seqlen, max_windows=options.ppl_max_windows,
-                                        reporter=reporter, label=name, device=device,
-                                        dtype=options.compute_dtype or "auto")
-        reporter.emit("ppl_value", {"model": name, "value": ppl[name]})
-        update_report(out_dir, dict(report, ppl=dict(ppl)))  # a cancel during the next model keeps this number
+        value = perplexity_from_ids(model, ids, options.ppl_seqlen, max_windows=options.ppl_max_windows,
+                                    reporter=reporter, label=name, device=device, dtype=options.compute_dtype or "auto")
+        _record_ppl(name, value, reporter, ppl, out_dir, report)
+
+
+def _record_ppl(name: str, value: float, reporter: Reporter, ppl: dict, out_dir: Path, report: dict) -> None:
+    ppl[name] = value
+    reporter.emit("ppl_value", {"model": name, "value": value})
+    update_report(out_dir, dict(report, ppl=dict(ppl)))  # a cancel during the next model keeps this number
 
 
 @guarded_job(kept_name=RESUME_FILE)
@@ -418,9 +430,12 @@ def run_quantize(options: QuantizeOptions, on_event: Optional[ProgressCallback] 
         if want_ppl:  # the float model and the baselines (one at a time) before the weights change
             section = _model_section(original, cfg)
             _evaluate_ppl({"original": model}, ids, options, device, reporter, ppl, out_dir, section)
-            for name in options.baselines_to_run() if want_ppl else []:
-                _evaluate_ppl({name: BASELINES[name](model, cfg, options.max_layers)}, ids, options, device,
-                              reporter, ppl, out_dir, section)
+            for name in options.baselines_to_run():  # layer-major: one baseline layer at a time, no model copy
+                value = layer_major_perplexity(model, get_algorithm(name, cfg), ids, options.ppl_seqlen,
+                                               max_windows=options.ppl_max_windows, num_layers=options.max_layers,
+                                               reporter=reporter, label=name, device=device,
+                                               dtype=options.compute_dtype or "auto")
+                _record_ppl(name, value, reporter, ppl, out_dir, section)
     rtn = baselines.get("rtn")
     calib: dict = {"nsamples": options.nsamples, "seqlen": options.seqlen, "epochs": cfg.epochs,
                    "cali_bsz": cfg.cali_bsz, "flat_lr": cfg.flat_lr, "device": str(device),

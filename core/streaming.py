@@ -17,7 +17,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .models import decoder_layers
+from .models import decoder_layers, outside_layers
 
 
 def base_weight_modules(layer: nn.Module):
@@ -95,18 +95,6 @@ def to_host(layer: nn.Module, dtype: Optional[torch.dtype] = None, home: Optiona
     return layer
 
 
-def _non_layer_modules(model: nn.Module) -> list[nn.Module]:
-    layers = decoder_layers(model)
-    inside = {id(m) for m in layers.modules()}
-    out = []
-    for m in model.modules():
-        if id(m) in inside or m is model:
-            continue
-        if any(True for _ in m.parameters(recurse=False)) or any(True for _ in m.buffers(recurse=False)):
-            out.append(m)
-    return out
-
-
 class LayerStreamer:
     """Context manager: run ``model`` (on the host) on ``device`` with one decoder layer resident at a time.
 
@@ -119,7 +107,7 @@ class LayerStreamer:
         self._handles: list = []
         self._storage: dict[int, torch.dtype] = {}
         self._homes: dict[int, HostHome] = {}
-        self._others = _non_layer_modules(model)
+        self._others = outside_layers(model)
         self._other_dtypes = {id(m): storage_dtype(m) for m in self._others}
 
     def _pre(self, layer, args, kwargs):

@@ -253,6 +253,7 @@ EVENTS_ZH: dict[str, str] = {
     "ppl_start": "计算{model}的困惑度（窗口 {seqlen}）",
     "ppl_streaming": "困惑度 {model}：逐层把解码层送到 {device}",
     "ppl_window": "困惑度 {model} 窗口 {start}/{n}",
+    "ppl_layer": "困惑度 {model}（全部窗口逐层计算）：第 {i}/{n} 个解码层",
     "ppl_value": "困惑度 {model}：{value:.3f}",
     "ppl_value_seqlen": "困惑度 {model}（窗口 {seqlen}）：{value:.3f}",
     "acc_start": "lm-eval 评估{model}：{tasks}",

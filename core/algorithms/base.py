@@ -1,7 +1,11 @@
 """The hook interface every layer-wise algorithm implements; the loop that calls the hooks is core.calibrate.
 
-Once per model, before the layers (and before layer 0's inputs are captured):
-  prepare_model(model, unshare)    model-level changes (QuaRot's fused residual rotation); default: none
+Once per model, before the layers (and before layer 0's inputs are captured), the model-level change (QuaRot's
+fused residual rotation; default: none) in two parts, so that it can also be applied one layer at a time
+(core.layer_major builds a baseline layer by layer):
+  prepare_outside(model, unshare)  its part outside the decoder layers (embeddings, final norm, head); returns
+                                   what every layer's part needs (QuaRot: the rotation), or None
+  prepare_model_layer(layer, i, carry, unshare)   its part inside decoder layer i (every layer, trained or not)
 
 Lifecycle of one decoder layer (the loop owns capture, device placement, resume, progress, cancel and memory):
   prepare_layer(layer, i, stats)   swap the algorithm's modules in (in place), initialized from activation stats
@@ -18,7 +22,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from torch import nn
@@ -79,9 +83,14 @@ class LayerAlgorithm:
     def settings_from_state(state: dict) -> dict:
         return {}
 
-    def prepare_model(self, model: nn.Module, unshare: bool = False) -> None:
-        """Model-level changes before the per-layer loop. ``unshare``: the model shares its tensors with a float
-        original that must survive (core.models.shared_copy), so tensors are replaced, never changed in place."""
+    def prepare_outside(self, model: nn.Module, unshare: bool = False) -> Any:
+        """The model-level change outside the decoder layers, before the per-layer loop; returns what
+        prepare_model_layer needs. ``unshare``: the model shares its tensors with a float original that must
+        survive (core.models.shared_copy), so tensors are replaced, never changed in place."""
+        return None
+
+    def prepare_model_layer(self, layer: nn.Module, index: int, carry: Any, unshare: bool = False) -> None:
+        """The model-level change inside decoder layer ``index`` (``carry``: what prepare_outside returned)."""
 
     def steps_per_layer(self, nsamples: int) -> int:
         return 0
@@ -105,12 +114,22 @@ class LayerAlgorithm:
         raise NotImplementedError
 
 
-def prepare_model(algo: LayerAlgorithm, model: nn.Module, unshare: bool = False) -> None:
-    """The model-level step before any layer: the algorithm's own (QuaRot's fused rotation), then lm_head's
-    quantization where the config asks for it (core.flat.wrap_lm_head: a module swap, no tensor changed in place).
-    Calibration, --load_matrix, export and the uncalibrated builds all start here, so each builds the same model."""
-    algo.prepare_model(model, unshare=unshare)
+def prepare_outside(algo: LayerAlgorithm, model: nn.Module, unshare: bool = False) -> Any:
+    """The model-level step outside the decoder layers: the algorithm's own, then lm_head's quantization where the
+    config asks for it (core.flat.wrap_lm_head: a module swap, no tensor changed in place). Returns the carry for
+    ``algo.prepare_model_layer``."""
+    carry = algo.prepare_outside(model, unshare=unshare)
     wrap_lm_head(model, algo.cfg)
+    return carry
+
+
+def prepare_model(algo: LayerAlgorithm, model: nn.Module, unshare: bool = False) -> None:
+    """The model-level step before any layer: prepare_outside, then the algorithm's part in every decoder layer
+    (QuaRot's fused rotation). Calibration, --load_matrix, export and the uncalibrated builds all start here, so
+    each builds the same model."""
+    carry = prepare_outside(algo, model, unshare)
+    for i, layer in enumerate(decoder_layers(model)):
+        algo.prepare_model_layer(layer, i, carry, unshare=unshare)
 
 
 def build_uncalibrated(algo: LayerAlgorithm, model: nn.Module, num_layers: Optional[int] = None) -> nn.Module:
@@ -118,12 +137,19 @@ def build_uncalibrated(algo: LayerAlgorithm, model: nn.Module, num_layers: Optio
     of the first ``num_layers`` (all by default) layers' modules at their starting values (FlatQuant: random-
     orthogonal transforms, unit diag; RTN: plain quantizers; QuaRot: the rotation, online Hadamard and fixed clips).
     Call core.flat.fold_model next for the deployable form."""
-    prepare_model(algo, model)
+    carry = prepare_outside(algo, model)
     for i, layer in enumerate(decoder_layers(model)):
-        if num_layers is not None and i >= num_layers:
-            break
-        algo.prepare_layer(layer, i, None)
+        build_layer_uncalibrated(algo, layer, i, carry, num_layers)
     return model
+
+
+def build_layer_uncalibrated(algo: LayerAlgorithm, layer: nn.Module, index: int, carry: Any,
+                             num_layers: Optional[int] = None) -> None:
+    """Decoder layer ``index`` of build_uncalibrated in place: the model-level change's part in it, then, among
+    the first ``num_layers``, the algorithm's modules at their starting values."""
+    algo.prepare_model_layer(layer, index, carry)
+    if num_layers is None or index < num_layers:
+        algo.prepare_layer(layer, index, None)
 
 
 def run_layer(layer: nn.Module, x: torch.Tensor, layer_kwargs: dict) -> torch.Tensor:

@@ -24,7 +24,7 @@ from ..adapters import ModelAdapter, adapter_for
 from ..config import FlatQuantConfig
 from ..flat import FlatQuantLinear, flat_state, fold_layer, load_flat_state, wrap_layer
 from ..hadamard import HadamardTransform, random_hadamard
-from ..models import unshare_tensors
+from ..models import outside_layers, unshare_tensors
 from ..quantizer import WeightQuantizer
 from .base import LayerAlgorithm, build_uncalibrated
 
@@ -51,40 +51,72 @@ def untie_lm_head(model: nn.Module, ad: ModelAdapter) -> None:
 
 
 @torch.no_grad()
-def fuse_norms(model: nn.Module, ad: Optional[ModelAdapter] = None) -> None:
-    """Move every residual-stream RMSNorm's weight into the linears it feeds; the norms keep a weight of ones."""
-    ad = ad or adapter_for(model)
+def fuse_layer_norms(layer: nn.Module, ad: ModelAdapter) -> None:
+    """One decoder layer's part of fuse_norms."""
+    for group in ad.groups:
+        norm = layer.get_submodule(group.norm)
+        w = norm.weight.double()
+        for m in group.members:
+            _scale_columns(layer.get_submodule(f"{group.parent}.{m}"), w)
+        norm.weight.data.fill_(1.0)
+
+
+@torch.no_grad()
+def fuse_final_norm(model: nn.Module, ad: ModelAdapter) -> None:
+    """The part of fuse_norms outside the decoder layers: lm_head gets its own weight, the final norm's."""
     untie_lm_head(model, ad)
-    for layer in ad.decoder_layers(model):
-        for group in ad.groups:
-            norm = layer.get_submodule(group.norm)
-            w = norm.weight.double()
-            for m in group.members:
-                _scale_columns(layer.get_submodule(f"{group.parent}.{m}"), w)
-            norm.weight.data.fill_(1.0)
     final = model.get_submodule(ad.final_norm_path)
     _scale_columns(model.get_submodule(ad.lm_head_path), final.weight.double())
     final.weight.data.fill_(1.0)
 
 
 @torch.no_grad()
+def fuse_norms(model: nn.Module, ad: Optional[ModelAdapter] = None) -> None:
+    """Move every residual-stream RMSNorm's weight into the linears it feeds; the norms keep a weight of ones."""
+    ad = ad or adapter_for(model)
+    fuse_final_norm(model, ad)
+    for layer in ad.decoder_layers(model):
+        fuse_layer_norms(layer, ad)
+
+
+def _rotate(t: torch.Tensor, fn) -> None:
+    t.data = fn(t.data.double()).to(t.dtype)
+
+
+@torch.no_grad()
+def rotate_layer(layer: nn.Module, q: torch.Tensor, ad: ModelAdapter) -> None:
+    """One decoder layer's part of rotate_residual: readers W·Q, writers Qᵀ·W (bias b·Q)."""
+    for path in ad.readers():
+        _rotate(layer.get_submodule(path).weight, lambda w: w @ q)
+    for path in ad.writers():
+        lin = layer.get_submodule(path)
+        _rotate(lin.weight, lambda w: q.t() @ w)
+        if lin.bias is not None:
+            _rotate(lin.bias, lambda b: b @ q)
+
+
+@torch.no_grad()
+def rotate_outside(model: nn.Module, q: torch.Tensor, ad: ModelAdapter) -> None:
+    """The part of rotate_residual outside the decoder layers: embeddings E·Q, lm_head W·Q."""
+    _rotate(model.get_submodule(ad.embed_path).weight, lambda e: e @ q)
+    _rotate(model.get_submodule(ad.lm_head_path).weight, lambda w: w @ q)
+
+
+@torch.no_grad()
 def rotate_residual(model: nn.Module, q: torch.Tensor, ad: Optional[ModelAdapter] = None) -> None:
     """Rotate the residual stream by the orthogonal q (float64): fuse_norms must have run first."""
     ad = ad or adapter_for(model)
-
-    def apply(t: torch.Tensor, fn) -> None:
-        t.data = fn(t.data.double()).to(t.dtype)
-
-    apply(model.get_submodule(ad.embed_path).weight, lambda e: e @ q)
+    rotate_outside(model, q, ad)
     for layer in ad.decoder_layers(model):
-        for path in ad.readers():
-            apply(layer.get_submodule(path).weight, lambda w: w @ q)
-        for path in ad.writers():
-            lin = layer.get_submodule(path)
-            apply(lin.weight, lambda w: q.t() @ w)
-            if lin.bias is not None:
-                apply(lin.bias, lambda b: b @ q)
-    apply(model.get_submodule(ad.lm_head_path).weight, lambda w: w @ q)
+        rotate_layer(layer, q, ad)
+
+
+def check_float(model: nn.Module, ad: ModelAdapter) -> None:
+    for layer in ad.decoder_layers(model):
+        for path in ad.linears():
+            kind = type(layer.get_submodule(path))
+            if not issubclass(kind, nn.Linear):
+                raise ValueError(f"rotate_model needs a float model; {path} is already a {kind.__name__}")
 
 
 @torch.no_grad()
@@ -92,14 +124,14 @@ def rotate_model(model: nn.Module, cfg: Optional[QuaRotConfig] = None) -> nn.Mod
     """Steps 1 and 2 in place on a float model (not yet wrapped): same function, rotated weights."""
     cfg = cfg or QuaRotConfig()
     ad = adapter_for(model)
-    for layer in ad.decoder_layers(model):
-        for path in ad.linears():
-            kind = type(layer.get_submodule(path))
-            if not issubclass(kind, nn.Linear):
-                raise ValueError(f"rotate_model needs a float model; {path} is already a {kind.__name__}")
+    check_float(model, ad)
     fuse_norms(model, ad)
-    rotate_residual(model, random_hadamard(int(model.config.hidden_size), cfg.seed), ad)
+    rotate_residual(model, residual_rotation(model, cfg), ad)
     return model
+
+
+def residual_rotation(model: nn.Module, cfg: QuaRotConfig) -> torch.Tensor:
+    return random_hadamard(int(model.config.hidden_size), cfg.seed)
 
 
 def down_rotation(dim: int, index: int, cfg: QuaRotConfig) -> HadamardTransform:
@@ -140,10 +172,11 @@ STATE_PREFIX = "quarot."
 
 
 class QuaRotAlgorithm(LayerAlgorithm):
-    """QuaRot as a layer-wise algorithm: prepare_model fuses the norms and rotates the residual stream (the whole
-    model, once); each layer gets the RTN modules, the online Hadamard before down_proj and the calibration-free
-    clips. No calibration data. A layer's state is its quantizer tensors (clips, the online Hadamard's factors)
-    plus the settings (``quarot.seed`` ...), from which --load_matrix rotates the model the same way again."""
+    """QuaRot as a layer-wise algorithm: the model-level step fuses the norms and rotates the residual stream
+    (prepare_outside: embeddings, final norm, lm_head; prepare_model_layer: each decoder layer's linears and norms);
+    each layer then gets the RTN modules, the online Hadamard before down_proj and the calibration-free clips. No
+    calibration data. A layer's state is its quantizer tensors (clips, the online Hadamard's factors) plus the
+    settings (``quarot.seed`` ...), from which --load_matrix rotates the model the same way again."""
 
     name = "quarot"
     needs_data = False
@@ -167,10 +200,23 @@ class QuaRotAlgorithm(LayerAlgorithm):
         return {"seed": int(state[STATE_PREFIX + "seed"]), "online_down": bool(state[STATE_PREFIX + "online_down"]),
                 "w_clip": bool(state[STATE_PREFIX + "w_clip"]), "a_clip": None if a_clip < 0 else a_clip}
 
-    def prepare_model(self, model: nn.Module, unshare: bool = False) -> None:
+    def prepare_outside(self, model: nn.Module, unshare: bool = False) -> torch.Tensor:
+        """Norm fusion and rotation of the embeddings and lm_head; returns the rotation for every layer's part."""
+        ad = adapter_for(model)
+        check_float(model, ad)
         if unshare:
-            unshare_tensors(model)
-        rotate_model(model, self.qcfg)
+            unshare_tensors(model, outside_layers(model))
+        fuse_final_norm(model, ad)
+        q = residual_rotation(model, self.qcfg)
+        rotate_outside(model, q, ad)
+        return q
+
+    def prepare_model_layer(self, layer: nn.Module, index: int, carry: torch.Tensor, unshare: bool = False) -> None:
+        if unshare:
+            unshare_tensors(layer)
+        ad = adapter_for(layer)
+        fuse_layer_norms(layer, ad)
+        rotate_layer(layer, carry, ad)
 
     def prepare_layer(self, layer: nn.Module, index: int, stats) -> None:
         wrap_layer_quarot(layer, index, self.cfg, self.qcfg)
