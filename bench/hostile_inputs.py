@@ -26,7 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -76,46 +76,39 @@ def popen_core(argv: list[str], cwd: Path) -> subprocess.Popen:
                             stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL, start_new_session=True)
 
 
-def build_fixtures(root: Path) -> dict:
-    """A tiny random LLaMA folder (SmolLM2's tokenizer), a calibration text, and one finished quantize run."""
+def _fixture_run(root: Path, name: str, seed: int, text: Path, **shape) -> tuple[Path, Path]:
+    """A random bf16 LLaMA folder (SmolLM2's tokenizer) and a finished quantize run of it: (model, run folder)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from core.models import load_model
 
-    model_dir = root / "fixtures" / "tiny-llama"
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(hidden_size=128, intermediate_size=384, num_hidden_layers=2,
-                                         num_attention_heads=4, num_key_value_heads=2, vocab_size=49152,
-                                         max_position_embeddings=2048, tie_word_embeddings=False,
-                                         torch_dtype="bfloat16")).to(torch.bfloat16)
+    model_dir, run = root / "fixtures" / name, root / "fixtures" / f"{name}-run"
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=49152, max_position_embeddings=2048, tie_word_embeddings=False,
+                                         torch_dtype="bfloat16", **shape)).to(torch.bfloat16)
     model.save_pretrained(model_dir)
     load_model().tokenizer.save_pretrained(model_dir)
-    text = root / "fixtures" / "calib.txt"
-    import pydoc_data.topics as topics
-
-    text.write_text("\n\n".join(list(topics.topics.values())[:200]), encoding="utf-8")
-    run = root / "fixtures" / "run"
     proc = run_core(["quantize", "--model_path", str(model_dir), "--calib_data", str(text), "--nsamples", "2",
                      "--seqlen", "32", "--epochs", "1", "--no_ppl", "--no_time_diff", "--output_dir", str(run)],
                     root)
     if proc.returncode != 0:
-        raise SystemExit(f"fixture quantize failed:\n{proc.stderr[-3000:]}")
-    # a larger model whose export takes seconds: the first job of the two-jobs export cases
-    medium_dir = root / "fixtures" / "medium-llama"
-    torch.manual_seed(1)
-    medium = LlamaForCausalLM(LlamaConfig(hidden_size=2048, intermediate_size=5632, num_hidden_layers=6,
-                                          num_attention_heads=16, num_key_value_heads=4, vocab_size=49152,
-                                          max_position_embeddings=2048, tie_word_embeddings=False,
-                                          torch_dtype="bfloat16")).to(torch.bfloat16)
-    medium.save_pretrained(medium_dir)
-    load_model().tokenizer.save_pretrained(medium_dir)
-    medium_run = root / "fixtures" / "medium-run"
-    proc = run_core(["quantize", "--model_path", str(medium_dir), "--calib_data", str(text), "--nsamples", "2",
-                     "--seqlen", "32", "--epochs", "1", "--no_ppl", "--no_time_diff", "--output_dir",
-                     str(medium_run)], root)
-    if proc.returncode != 0:
-        raise SystemExit(f"fixture quantize (medium) failed:\n{proc.stderr[-3000:]}")
+        raise SystemExit(f"fixture quantize of {name} failed:\n{proc.stderr[-3000:]}")
+    return model_dir, run
+
+
+def build_fixtures(root: Path) -> dict:
+    """A tiny random LLaMA folder with one finished quantize run, a larger one whose export takes seconds (the
+    first job of the two-jobs export cases), and a calibration text."""
+    import pydoc_data.topics as topics
+
+    text = root / "fixtures" / "calib.txt"
+    text.parent.mkdir(parents=True, exist_ok=True)
+    text.write_text("\n\n".join(list(topics.topics.values())[:200]), encoding="utf-8")
+    model_dir, run = _fixture_run(root, "tiny-llama", 0, text, hidden_size=128, intermediate_size=384,
+                                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+    medium_dir, medium_run = _fixture_run(root, "medium-llama", 1, text, hidden_size=2048, intermediate_size=5632,
+                                          num_hidden_layers=6, num_attention_heads=16, num_key_value_heads=4)
     export = root / "fixtures" / "export_size"
     proc = run_core(["export", "--model_path", str(model_dir), "--flat_matrix_path", str(run / "flat_matrices.pth"),
                      "--output_dir", str(export)], root)

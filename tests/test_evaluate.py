@@ -69,7 +69,7 @@ def test_evaluate_pair_writes_every_section(smollm2, flat_smollm2, shared_data, 
     assert lat["original"]["weights_mb"] == pytest.approx(
         sum(p.numel() for p in smollm2.model.parameters()) * dtype.itemsize / 2**20, rel=0.01)
     try:
-        import core.realquant.convert  # noqa: F401
+        import core.realquant.convert  # noqa: F401 - the optional real-quant package
     except ImportError:
         assert "quantized_real" not in lat
     else:  # the int4 conversion is timed too, and its linear weights take far less memory
