@@ -144,6 +144,7 @@ def wikitext_folder(root: Path, data: Path) -> None:
             (folder / name).symlink_to(source)
 
 
+@pytest.mark.slow  # ~70 s of subprocesses: run with -m slow; the options and GPTQ's row stay in the default suite
 def test_every_readme_command_line_runs(workdir, shared_data):
     """In README order, in one folder: the export lines read the matrices the quantize lines wrote."""
     wikitext_folder(workdir, shared_data)
@@ -171,10 +172,13 @@ def test_readme_options_are_the_parsers(command, documented):
 
 @pytest.mark.parametrize("options", [
     ["--weight_rounding", "gptq"],
-    ["--algorithm", "quarot", "--weight_rounding", "gptq", "--baselines", "rtn,quarot"],
-    ["--algorithm", "rtn", "--no_down_quant", "--skip_layers", "lm_head,layers.0.mlp"],
-    ["--use_o_quant", "--use_kcache_quant", "--use_vcache_quant", "--max_layers", "1", "--dtype", "bf16",
-     "--compute_dtype", "fp32", "--keep_original", "--activation_dir", "ACT", "--export", "native"],
+    pytest.param(["--algorithm", "quarot", "--weight_rounding", "gptq", "--baselines", "rtn,quarot"],
+                 marks=pytest.mark.slow),
+    pytest.param(["--algorithm", "rtn", "--no_down_quant", "--skip_layers", "lm_head,layers.0.mlp"],
+                 marks=pytest.mark.slow),
+    pytest.param(["--use_o_quant", "--use_kcache_quant", "--use_vcache_quant", "--max_layers", "1", "--dtype",
+                  "bf16", "--compute_dtype", "fp32", "--keep_original", "--activation_dir", "ACT", "--export",
+                  "native"], marks=pytest.mark.slow),
 ], ids=["gptq", "quarot-gptq-baselines", "rtn-skips", "o-kv-memory-export"])
 def test_readme_option_rows_run(workdir, options, tmp_path):
     options = [str(tmp_path / "act") if o == "ACT" else o for o in options]
