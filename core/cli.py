@@ -44,6 +44,11 @@ def _check_raw_skip_layers(argv: Sequence[str]) -> None:
             normalize_skip_layers(arg.split("=", 1)[1], "--skip_layers")
 
 
+def _path_error(what: str) -> int:
+    print(f"error: {one_line(what)}; check the paths given on the command line.", file=sys.stderr)
+    return 2
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     # A log file on a full disk must not print a traceback block per line; the write that matters (the matrix
@@ -59,15 +64,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     except OSError as exc:  # a path the OS refuses that no check foresaw (name too long, a loop of links, ...)
         where = f" {shown(exc.filename)}" if getattr(exc, "filename", None) else ""
-        print(f"error: {one_line(exc.strerror or type(exc).__name__)}:{where}; check the paths given on the command "
-              "line.", file=sys.stderr)
-        return 2
+        return _path_error(f"{exc.strerror or type(exc).__name__}:{where}")
     except RuntimeError as exc:
         if not str(exc).startswith("Symlink loop from"):  # pathlib's resolve() on a loop of links (Python < 3.13)
             raise
-        print(f"error: {one_line(str(exc).replace('Symlink loop from', 'a loop of symbolic links at'))}; check the "
-              "paths given on the command line.", file=sys.stderr)
-        return 2
+        return _path_error(str(exc).replace("Symlink loop from", "a loop of symbolic links at"))
     except KeyboardInterrupt:
         print("error: interrupted; finished layers are kept in the resume checkpoint of --output_dir.", file=sys.stderr)
         return 130
